@@ -1,0 +1,150 @@
+"""The wire encoding of an event envelope: msgpack, validated on the way in,
+untrusted on the way out.
+
+Owns
+----
+* :func:`encode_envelope`: topic, payload and type in, envelope bytes out,
+  raising for the caller's mistakes (a payload that is not a dict or not
+  msgpack-serialisable is a :class:`TypeError`; an envelope over the size limit
+  is a :class:`ValueError`).
+* :func:`decode_envelope`: envelope bytes and the topic the transport saw in,
+  :class:`~shmbus.contract.Event` out, raising :class:`EnvelopeDecodeError` for
+  anything that is not a well-formed envelope. Decoding never trusts the
+  ``topic`` inside the bytes.
+
+Every transport uses these two functions, so the in-process bus rejects the
+same payloads that the shared-memory and NATS transports do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+from .contract import EVENT_SCHEMA_VERSION, Event, new_event_id
+
+__all__ = ["EnvelopeDecodeError", "decode_envelope", "encode_envelope", "make_event"]
+
+
+class EnvelopeDecodeError(ValueError):
+    """Bytes that should hold an envelope do not (corrupt or foreign data)."""
+
+
+_packers = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # A Packer reuses its internal buffer, which makes it ~25% faster than
+    # msgpack.packb; it is not thread-safe, hence one per thread.
+    packer: msgpack.Packer | None = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer()
+    return packer
+
+
+def encode_envelope(
+    topic: str,
+    payload: dict[str, Any],
+    event_type: str,
+    max_event_size: int,
+    *,
+    event_id: str | None = None,
+    ts: float | None = None,
+    v: int = EVENT_SCHEMA_VERSION,
+) -> bytes:
+    """Return the msgpack envelope for one event.
+
+    *topic* must already be validated. *event_id* and *ts* default to a fresh
+    id and the current time; bridges pass them through to preserve the
+    original envelope.
+
+    Raises
+    ------
+    TypeError
+        *payload* is not a dict, *event_type* is not a str, or the payload
+        holds a value msgpack cannot encode.
+    ValueError
+        The encoded envelope is larger than *max_event_size* bytes.
+    """
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
+    if not isinstance(event_type, str):
+        raise TypeError(f"event_type must be a str, not {type(event_type).__name__}")
+    envelope = {
+        "v": v,
+        "id": event_id if event_id is not None else new_event_id(),
+        "topic": topic,
+        "type": event_type,
+        "ts": time.time() if ts is None else ts,
+        "payload": payload,
+    }
+    packer = _packer()
+    try:
+        data: bytes = packer.pack(envelope)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # A failed pack leaves the reused buffer half-filled.
+        packer.reset()
+        raise TypeError(f"payload for topic {topic!r} is not msgpack-serialisable: {exc}") from None
+    if len(data) > max_event_size:
+        raise ValueError(
+            f"event on topic {topic!r} encodes to {len(data)} bytes; "
+            f"max_event_size is {max_event_size} bytes"
+        )
+    return data
+
+
+# Slot descriptors of the frozen Event: setting through them skips the frozen
+# dataclass __setattr__ guard, which makes building a received event about
+# twice as fast. Only this module builds events that way, and only fully.
+_SET_TOPIC = Event.topic.__set__  # type: ignore[attr-defined]
+_SET_PAYLOAD = Event.payload.__set__  # type: ignore[attr-defined]
+_SET_TYPE = Event.type.__set__  # type: ignore[attr-defined]
+_SET_V = Event.v.__set__  # type: ignore[attr-defined]
+_SET_TS = Event.ts.__set__  # type: ignore[attr-defined]
+_SET_ID = Event.id.__set__  # type: ignore[attr-defined]
+_new_event = object.__new__
+
+
+def make_event(topic: str, payload: dict[str, Any], type: str, v: int, ts: float, id: str) -> Event:
+    """Build an :class:`Event` from already-checked fields (the fast path)."""
+    event: Event = _new_event(Event)
+    _SET_TOPIC(event, topic)
+    _SET_PAYLOAD(event, payload)
+    _SET_TYPE(event, type)
+    _SET_V(event, v)
+    _SET_TS(event, ts)
+    _SET_ID(event, id)
+    return event
+
+
+def decode_envelope(topic: str, data: bytes | memoryview, max_event_size: int) -> Event:
+    """Decode envelope bytes received on *topic* into an :class:`Event`.
+
+    Raises :class:`EnvelopeDecodeError` if *data* is not a msgpack map with
+    the envelope's fields of the right types.
+    """
+    if len(data) > max_event_size:
+        raise EnvelopeDecodeError(f"envelope of {len(data)} bytes exceeds {max_event_size}")
+    try:
+        envelope = msgpack.unpackb(data, strict_map_key=False)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise EnvelopeDecodeError(f"undecodable envelope on {topic!r}: {exc!r}") from None
+    if type(envelope) is not dict:
+        raise EnvelopeDecodeError(f"envelope on {topic!r} is a {type(envelope).__name__}, not a map")
+    payload = envelope.get("payload")
+    event_type = envelope.get("type", "")
+    v = envelope.get("v", EVENT_SCHEMA_VERSION)
+    ts = envelope.get("ts")
+    event_id = envelope.get("id")
+    if (
+        type(payload) is not dict
+        or type(event_type) is not str
+        or type(v) is not int
+        or type(ts) not in (float, int)
+        or type(event_id) is not str
+    ):
+        raise EnvelopeDecodeError(f"envelope on {topic!r} has fields of the wrong type")
+    return make_event(topic, payload, event_type, v, float(ts), event_id)  # type: ignore[arg-type]

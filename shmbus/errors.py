@@ -1,0 +1,63 @@
+"""The exceptions shmbus raises, arranged by whose fault it was.
+
+* Caller mistakes use built-ins: :class:`TypeError` and :class:`ValueError`
+  for bad arguments (topic, pattern, payload, size, name), and
+  :class:`RuntimeError` subclasses for using a bus in the wrong state.
+* :class:`SegmentError` and its subclasses: the shared state is not usable
+  as found (corrupted by someone else, made by an incompatible version or
+  with options that cannot coexist, out of room).
+
+Every class here derives from :class:`ShmBusError`, so one ``except`` catches
+everything specific to shmbus.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusClosedError",
+    "ForkedBusError",
+    "IncompatibleSegmentError",
+    "NoFreeSlotError",
+    "SegmentCorruptError",
+    "SegmentError",
+    "SegmentSpaceError",
+    "ShmBusError",
+]
+
+
+class ShmBusError(Exception):
+    """Base class of every exception specific to shmbus."""
+
+
+class BusClosedError(ShmBusError, RuntimeError):
+    """The bus was closed by its owner; publish and subscribe are refused."""
+
+
+class ForkedBusError(ShmBusError, RuntimeError):
+    """A bus instance inherited across ``fork()`` was used in the child.
+
+    The child shares the parent's mapping and descriptors, so using them
+    would corrupt the parent's state. Create and connect a new bus in the
+    child instead.
+    """
+
+
+class SegmentError(ShmBusError):
+    """The bus's shared-memory state cannot be used as found."""
+
+
+class SegmentCorruptError(SegmentError):
+    """A segment header field holds a value no shmbus process writes."""
+
+
+class IncompatibleSegmentError(SegmentError):
+    """The segment was made by another layout version or with options that
+    cannot coexist with the ones asked for (the message names both)."""
+
+
+class SegmentSpaceError(SegmentError, OSError):
+    """There is not enough room in ``/dev/shm`` for the segment."""
+
+
+class NoFreeSlotError(SegmentError):
+    """Every instance slot of the segment is held by a live process."""

@@ -1,0 +1,280 @@
+"""The reader: one per bus instance with subscriptions, following the ring
+on that instance's event loop and routing records to its subscriptions.
+
+Owns
+----
+The instance's position in the ring, the topic-to-subscriptions route cache,
+the wake-up FIFO of the instance's slot, and the per-slot reader counters in
+shared memory (what ``shmbus stat`` shows).
+
+Invariants
+----------
+* Runs only on its home event loop (the loop that was running when the first
+  subscription was made); it never blocks it: each step reads at most
+  ``BATCH`` records and then yields.
+* A topic is checked against the subscriptions before the body is even
+  copied, and decoded once per process however many subscriptions match.
+* A subscription receives exactly the records whose sequence number is at or
+  after its ``start_seq`` (the ring's next sequence number when it was made),
+  so it sees everything published after ``subscribe()`` returned and nothing
+  from before.
+* Every record a subscription should have had but did not get is counted on
+  it: sequence gaps (lapped reader, dead writer, corrupt run) counted whole
+  for every subscription open across them, and corrupt records it matched.
+* Sleep: only when the ring holds nothing unread, by the protocol in
+  :mod:`shmbus.wakeup`; a timer polls every ``SAFETY_POLL`` seconds besides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from .codec import EnvelopeDecodeError, decode_envelope
+from .contract import Event, validate_topic
+from .delivery import QueueSubscription
+from .layout import (
+    OFF_SLEEP_FLAGS,
+    OFF_WRITE_CURSOR,
+    SLOT_READ_CURSOR,
+    SLOT_READER_COUNTERS,
+    SLOT_SUBSCRIPTIONS,
+    U32,
+    U64,
+    slot_offset,
+)
+from .ring import RingBatch, RingReader
+from .segment import Segment
+from .wakeup import WakeChannel, full_barrier
+
+__all__ = ["BusReader"]
+
+log = logging.getLogger("shmbus.reader")
+
+#: Records read per step before the loop gets control back.
+BATCH: Final = 256
+#: Upper bound on the delay a lost wake-up could cause, in seconds.
+SAFETY_POLL: Final = 0.005
+_ROUTE_CACHE_LIMIT: Final = 4096
+
+
+class _BadTopic:
+    """Route marker for a record whose topic bytes are not a valid topic."""
+
+
+_BAD_TOPIC: Final = _BadTopic()
+_Route = tuple[str, tuple[QueueSubscription, ...]] | _BadTopic
+
+
+class BusReader:
+    """Follows the ring for one bus instance on its home event loop.
+
+    Parameters
+    ----------
+    segment:
+        The instance's attachment (gives the mapping and the slot).
+    loop:
+        The home event loop.
+    cursor, next_seq:
+        Starting point, read under the writer lock (see
+        :class:`~shmbus.ring.RingReader`).
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        loop: asyncio.AbstractEventLoop,
+        cursor: int,
+        next_seq: int,
+    ) -> None:
+        self.loop = loop
+        self._mm = segment.mm
+        self._max_event_size = segment.max_event_size
+        self._ring: RingReader[_Route] = RingReader(
+            segment.mm, segment.ring_offset, segment.capacity, segment.max_event_size, cursor, next_seq
+        )
+        self._subs: dict[QueueSubscription, int] = {}
+        self._newest_start = 0
+        self._routes: dict[bytes, _Route | None] = {}
+        self._flag = OFF_SLEEP_FLAGS + segment.slot
+        self._slot_base = slot_offset(segment.slot)
+        options = segment.options
+        self._channel = WakeChannel(segment.fifo_path(segment.slot), options.mode, options.gid)
+        self._scheduled = False
+        self._stopped = False
+        #: Records rejected as unreadable.
+        self.corrupt = 0
+        #: Sequence numbers skipped (lapped reader, dead writer, corrupt run).
+        self.lapped = 0
+        #: Events handed to subscription queues.
+        self.routed = 0
+        self._retired_dropped = 0
+        loop.add_reader(self._channel.fd, self._on_wake)
+        self._timer = loop.call_later(SAFETY_POLL, self._on_timer)
+        self._schedule()
+
+    # ─── Subscriptions ───
+
+    def add(self, sub: QueueSubscription, start_seq: int) -> None:
+        """Route records with sequence number >= *start_seq* to *sub*."""
+        self._subs[sub] = start_seq
+        self._newest_start = max(self._newest_start, start_seq)
+        self._routes.clear()
+        U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, len(self._subs))
+
+    def remove(self, sub: QueueSubscription) -> None:
+        if self._subs.pop(sub, None) is not None:
+            self._retired_dropped += sub.dropped
+            self._routes.clear()
+            if not self._stopped:
+                U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, len(self._subs))
+
+    @property
+    def subscriptions(self) -> list[QueueSubscription]:
+        return list(self._subs)
+
+    def stop(self) -> None:
+        """Stop following the ring (no more wake-ups for this slot)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._mm[self._flag] = 0
+        self._write_counters()
+        U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, 0)
+        self._timer.cancel()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._channel.fd)
+        self._channel.close()
+
+    def abandon(self) -> None:
+        """In a fork child: close our descriptor, touch nothing shared."""
+        self._stopped = True
+        self._channel.close()
+
+    # ─── Scheduling ───
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._stopped:
+            self._scheduled = True
+            self.loop.call_soon(self._step)
+
+    def _on_wake(self) -> None:
+        self._channel.drain()
+        if not self._scheduled:
+            self._step()
+
+    def _on_timer(self) -> None:
+        if self._stopped:
+            return
+        self._timer = self.loop.call_later(SAFETY_POLL, self._on_timer)
+        if not self._scheduled and self._ring.pending():
+            self._step()
+
+    def _step(self) -> None:
+        self._scheduled = False
+        if self._stopped:
+            return
+        try:
+            batch = self._ring.read(BATCH, self._select)
+            self._route(batch)
+        except Exception:  # never let bad shared memory kill the loop's callback
+            log.exception("reader failed on a batch; resynchronising at the write cursor")
+            self.corrupt += 1
+            self._ring.cursor = self._ring_write_cursor()
+        self._write_counters()
+        if self._ring.pending():
+            self._schedule()
+            return
+        # Going idle: announce it, then look once more (see shmbus.wakeup).
+        self._mm[self._flag] = 1
+        full_barrier()
+        if self._ring.pending():
+            self._mm[self._flag] = 0
+            self._schedule()
+
+    # ─── Routing ───
+
+    def _select(self, topic: bytes) -> _Route | None:
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        route = self._compute_route(topic)
+        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _compute_route(self, raw: bytes) -> _Route | None:
+        try:
+            topic = validate_topic(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return _BAD_TOPIC
+        targets = tuple(sub for sub in self._subs if sub.matcher(topic))
+        return (topic, targets) if targets else None
+
+    def _route(self, batch: RingBatch[_Route]) -> None:
+        subs = self._subs
+        for first, end in batch.gaps:
+            self.lapped += end - first
+            for sub, start in subs.items():
+                missed = end - max(first, start)
+                if missed > 0:
+                    sub.count_lost(missed)
+        self.corrupt += batch.corrupt
+        if not batch.records:
+            return
+        newest_start = self._newest_start
+        max_size = self._max_event_size
+        outbox: dict[QueueSubscription, list[Event]] = {}
+        for seq, route, _raw, body, checksum_ok in batch.records:
+            if isinstance(route, _BadTopic):
+                self._reject(seq, tuple(subs))
+                continue
+            topic, targets = route
+            if not checksum_ok:
+                self._reject(seq, targets)
+                continue
+            try:
+                event = decode_envelope(topic, body, max_size)
+            except EnvelopeDecodeError as exc:
+                log.debug("corrupt record %d: %s", seq, exc)
+                self._reject(seq, targets)
+                continue
+            for sub in targets:
+                if seq >= newest_start or seq >= subs.get(sub, seq + 1):
+                    box = outbox.get(sub)
+                    if box is None:
+                        outbox[sub] = [event]
+                    else:
+                        box.append(event)
+        for sub, events in outbox.items():
+            self.routed += len(events)
+            sub.deliver(events)
+
+    def _reject(self, seq: int, targets: tuple[QueueSubscription, ...]) -> None:
+        self.corrupt += 1
+        for sub in targets:
+            if seq >= self._subs.get(sub, seq + 1):
+                sub.count_lost(1)
+
+    # ─── Counters in shared memory ───
+
+    def _ring_write_cursor(self) -> int:
+        return int(U64.unpack_from(self._mm, OFF_WRITE_CURSOR)[0])
+
+    def dropped(self) -> int:
+        """Events lost or evicted for this reader's subscriptions, ever."""
+        return self._retired_dropped + sum(sub.dropped for sub in self._subs)
+
+    def _write_counters(self) -> None:
+        SLOT_READER_COUNTERS.pack_into(
+            self._mm,
+            self._slot_base + SLOT_READ_CURSOR,
+            self._ring.cursor,
+            self.routed,
+            self.dropped(),
+            self.corrupt,
+            self.lapped,
+        )

@@ -1,0 +1,314 @@
+"""The ring protocol: how records are written into and read out of the ring.
+
+Theory of operation
+-------------------
+The ring is ``capacity`` bytes inside the segment. Positions are 64-bit byte
+counts that only grow; ``position % capacity`` is where a position lives.
+Three header words describe the ring (see :mod:`shmbus.layout`):
+
+========================  ====================================================
+``write_cursor``          End of the last committed record. Readers never read
+                          at or past it. Advancing it is the commit.
+``head``                  Start of the oldest record whose bytes are intact.
+                          Everything in ``[head, write_cursor)`` is readable.
+``next_seq``              Sequence number the next event record will carry.
+========================  ====================================================
+
+Writer rules (one writer at a time: the caller holds the writer lock):
+
+1. **Reserve** the sequence number first (``next_seq += 1``). A writer that
+   dies after this leaves a gap in the sequence that every reader sees and
+   counts as a lost event, so a crash is never silent.
+2. **Reclaim**: walk ``head`` forward over whole records until the new record
+   (and any padding before it) fits in ``[head + capacity)``; store ``head``
+   *before* touching the reclaimed bytes, so a reader that sees new bytes also
+   sees the new ``head`` (stores are not reordered with stores on x86-64).
+3. **Write** an optional padding record up to the wrap point (a record never
+   straddles the end of the ring), then the record: header, topic, body.
+4. **Commit** by storing ``write_cursor`` past the record.
+
+Reader rules (any number of readers, none of them writes the ring):
+
+1. Read ``write_cursor``; read records from the private ``cursor`` up to it,
+   copying out the topic, and the body only of records a subscription wants.
+2. Then read ``head``. Any record read at a position below it may have been
+   overwritten while it was copied (the reader was *lapped*): throw the batch
+   away, move to ``head`` and read again. The gap in sequence numbers this
+   leaves is counted when the next record arrives.
+3. A record whose header does not make sense (length, kind, sizes) is
+   *corrupt*: it is counted and the reader moves to ``write_cursor``, the only
+   other record boundary it can trust; the gap is counted too.
+4. Sequence numbers must increase by one; a jump forward is a gap (lap,
+   corrupt run, or a dead writer's reserved number), counted as lost events.
+
+Everything read from the ring is untrusted: every length is checked against
+the ring's bounds and ``max_event_size`` before anything is sliced, so a
+reader never allocates more than ``max_event_size`` per record and never loops
+more than ``limit`` records per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .layout import (
+    MAX_TOPIC_BYTES,
+    OFF_HEAD,
+    OFF_NEXT_SEQ,
+    OFF_PUBLISHED,
+    OFF_RECLAIM_CORRUPT,
+    OFF_TORN_RECORDS,
+    OFF_WRITE_CURSOR,
+    RECORD,
+    RECORD_EVENT,
+    RECORD_HEADER_SIZE,
+    RECORD_PADDING,
+    U64,
+    aligned,
+    seq_mix,
+)
+
+__all__ = ["RingBatch", "RingReader", "RingWriter", "content_checksum"]
+
+log = logging.getLogger("shmbus.ring")
+
+Route = TypeVar("Route")
+
+
+def content_checksum(topic: bytes, body: bytes) -> int:
+    """CRC-32 of a record's topic and body, before it is bound to a sequence."""
+    return zlib.crc32(body, zlib.crc32(topic))
+
+
+class RingWriter:
+    """Appends records to the ring. The caller must hold the writer lock."""
+
+    __slots__ = ("_mm", "_base", "_capacity", "before_commit")
+
+    def __init__(self, mm: mmap.mmap, ring_offset: int, capacity: int) -> None:
+        self._mm = mm
+        self._base = ring_offset
+        self._capacity = capacity
+        #: Fault-injection hook run after the record is written, before the
+        #: commit; None outside tests.
+        self.before_commit: Callable[[], None] | None = None
+
+    def append(self, topic: bytes, body: bytes, checksum: int) -> int:
+        """Write one event record and commit it; return its sequence number.
+
+        *checksum* is :func:`content_checksum` of *topic* and *body*, computed
+        by the caller before taking the lock.
+        """
+        mm = self._mm
+        capacity = self._capacity
+        base = self._base
+        seq = U64.unpack_from(mm, OFF_NEXT_SEQ)[0]
+        U64.pack_into(mm, OFF_NEXT_SEQ, seq + 1)
+        position = U64.unpack_from(mm, OFF_WRITE_CURSOR)[0]
+        head = U64.unpack_from(mm, OFF_HEAD)[0]
+        topic_len = len(topic)
+        body_len = len(body)
+        length = aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+        offset = position % capacity
+        room = capacity - offset
+        pad = room if length > room else 0
+        reclaim_to = position + pad + length - capacity
+        if head < reclaim_to:
+            head = self._reclaim(head, reclaim_to, position)
+            U64.pack_into(mm, OFF_HEAD, head)
+        if pad:
+            if pad >= RECORD_HEADER_SIZE:
+                RECORD.pack_into(mm, base + offset, pad, RECORD_PADDING, 0, 0, 0, 0)
+            position += pad
+            offset = 0
+        start = base + offset
+        RECORD.pack_into(
+            mm, start, length, RECORD_EVENT, topic_len, seq, body_len, checksum ^ seq_mix(seq)
+        )
+        start += RECORD_HEADER_SIZE
+        mm[start : start + topic_len] = topic
+        start += topic_len
+        mm[start : start + body_len] = body
+        if self.before_commit is not None:
+            self.before_commit()
+        U64.pack_into(mm, OFF_WRITE_CURSOR, position + length)
+        U64.pack_into(mm, OFF_PUBLISHED, U64.unpack_from(mm, OFF_PUBLISHED)[0] + 1)
+        return int(seq)
+
+    def account_dead_writer(self) -> int:
+        """After taking the lock over from a dead writer, count the sequence
+        numbers it reserved but never committed; return how many."""
+        mm = self._mm
+        reserved = U64.unpack_from(mm, OFF_NEXT_SEQ)[0]
+        committed = U64.unpack_from(mm, OFF_PUBLISHED)[0]
+        torn_before = U64.unpack_from(mm, OFF_TORN_RECORDS)[0]
+        torn_now = max(0, reserved - committed - torn_before)
+        U64.pack_into(mm, OFF_TORN_RECORDS, torn_before + torn_now)
+        return int(torn_now)
+
+    def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
+        """Walk *head* over whole records until it reaches *reclaim_to*."""
+        mm = self._mm
+        capacity = self._capacity
+        while head < reclaim_to:
+            if head >= write_cursor:
+                return write_cursor
+            offset = head % capacity
+            room = capacity - offset
+            if room < RECORD_HEADER_SIZE:
+                head += room
+                continue
+            length, kind, topic_len, _seq, body_len, _ = RECORD.unpack_from(mm, self._base + offset)
+            sane = (
+                kind == RECORD_PADDING and length == room
+            ) or (
+                kind == RECORD_EVENT
+                and length == aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+                and length <= room
+            )
+            if not sane:
+                # Someone scribbled on the ring: no record boundary past this
+                # point can be trusted, so give up everything older than the
+                # record being written. Readers count the loss as a gap.
+                log.warning(
+                    "ring record at position %d is unreadable (length=%d kind=%d); "
+                    "discarding records up to position %d",
+                    head,
+                    length,
+                    kind,
+                    write_cursor,
+                )
+                U64.pack_into(mm, OFF_RECLAIM_CORRUPT, U64.unpack_from(mm, OFF_RECLAIM_CORRUPT)[0] + 1)
+                return write_cursor
+            head += length
+        return head
+
+
+@dataclass(slots=True)
+class RingBatch(Generic[Route]):
+    """What one :meth:`RingReader.read` call found."""
+
+    #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
+    records: list[tuple[int, Route, bytes, bytes, bool]] = field(default_factory=list)
+    #: Ranges of lost sequence numbers, ``[first, end)``: laps, dead writers.
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    #: Records rejected because their header was unreadable.
+    corrupt: int = 0
+    #: True if the reader was lapped during this call (its batch discarded).
+    lapped: bool = False
+
+
+class RingReader(Generic[Route]):
+    """Follows the ring from a starting position, for one process's reader.
+
+    Parameters
+    ----------
+    mm, ring_offset, capacity, max_event_size:
+        The mapped segment and its ring geometry.
+    cursor, next_seq:
+        Where to start: a consistent pair read under the writer lock, so no
+        record at or after *cursor* has a sequence number below *next_seq*.
+    """
+
+    __slots__ = ("_mm", "_base", "_capacity", "_max_body", "cursor", "expected_seq")
+
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        ring_offset: int,
+        capacity: int,
+        max_event_size: int,
+        cursor: int,
+        next_seq: int,
+    ) -> None:
+        self._mm = mm
+        self._base = ring_offset
+        self._capacity = capacity
+        self._max_body = max_event_size
+        self.cursor = cursor
+        self.expected_seq = next_seq
+
+    def pending(self) -> bool:
+        """True if committed records lie beyond the cursor."""
+        return bool(U64.unpack_from(self._mm, OFF_WRITE_CURSOR)[0] != self.cursor)
+
+    def read(self, limit: int, select: Callable[[bytes], Route | None]) -> RingBatch[Route]:
+        """Read up to *limit* records; keep those for which *select* is not None.
+
+        *select* gets the raw topic bytes of each event record and returns the
+        route for it (None: not wanted, the body is never copied).
+        """
+        mm = self._mm
+        capacity = self._capacity
+        base = self._base
+        max_body = self._max_body
+        batch: RingBatch[Route] = RingBatch()
+        write_cursor = U64.unpack_from(mm, OFF_WRITE_CURSOR)[0]
+        position = self.cursor
+        if position == write_cursor:
+            return batch
+        head = U64.unpack_from(mm, OFF_HEAD)[0]
+        if head > position:
+            position = head
+        if write_cursor < position or write_cursor - position > capacity:
+            # The header words contradict each other: corrupt header, not a
+            # record. Resynchronise at the commit point.
+            batch.corrupt += 1
+            self.cursor = write_cursor
+            return batch
+        start_position = position
+        expected = self.expected_seq
+        records = batch.records
+        gaps = batch.gaps
+        count = 0
+        unpack_record = RECORD.unpack_from
+        while position < write_cursor and count < limit:
+            offset = position % capacity
+            room = capacity - offset
+            if room < RECORD_HEADER_SIZE:
+                position += room
+                continue
+            length, kind, topic_len, seq, body_len, checksum = unpack_record(mm, base + offset)
+            if kind == RECORD_PADDING and length == room:
+                position += room
+                continue
+            if (
+                kind != RECORD_EVENT
+                or length != aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+                or length > room
+                or not 0 < topic_len <= MAX_TOPIC_BYTES
+                or body_len > max_body
+                or seq < expected
+            ):
+                if U64.unpack_from(mm, OFF_HEAD)[0] > position:
+                    break  # overwritten under us, not corrupt: handled below
+                batch.corrupt += 1
+                position = write_cursor
+                break
+            if seq != expected:
+                gaps.append((expected, seq))
+            expected = seq + 1
+            count += 1
+            topic_start = base + offset + RECORD_HEADER_SIZE
+            topic = mm[topic_start : topic_start + topic_len]
+            route = select(topic)
+            if route is not None:
+                body_start = topic_start + topic_len
+                body = mm[body_start : body_start + body_len]
+                ok = zlib.crc32(body, zlib.crc32(topic)) ^ seq_mix(seq) == checksum
+                records.append((seq, route, topic, body, ok))
+            position += length
+        if U64.unpack_from(mm, OFF_HEAD)[0] > start_position:
+            # Lapped while copying: nothing in this batch can be trusted. The
+            # sequence gap shows up, and is counted, at the next record read.
+            lapped: RingBatch[Route] = RingBatch(lapped=True)
+            self.cursor = U64.unpack_from(mm, OFF_HEAD)[0]
+            return lapped
+        self.cursor = position
+        self.expected_seq = expected
+        return batch

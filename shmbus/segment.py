@@ -1,0 +1,471 @@
+"""A bus's shared resources: the segment, its writer semaphore and the
+wake-up FIFOs; how they are created, attached, validated and removed.
+
+Resources of bus ``NAME`` (all in ``/dev/shm``)::
+
+    shmbus.NAME              the segment (header, slots, ring)
+    sem.shmbus.NAME:lock     the writer semaphore
+    shmbus.NAME:wake.NNN     the wake-up FIFO of slot NNN
+
+Attach protocol
+---------------
+Every attached instance holds a *shared* OFD lock on byte ``LOCK_ATTACH`` of
+the segment for as long as it is attached, and an *exclusive* one on its slot
+byte. The kernel drops both when the process dies, so:
+
+* whoever takes ``LOCK_ATTACH`` *exclusively* is alone on the bus. Only then
+  is the segment initialised, or reset if it was left by crashed processes
+  or with other options; the semaphore is recreated too, since a dead
+  holder may have left it taken. Then the lock is downgraded to shared.
+* whoever gets only a *shared* lock joins a live bus and validates the
+  header: magic, layout version, state, capacity and event size, with a
+  clear error for each mismatch.
+* on detach, an instance that can upgrade its shared lock to exclusive is
+  the last one out and removes every resource of the bus.
+
+A process that opened the segment just before the last one removed it finds,
+once it holds the lock, that the name no longer leads to its inode, and
+starts over; so nobody ever attaches to a removed segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import logging
+import mmap
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import posix_ipc
+
+from . import ofd
+from .errors import (
+    IncompatibleSegmentError,
+    NoFreeSlotError,
+    SegmentCorruptError,
+    SegmentError,
+    SegmentSpaceError,
+)
+from .layout import (
+    HEADER_SIZE,
+    IDENTITY,
+    LAYOUT_VERSION,
+    LOCK_ATTACH,
+    LOCK_SLOT_BASE,
+    MAGIC,
+    MAX_CAPACITY,
+    MAX_SLOTS,
+    MIN_MAX_EVENT_SIZE,
+    OFF_SLEEP_FLAGS,
+    RING_OFFSET,
+    SEGMENT_READY,
+    SLOT_COMMAND,
+    SLOT_COMMAND_SIZE,
+    SLOT_PID,
+    SLOT_SIZE,
+    SLOT_START,
+    min_capacity,
+    segment_size,
+    slot_offset,
+)
+from .procs import self_identity
+from .wakeup import fifo_path
+
+__all__ = [
+    "Segment",
+    "SegmentOptions",
+    "lock_semaphore_name",
+    "resource_paths",
+    "segment_name",
+    "validate_bus_name",
+]
+
+log = logging.getLogger("shmbus.segment")
+
+SHM_DIR = "/dev/shm"
+_NAME_MAX = 255  # longest file name on Linux file systems
+_BUS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# The longest derived file name is the FIFO's, "shmbus.NAME:wake.NNN".
+MAX_BUS_NAME_LENGTH = _NAME_MAX - len("shmbus.:wake.000")
+_ATTACH_TIMEOUT = 10.0
+
+
+def validate_bus_name(name: object) -> str:
+    """Return *name* if it can name a bus, else raise TypeError/ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"bus name must be a str, not {type(name).__name__} ({name!r})")
+    if not name:
+        raise ValueError("bus name must not be empty")
+    if len(name) > MAX_BUS_NAME_LENGTH:
+        raise ValueError(
+            f"bus name {name[:32]!r}... is {len(name)} characters; the limit is "
+            f"{MAX_BUS_NAME_LENGTH} (file names in {SHM_DIR} are at most {_NAME_MAX})"
+        )
+    if _BUS_NAME.fullmatch(name) is None or name in (".", ".."):
+        bad = sorted({ch for ch in name if _BUS_NAME.fullmatch(ch) is None})
+        raise ValueError(
+            f"bus name {name!r} may only contain letters, digits, '_', '-' and '.'"
+            + (f"; found {''.join(bad)!r}" if bad else "")
+        )
+    return name
+
+
+def segment_name(bus_name: str) -> str:
+    """The POSIX shared-memory name of the segment (``/shmbus.NAME``)."""
+    return f"/shmbus.{bus_name}"
+
+
+def lock_semaphore_name(bus_name: str) -> str:
+    """The POSIX semaphore name of the writer lock (``/shmbus.NAME:lock``)."""
+    return f"/shmbus.{bus_name}:lock"
+
+
+def resource_paths(bus_name: str) -> list[str]:
+    """Every file in ``/dev/shm`` that belongs to bus *bus_name*, existing now."""
+    candidates = [
+        f"{SHM_DIR}/shmbus.{bus_name}",
+        f"{SHM_DIR}/sem.shmbus.{bus_name}:lock",
+        *glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(bus_name)}:wake.[0-9][0-9][0-9]"),
+    ]
+    return [path for path in candidates if os.path.lexists(path)]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentOptions:
+    """What a bus instance asks of its segment."""
+
+    name: str
+    capacity: int
+    max_event_size: int
+    mode: int
+    gid: int | None
+
+    def __post_init__(self) -> None:
+        validate_bus_name(self.name)
+        for label, value in (("capacity", self.capacity), ("max_event_size", self.max_event_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{label} must be an int, not {type(value).__name__}")
+        if self.max_event_size < MIN_MAX_EVENT_SIZE:
+            raise ValueError(
+                f"max_event_size {self.max_event_size} is below the minimum of {MIN_MAX_EVENT_SIZE} bytes"
+            )
+        needed = min_capacity(self.max_event_size)
+        if self.capacity < needed:
+            raise ValueError(
+                f"capacity {self.capacity} is too small for max_event_size {self.max_event_size}: "
+                f"the ring must hold two of the largest records, at least {needed} bytes"
+            )
+        if self.capacity > MAX_CAPACITY:
+            raise ValueError(f"capacity {self.capacity} exceeds the limit of {MAX_CAPACITY} bytes")
+        if self.capacity % 8:
+            raise ValueError(f"capacity {self.capacity} must be a multiple of 8 bytes")
+        if not isinstance(self.mode, int) or not 0 <= self.mode <= 0o777:
+            raise ValueError(f"mode {self.mode!r} must be permission bits between 0o000 and 0o777")
+        if self.mode & 0o600 != 0o600:
+            raise ValueError(f"mode {oct(self.mode)} must give the owner read and write (0o600)")
+
+
+class Segment:
+    """One bus instance's attachment to its bus's shared resources.
+
+    Holds the descriptor (with its OFD locks), the mapping, the writer
+    semaphore and the instance's slot. :meth:`attach` and :meth:`detach` are
+    the only ways in and out.
+    """
+
+    def __init__(
+        self,
+        options: SegmentOptions,
+        fd: int,
+        mm: mmap.mmap,
+        semaphore: posix_ipc.Semaphore,
+        capacity: int,
+        max_event_size: int,
+    ) -> None:
+        self.options = options
+        self.name = options.name
+        self.fd = fd
+        self.mm = mm
+        self.semaphore = semaphore
+        self.capacity = capacity
+        self.max_event_size = max_event_size
+        self.ring_offset = RING_OFFSET
+        self.slot = -1
+        self.created = False
+
+    # ─── Attach ───
+
+    @classmethod
+    def attach(cls, options: SegmentOptions, timeout: float = _ATTACH_TIMEOUT) -> Segment:
+        """Create or join the bus described by *options*.
+
+        Raises
+        ------
+        PermissionError
+            The bus exists and its mode does not let this user in.
+        SegmentCorruptError, IncompatibleSegmentError
+            A live bus's header is damaged, or was made by another layout
+            version or with other sizes.
+        SegmentSpaceError
+            ``/dev/shm`` has no room for the segment.
+        NoFreeSlotError
+            All slots are taken by live instances.
+        SegmentError
+            The bus stayed busy (being created or removed) for *timeout* s.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            segment = cls._attach_once(options, deadline)
+            if segment is not None:
+                return segment
+            if time.monotonic() > deadline:
+                raise SegmentError(
+                    f"bus {options.name!r} stayed busy (being created or removed) for {timeout:.0f} s"
+                )
+            time.sleep(0.001)
+
+    @classmethod
+    def _attach_once(cls, options: SegmentOptions, deadline: float) -> Segment | None:
+        name = options.name
+        try:
+            shm = posix_ipc.SharedMemory(segment_name(name), posix_ipc.O_CREAT, mode=options.mode)
+        except posix_ipc.PermissionsError:
+            raise PermissionError(
+                errno.EACCES,
+                f"no permission to open bus {name!r} ({SHM_DIR}/shmbus.{name}); "
+                "it was created with a mode or group that excludes this user",
+            ) from None
+        fd = shm.fd
+        try:
+            if ofd.try_lock(fd, LOCK_ATTACH, exclusive=True):
+                if not _still_linked(fd, name):
+                    os.close(fd)
+                    return None
+                segment = cls._initialise(options, fd)
+            else:
+                remaining = max(0.0, deadline - time.monotonic())
+                if not ofd.wait_lock(fd, LOCK_ATTACH, exclusive=False, timeout=remaining):
+                    os.close(fd)
+                    return None
+                if not _still_linked(fd, name):
+                    os.close(fd)
+                    return None
+                segment = cls._join(options, fd)
+                if segment is None:
+                    os.close(fd)
+                    return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        try:
+            segment._claim_slot()
+        except BaseException:
+            segment.detach()
+            raise
+        return segment
+
+    @classmethod
+    def _initialise(cls, options: SegmentOptions, fd: int) -> Segment:
+        """Alone on the bus (exclusive attach lock): build it from scratch."""
+        name = options.name
+        size = segment_size(options.capacity)
+        previous = os.fstat(fd).st_size
+        if previous:
+            log.info("bus %r: resetting a segment left with no live process", name)
+        os.fchmod(fd, options.mode)
+        if options.gid is not None:
+            os.fchown(fd, -1, options.gid)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                _unlink_all(name)
+                free = os.statvfs(SHM_DIR)
+                available = free.f_bavail * free.f_frsize
+                raise SegmentSpaceError(
+                    errno.ENOSPC,
+                    f"bus {name!r} needs {size} bytes in {SHM_DIR} but only {available} are free; "
+                    "lower capacity or enlarge /dev/shm",
+                ) from None
+            raise
+        mm = mmap.mmap(fd, size)
+        # posix_fallocate reserved the pages; zero the header (the ring is
+        # never read before it is written).
+        mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
+        pid, _ = self_identity()
+        IDENTITY.pack_into(
+            mm, 0, MAGIC, LAYOUT_VERSION, 0, options.capacity, options.max_event_size,
+            RING_OFFSET, pid, time.time_ns(),
+        )
+        # A writer that died holding the old semaphore left it at 0: start over.
+        sem_name = lock_semaphore_name(name)
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(sem_name)
+        for path in glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(name)}:wake.*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        semaphore = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=options.mode, initial_value=1)
+        sem_path = f"{SHM_DIR}/sem.shmbus.{name}:lock"
+        os.chmod(sem_path, options.mode)
+        if options.gid is not None:
+            os.chown(sem_path, -1, options.gid)
+        # The header is complete: only now may others trust it.
+        mm[12:16] = SEGMENT_READY.to_bytes(4, "little")
+        if not ofd.try_lock(fd, LOCK_ATTACH, exclusive=False):  # downgrade
+            raise SegmentError(f"bus {name!r}: could not downgrade the attach lock")
+        segment = cls(options, fd, mm, semaphore, options.capacity, options.max_event_size)
+        segment.created = True
+        return segment
+
+    @classmethod
+    def _join(cls, options: SegmentOptions, fd: int) -> Segment | None:
+        """Others are attached (shared attach lock): validate and map."""
+        name = options.name
+        size = os.fstat(fd).st_size
+        if size < HEADER_SIZE:
+            return _retry_if_alone(fd, name, f"segment is {size} bytes, smaller than its header")
+        with mmap.mmap(fd, HEADER_SIZE) as header:
+            magic, version, state, capacity, max_event_size, ring_offset, _, _ = IDENTITY.unpack_from(
+                header, 0
+            )
+        if magic != MAGIC:
+            return _retry_if_alone(fd, name, f"magic number is {magic:#018x}, expected {MAGIC:#018x}")
+        if version != LAYOUT_VERSION:
+            raise IncompatibleSegmentError(
+                f"bus {name!r} uses segment layout version {version}; "
+                f"this shmbus uses layout version {LAYOUT_VERSION}"
+            )
+        if state != SEGMENT_READY:
+            return _retry_if_alone(fd, name, f"state word is {state:#x}, not READY")
+        if ring_offset != RING_OFFSET or size != segment_size(capacity) or capacity > MAX_CAPACITY:
+            raise SegmentCorruptError(
+                f"bus {name!r} has a corrupted header: capacity {capacity}, ring offset "
+                f"{ring_offset} and file size {size} do not agree"
+            )
+        if capacity != options.capacity:
+            raise IncompatibleSegmentError(
+                f"bus {name!r} exists with capacity {capacity} bytes; this instance asked for "
+                f"{options.capacity} bytes (use the same capacity or another bus name)"
+            )
+        if max_event_size != options.max_event_size:
+            raise IncompatibleSegmentError(
+                f"bus {name!r} exists with max_event_size {max_event_size} bytes; this instance "
+                f"asked for {options.max_event_size} bytes"
+            )
+        try:
+            semaphore = posix_ipc.Semaphore(lock_semaphore_name(name))
+        except posix_ipc.ExistentialError:
+            raise SegmentCorruptError(
+                f"bus {name!r} is live but its writer semaphore "
+                f"{SHM_DIR}/sem.shmbus.{name}:lock is missing (removed by hand?)"
+            ) from None
+        except posix_ipc.PermissionsError:
+            raise PermissionError(
+                errno.EACCES, f"no permission to open the writer semaphore of bus {name!r}"
+            ) from None
+        mm = mmap.mmap(fd, size)
+        return cls(options, fd, mm, semaphore, capacity, max_event_size)
+
+    # ─── Slots ───
+
+    def _claim_slot(self) -> None:
+        pid, start = self_identity()
+        for slot in range(MAX_SLOTS):
+            if ofd.try_lock(self.fd, LOCK_SLOT_BASE + slot, exclusive=True):
+                base = slot_offset(slot)
+                self.mm[base : base + SLOT_SIZE] = bytes(SLOT_SIZE)
+                self.mm[OFF_SLEEP_FLAGS + slot] = 0
+                command = _own_command().encode("utf-8", "replace")[:SLOT_COMMAND_SIZE]
+                self.mm[base + SLOT_COMMAND : base + SLOT_COMMAND + len(command)] = command
+                self.mm[base + SLOT_START : base + SLOT_START + 8] = start.to_bytes(8, "little")
+                # pid last: a non-zero pid marks the slot as described.
+                self.mm[base + SLOT_PID : base + SLOT_PID + 8] = pid.to_bytes(8, "little")
+                self.slot = slot
+                return
+        raise NoFreeSlotError(
+            f"bus {self.name!r} has all {MAX_SLOTS} instance slots in use by live processes"
+        )
+
+    # ─── Detach ───
+
+    def detach(self) -> bool:
+        """Leave the bus; remove its resources if this was the last instance.
+
+        Returns True if the resources were removed.
+        """
+        removed = False
+        if self.slot >= 0:
+            base = slot_offset(self.slot)
+            self.mm[base + SLOT_PID : base + SLOT_PID + 8] = bytes(8)
+            self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
+            ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
+            self.slot = -1
+        if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True):
+            _unlink_all(self.name)
+            removed = True
+            log.debug("bus %r: last instance left; resources removed", self.name)
+        self.semaphore.close()
+        self.mm.close()
+        os.close(self.fd)
+        return removed
+
+    def abandon(self) -> None:
+        """Drop this process's references without touching shared state.
+
+        For a fork child: the parent still owns the attachment, and the
+        child's copies of the descriptors must not keep its locks alive.
+        """
+        with contextlib.suppress(Exception):
+            self.mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(Exception):
+            self.semaphore.close()
+
+    def fifo_path(self, slot: int) -> str:
+        return fifo_path(self.name, slot)
+
+
+def _still_linked(fd: int, name: str) -> bool:
+    """True if ``/dev/shm/shmbus.NAME`` still names the inode *fd* refers to."""
+    try:
+        return os.stat(f"{SHM_DIR}/shmbus.{name}").st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _retry_if_alone(fd: int, name: str, problem: str) -> None:
+    """A joiner found a header it cannot use. If every other instance has
+    gone meanwhile (an initialiser that died, say), start over; otherwise the
+    live bus's header is damaged."""
+    if ofd.try_lock(fd, LOCK_ATTACH, exclusive=True):
+        ofd.unlock(fd, LOCK_ATTACH)
+        return None
+    raise SegmentCorruptError(f"bus {name!r} has a corrupted segment header: {problem}")
+
+
+def _unlink_all(name: str) -> None:
+    # Semaphore and FIFOs first, the segment name last: a newcomer that finds
+    # no segment name may create fresh resources at once, and must not lose
+    # them to us.
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_semaphore(lock_semaphore_name(name))
+    for path in glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(name)}:wake.*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(segment_name(name))
+
+
+def _own_command() -> str:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

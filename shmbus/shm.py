@@ -1,0 +1,425 @@
+"""The shared-memory transport: :class:`ShmBus`.
+
+Owns the life cycle of one bus instance (new, open, closed, or abandoned in a
+fork child), its publishers' path into the ring, and its reader.
+
+Guarantees
+----------
+* ``publish()``/``publish_nowait()`` never wait for subscribers: they take the
+  writer lock, copy one record into the ring and return; a sleeping reader
+  costs one FIFO write, a busy one nothing.
+* A subscription receives every matching event published after
+  ``subscribe()`` returned, by any instance in any process, in publish order
+  per publisher, never duplicated; what it misses is counted on it.
+* Transport failures while publishing are logged and counted
+  (``stats()["publish_errors"]``), never raised; bad input is raised.
+* The last instance to close, in any process, removes the bus's resources.
+* An instance inherited across ``fork()`` raises :class:`ForkedBusError`
+  when used in the child; the parent's instance keeps working. Create a new
+  bus in the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from .codec import encode_envelope
+from .contract import BaseBus, Subscription, validate_pattern, validate_topic
+from .delivery import QueueSubscription
+from .errors import BusClosedError, ForkedBusError
+from .layout import (
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_EVENT_SIZE,
+    MAX_SLOTS,
+    OFF_NEXT_SEQ,
+    OFF_SLEEP_FLAGS,
+    OFF_WRITE_CURSOR,
+    SLOT_PUBLISHED,
+    U64,
+    slot_offset,
+)
+from .procs import self_identity
+from .reader import BusReader
+from .ring import RingWriter, content_checksum
+from .segment import Segment, SegmentOptions
+from .stats import BusStats
+from .wakeup import Waker
+from .writerlock import WriterLock
+
+__all__ = ["ShmBus"]
+
+log = logging.getLogger("shmbus.shm")
+
+_NEW, _OPEN, _CLOSED, _FORKED = "new", "open", "closed", "forked"
+_SLEEP_FLAGS_END = OFF_SLEEP_FLAGS + MAX_SLOTS
+_AWAKE = b"\x01"
+
+_live_instances: weakref.WeakSet[ShmBus] = weakref.WeakSet()
+
+
+class ShmBus(BaseBus):
+    """A publish/subscribe bus shared by the processes of one host.
+
+    Parameters
+    ----------
+    name:
+        Bus name: letters, digits, ``_``, ``-``, ``.``. Every instance with
+        the same name, in any process, is on the same bus.
+    capacity:
+        Bytes of the ring. Bigger rings let readers fall further behind
+        before they are lapped. Reserved in ``/dev/shm`` at creation.
+    max_event_size:
+        Largest msgpack envelope accepted, in bytes.
+    queue_size:
+        Bound of each subscription's queue (drop-oldest when full).
+    mode:
+        Permission bits of the bus's files (default owner only).
+    group:
+        Group name or id to own the bus's files, to share it with a group
+        (use with ``mode=0o660``).
+    lock_timeout:
+        Seconds after which a writer lock held by a dead process is taken
+        over.
+    """
+
+    #: Test hook: called with "locked" right after the writer lock is taken
+    #: and "mid-record" after the record's bytes are written but before the
+    #: commit. Lets fault-injection tests kill a publisher exactly there.
+    _critical_section_hook: ClassVar[Callable[[str], None] | None] = None
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        queue_size: int = 1024,
+        mode: int = 0o600,
+        group: str | int | None = None,
+        lock_timeout: float = 1.0,
+    ) -> None:
+        self._options = SegmentOptions(
+            name=name,
+            capacity=capacity,
+            max_event_size=max_event_size,
+            mode=mode,
+            gid=_resolve_group(group),
+        )
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
+        if not isinstance(lock_timeout, (int, float)) or not 0 < lock_timeout <= 3600:
+            raise ValueError(f"lock_timeout must be between 0 and 3600 seconds, got {lock_timeout!r}")
+        self.name = name
+        self.max_event_size = max_event_size
+        self.queue_size = queue_size
+        self.lock_timeout = float(lock_timeout)
+        self._state = _NEW
+        self._thread_lock = threading.Lock()
+        self._segment: Segment | None = None
+        self._writer: RingWriter | None = None
+        self._writer_lock: WriterLock | None = None
+        self._waker: Waker | None = None
+        self._reader: BusReader | None = None
+        self._published = 0
+        self._publish_errors = 0
+        self._takeovers = 0
+        self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
+        self._subscriptions: set[QueueSubscription] = set()
+        _live_instances.add(self)
+
+    def __repr__(self) -> str:
+        slot = self._segment.slot if self._segment is not None else None
+        return f"<ShmBus {self.name!r} {self._state} slot={slot}>"
+
+    # ─── Life cycle ───
+
+    async def connect(self) -> None:
+        """Create or attach the bus's shared resources. Idempotent.
+
+        Raises :class:`RuntimeError` if the bus was closed, and the errors of
+        :meth:`Segment.attach <shmbus.segment.Segment.attach>` if the bus
+        cannot be used.
+        """
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._state is _OPEN:
+            return
+        with self._thread_lock:
+            if self._state is _OPEN:
+                return
+            self._check_not_ended("connect")
+            segment = Segment.attach(self._options)
+            self._writer = RingWriter(segment.mm, segment.ring_offset, segment.capacity)
+            self._writer_lock = WriterLock(
+                segment.semaphore,
+                segment.mm,
+                segment.fd,
+                self_identity(),
+                self.lock_timeout,
+                on_takeover=self._on_takeover,
+            )
+            self._waker = Waker(self.name)
+            self._segment = segment
+            self._state = _OPEN
+
+    async def close(self) -> None:
+        """End every subscription and leave the bus. Idempotent.
+
+        The last instance to close, in any process, removes the bus's files
+        from ``/dev/shm``.
+        """
+        with self._thread_lock:
+            if self._state is _FORKED:
+                self._state = _CLOSED
+                return
+            if self._state is not _OPEN:
+                self._state = _CLOSED
+                return
+            self._state = _CLOSED
+            subscriptions = list(self._subscriptions)
+            self._stop_reader()
+            if self._waker is not None:
+                self._waker.close()
+            if self._segment is not None:
+                self._segment.detach()
+        for sub in subscriptions:
+            sub.close_from_transport()
+
+    def _check_not_ended(self, action: str) -> None:
+        if self._state is _CLOSED:
+            raise BusClosedError(f"cannot {action}: ShmBus {self.name!r} is closed")
+        if self._state is _FORKED:
+            raise ForkedBusError(
+                f"cannot {action}: this ShmBus {self.name!r} was connected in parent process "
+                f"and inherited by fork(); create and connect a new ShmBus in the child"
+            )
+
+    def _ensure_open(self, action: str) -> None:
+        if self._state is not _OPEN:
+            self._check_not_ended(action)
+            self._connect()
+
+    # ─── Publishing ───
+
+    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+        """Publish *payload* on *topic*, fire-and-forget (see :meth:`publish_nowait`)."""
+        self.publish_nowait(topic, payload, event_type=event_type)
+
+    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+        """Publish without an event loop; safe to call from any thread.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad topic, payload or event type, or an envelope over
+            ``max_event_size`` (the bus is unaffected).
+        RuntimeError
+            The bus is closed (or inherited across fork).
+        """
+        if self._state is not _OPEN:
+            self._ensure_open("publish")
+        validate_topic(topic)
+        body = encode_envelope(topic, payload, event_type, self.max_event_size)
+        raw_topic = topic.encode("utf-8")
+        checksum = content_checksum(raw_topic, body)
+        with self._thread_lock:
+            if self._state is not _OPEN:
+                self._check_not_ended("publish")
+            try:
+                committed = self._append(raw_topic, body, checksum)
+            except Exception:
+                log.exception("publish on %r failed; the event is dropped", topic)
+                committed = False
+            if not committed:
+                self._publish_errors += 1
+                return
+            self._published += 1
+            self._wake_sleepers()
+
+    def _append(self, raw_topic: bytes, body: bytes, checksum: int) -> bool:
+        writer_lock = self._writer_lock
+        writer = self._writer
+        segment = self._segment
+        assert writer_lock is not None and writer is not None and segment is not None
+        if not writer_lock.acquire(give_up_after=max(5.0, 5 * self.lock_timeout)):
+            return False
+        try:
+            hook = ShmBus._critical_section_hook
+            if hook is not None:
+                hook("locked")
+                writer.before_commit = lambda: hook("mid-record")
+            writer.append(raw_topic, body, checksum)
+        finally:
+            writer_lock.release()
+        U64.pack_into(segment.mm, slot_offset(segment.slot) + SLOT_PUBLISHED, self._published + 1)
+        return True
+
+    def _wake_sleepers(self) -> None:
+        # Runs after the writer lock's release, whose atomic operation orders
+        # the commit before these loads of the sleep flags (shmbus.wakeup).
+        segment = self._segment
+        waker = self._waker
+        assert segment is not None and waker is not None
+        mm = segment.mm
+        flag = mm.find(_AWAKE, OFF_SLEEP_FLAGS, _SLEEP_FLAGS_END)
+        while flag >= 0:
+            mm[flag] = 0
+            waker.wake(flag - OFF_SLEEP_FLAGS)
+            flag = mm.find(_AWAKE, flag + 1, _SLEEP_FLAGS_END)
+
+    def _on_takeover(self, dead_pid: int, epoch: int) -> None:
+        assert self._writer is not None
+        self._takeovers += 1
+        torn = self._writer.account_dead_writer()
+        if torn:
+            log.warning("writer pid %d died mid-record; %d reserved event(s) lost", dead_pid, torn)
+
+    # ─── Subscribing ───
+
+    def subscribe(self, pattern: str) -> Subscription:
+        """Subscribe to events whose topic matches *pattern*.
+
+        Must be called with an event loop running (that loop runs the
+        instance's reader). The subscription sees every matching event
+        published after this call returns.
+        """
+        validate_pattern(pattern)
+        if self._state is not _OPEN:
+            self._ensure_open("subscribe")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "ShmBus.subscribe() must be called from a running event loop; "
+                "the loop runs the bus's reader"
+            ) from None
+        sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        orphans: list[QueueSubscription] = []
+        with self._thread_lock:
+            self._check_not_ended("subscribe")
+            segment = self._segment
+            assert segment is not None
+            reader = self._reader
+            if reader is not None and reader.loop.is_closed():
+                # Subscriptions left on a loop that has since closed can
+                # never be consumed; end them and start over on this loop.
+                orphans = reader.subscriptions
+                self._stop_reader()
+                reader = None
+            if reader is None:
+                cursor, next_seq = self._snapshot()
+                reader = self._reader = BusReader(segment, loop, cursor, next_seq)
+                start_seq = next_seq
+            else:
+                start_seq = U64.unpack_from(segment.mm, OFF_NEXT_SEQ)[0]
+            reader.add(sub, start_seq)
+            self._subscriptions.add(sub)
+        for orphan in orphans:
+            orphan.close_from_transport()
+        return sub
+
+    def _snapshot(self) -> tuple[int, int]:
+        """(write_cursor, next_seq) as one consistent pair, under the writer lock."""
+        writer_lock = self._writer_lock
+        segment = self._segment
+        assert writer_lock is not None and segment is not None
+        if not writer_lock.acquire(give_up_after=max(5.0, 5 * self.lock_timeout)):
+            raise TimeoutError(f"bus {self.name!r}: the writer lock stayed held by a live process")
+        try:
+            cursor = U64.unpack_from(segment.mm, OFF_WRITE_CURSOR)[0]
+            next_seq = U64.unpack_from(segment.mm, OFF_NEXT_SEQ)[0]
+        finally:
+            writer_lock.release()
+        return int(cursor), int(next_seq)
+
+    def _forget(self, sub: QueueSubscription) -> None:
+        with self._thread_lock:
+            self._subscriptions.discard(sub)
+            self._retired["delivered"] += sub.delivered
+            reader = self._reader
+            if reader is None:
+                self._retired["dropped"] += sub.dropped
+                return
+            reader.remove(sub)
+            self._retired["dropped"] += sub.dropped
+            if not reader.subscriptions:
+                self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        reader = self._reader
+        if reader is None:
+            return
+        self._reader = None
+        for sub in reader.subscriptions:
+            reader.remove(sub)
+        self._retired["corrupt"] += reader.corrupt
+        self._retired["lapped"] += reader.lapped
+        reader.stop()
+
+    # ─── Accounting ───
+
+    def stats(self) -> BusStats:
+        """Counters of this instance since it connected (see :class:`BusStats`)."""
+        with self._thread_lock:
+            live = list(self._subscriptions)
+            reader = self._reader
+            retired = dict(self._retired)
+            return BusStats(
+                published=self._published,
+                delivered=retired["delivered"] + sum(sub.delivered for sub in live),
+                dropped=retired["dropped"] + sum(sub.dropped for sub in live),
+                corrupt=retired["corrupt"] + (reader.corrupt if reader else 0),
+                lapped=retired["lapped"] + (reader.lapped if reader else 0),
+                publish_errors=self._publish_errors,
+                lock_recoveries=self._takeovers,
+                subscriptions=len(live),
+            )
+
+    # ─── fork() ───
+
+    def _abandon_after_fork(self) -> None:
+        """In a fork child: let go of the parent's attachment untouched."""
+        if self._state is not _OPEN:
+            return
+        self._state = _FORKED
+        self._thread_lock = threading.Lock()  # may have been held at fork time
+        if self._reader is not None:
+            self._reader.abandon()
+            self._reader = None
+        if self._segment is not None:
+            self._segment.abandon()
+        self._waker = None
+        for sub in list(self._subscriptions):
+            sub.close_from_transport()
+        self._subscriptions.clear()
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_live_instances):
+        bus._abandon_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _resolve_group(group: str | int | None) -> int | None:
+    if group is None:
+        return None
+    if isinstance(group, bool):
+        raise TypeError(f"group must be a group name or id, not {group!r}")
+    if isinstance(group, int):
+        return group
+    if isinstance(group, str):
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"group {group!r} does not exist on this host") from None
+    raise TypeError(f"group must be a group name or id, not {type(group).__name__}")
