@@ -68,8 +68,22 @@ OFF_PUBLISHED = 128  # u64, records committed
 OFF_RECLAIM_CORRUPT = 136  # u64, times reclaim found an unreadable record
 
 U64 = struct.Struct("<Q")
-U32 = struct.Struct("<I")
-LOCK_HOLDER = struct.Struct("<QQQ")  # pid, start, epoch at OFF_LOCK_PID
+
+# Shared words are written through a ``memoryview.cast("Q")`` of the segment,
+# indexed by these word numbers, never with ``struct.pack_into``: CPython's
+# pack_into zeroes the target bytes before it writes the value, so another
+# process could read a transient 0 from a cursor. A memoryview item store is
+# a single aligned 8-byte store.
+W_WRITE_CURSOR = OFF_WRITE_CURSOR // 8
+W_HEAD = OFF_HEAD // 8
+W_NEXT_SEQ = OFF_NEXT_SEQ // 8
+W_LOCK_PID = OFF_LOCK_PID // 8
+W_LOCK_START = OFF_LOCK_START // 8
+W_LOCK_EPOCH = OFF_LOCK_EPOCH // 8
+W_LOCK_RECOVERIES = OFF_LOCK_RECOVERIES // 8
+W_TORN_RECORDS = OFF_TORN_RECORDS // 8
+W_PUBLISHED = OFF_PUBLISHED // 8
+W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
 
 # ─── Reader slots ────────────────────────────────────────────────────────────
 
@@ -87,10 +101,9 @@ SLOT_DROPPED = 32  # u64
 SLOT_CORRUPT = 40  # u64
 SLOT_LAPPED = 48  # u64
 SLOT_PUBLISHED = 56  # u64, events this instance published
-SLOT_SUBSCRIPTIONS = 64  # u32, open subscriptions (0 = not reading)
+SLOT_SUBSCRIPTIONS = 64  # u64, open subscriptions (0 = not reading)
 SLOT_COMMAND = 72  # 56 bytes, NUL-padded start of the owner's command line
 SLOT_COMMAND_SIZE = 56
-SLOT_READER_COUNTERS = struct.Struct("<QQQQQ")  # read_cursor .. lapped at SLOT_READ_CURSOR
 
 HEADER_SIZE = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
 RING_OFFSET = HEADER_SIZE
@@ -150,3 +163,8 @@ def seq_mix(seq: int) -> int:
 def slot_offset(slot: int) -> int:
     """Offset of slot number *slot* in the segment."""
     return OFF_SLOTS + slot * SLOT_SIZE
+
+
+def slot_word(slot: int, field: int) -> int:
+    """Word number of 8-byte *field* (a ``SLOT_*`` offset) of slot *slot*."""
+    return (OFF_SLOTS + slot * SLOT_SIZE + field) // 8

@@ -22,7 +22,10 @@ Invariants
   it: sequence gaps (lapped reader, dead writer, corrupt run) counted whole
   for every subscription open across them, and corrupt records it matched.
 * Sleep: only when the ring holds nothing unread, by the protocol in
-  :mod:`shmbus.wakeup`; a timer polls every ``SAFETY_POLL`` seconds besides.
+  :mod:`shmbus.wakeup`. Two timers insure against a lost wake-up, which the
+  protocol's barriers rule out: a one-shot re-check ``IDLE_RECHECK`` after
+  going idle (the only moment a wake-up could race with falling asleep) and
+  a ``HEARTBEAT`` poll, cheap enough to leave running on idle readers.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from .contract import Event, validate_topic
 from .delivery import QueueSubscription
 from .layout import (
     OFF_SLEEP_FLAGS,
-    OFF_WRITE_CURSOR,
+    SLOT_DELIVERED,
+    SLOT_DROPPED,
+    SLOT_CORRUPT,
+    SLOT_LAPPED,
     SLOT_READ_CURSOR,
-    SLOT_READER_COUNTERS,
     SLOT_SUBSCRIPTIONS,
-    U32,
-    U64,
-    slot_offset,
+    W_WRITE_CURSOR,
+    slot_word,
 )
 from .ring import RingBatch, RingReader
 from .segment import Segment
@@ -54,8 +58,11 @@ log = logging.getLogger("shmbus.reader")
 
 #: Records read per step before the loop gets control back.
 BATCH: Final = 256
-#: Upper bound on the delay a lost wake-up could cause, in seconds.
-SAFETY_POLL: Final = 0.005
+#: Re-check this long after going idle, in seconds: bounds the delay a wake-up
+#: lost in the race with falling asleep could cause.
+IDLE_RECHECK: Final = 0.002
+#: Poll this often regardless, in seconds (about 4 wake-ups/s per idle reader).
+HEARTBEAT: Final = 0.25
 _ROUTE_CACHE_LIMIT: Final = 4096
 
 
@@ -91,14 +98,15 @@ class BusReader:
         self.loop = loop
         self._mm = segment.mm
         self._max_event_size = segment.max_event_size
+        self._words = segment.words
         self._ring: RingReader[_Route] = RingReader(
-            segment.mm, segment.ring_offset, segment.capacity, segment.max_event_size, cursor, next_seq
+            segment.mm, segment.words, segment.ring_offset, segment.capacity, segment.max_event_size, cursor, next_seq
         )
         self._subs: dict[QueueSubscription, int] = {}
         self._newest_start = 0
         self._routes: dict[bytes, _Route | None] = {}
         self._flag = OFF_SLEEP_FLAGS + segment.slot
-        self._slot_base = slot_offset(segment.slot)
+        self._slot = segment.slot
         options = segment.options
         self._channel = WakeChannel(segment.fifo_path(segment.slot), options.mode, options.gid)
         self._scheduled = False
@@ -111,7 +119,8 @@ class BusReader:
         self.routed = 0
         self._retired_dropped = 0
         loop.add_reader(self._channel.fd, self._on_wake)
-        self._timer = loop.call_later(SAFETY_POLL, self._on_timer)
+        self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
+        self._recheck: asyncio.TimerHandle | None = None
         self._schedule()
 
     # ─── Subscriptions ───
@@ -121,14 +130,14 @@ class BusReader:
         self._subs[sub] = start_seq
         self._newest_start = max(self._newest_start, start_seq)
         self._routes.clear()
-        U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, len(self._subs))
+        self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
 
     def remove(self, sub: QueueSubscription) -> None:
         if self._subs.pop(sub, None) is not None:
             self._retired_dropped += sub.dropped
             self._routes.clear()
             if not self._stopped:
-                U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, len(self._subs))
+                self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
 
     @property
     def subscriptions(self) -> list[QueueSubscription]:
@@ -141,8 +150,10 @@ class BusReader:
         self._stopped = True
         self._mm[self._flag] = 0
         self._write_counters()
-        U32.pack_into(self._mm, self._slot_base + SLOT_SUBSCRIPTIONS, 0)
-        self._timer.cancel()
+        self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = 0
+        self._heartbeat.cancel()
+        if self._recheck is not None:
+            self._recheck.cancel()
         if not self.loop.is_closed():
             self.loop.remove_reader(self._channel.fd)
         self._channel.close()
@@ -161,13 +172,21 @@ class BusReader:
 
     def _on_wake(self) -> None:
         self._channel.drain()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if not self._scheduled:
             self._step()
 
-    def _on_timer(self) -> None:
+    def _on_recheck(self) -> None:
+        self._recheck = None
+        if not self._scheduled and not self._stopped and self._ring.pending():
+            self._step()
+
+    def _on_heartbeat(self) -> None:
         if self._stopped:
             return
-        self._timer = self.loop.call_later(SAFETY_POLL, self._on_timer)
+        self._heartbeat = self.loop.call_later(HEARTBEAT, self._on_heartbeat)
         if not self._scheduled and self._ring.pending():
             self._step()
 
@@ -192,6 +211,8 @@ class BusReader:
         if self._ring.pending():
             self._mm[self._flag] = 0
             self._schedule()
+        elif self._recheck is None:
+            self._recheck = self.loop.call_later(IDLE_RECHECK, self._on_recheck)
 
     # ─── Routing ───
 
@@ -262,19 +283,17 @@ class BusReader:
     # ─── Counters in shared memory ───
 
     def _ring_write_cursor(self) -> int:
-        return int(U64.unpack_from(self._mm, OFF_WRITE_CURSOR)[0])
+        return int(self._words[W_WRITE_CURSOR])
 
     def dropped(self) -> int:
         """Events lost or evicted for this reader's subscriptions, ever."""
         return self._retired_dropped + sum(sub.dropped for sub in self._subs)
 
     def _write_counters(self) -> None:
-        SLOT_READER_COUNTERS.pack_into(
-            self._mm,
-            self._slot_base + SLOT_READ_CURSOR,
-            self._ring.cursor,
-            self.routed,
-            self.dropped(),
-            self.corrupt,
-            self.lapped,
-        )
+        words = self._words
+        slot = self._slot
+        words[slot_word(slot, SLOT_READ_CURSOR)] = self._ring.cursor
+        words[slot_word(slot, SLOT_DELIVERED)] = self.routed
+        words[slot_word(slot, SLOT_DROPPED)] = self.dropped()
+        words[slot_word(slot, SLOT_CORRUPT)] = self.corrupt
+        words[slot_word(slot, SLOT_LAPPED)] = self.lapped

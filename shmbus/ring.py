@@ -58,17 +58,16 @@ from typing import Generic, TypeVar
 
 from .layout import (
     MAX_TOPIC_BYTES,
-    OFF_HEAD,
-    OFF_NEXT_SEQ,
-    OFF_PUBLISHED,
-    OFF_RECLAIM_CORRUPT,
-    OFF_TORN_RECORDS,
-    OFF_WRITE_CURSOR,
     RECORD,
     RECORD_EVENT,
     RECORD_HEADER_SIZE,
     RECORD_PADDING,
-    U64,
+    W_HEAD,
+    W_NEXT_SEQ,
+    W_PUBLISHED,
+    W_RECLAIM_CORRUPT,
+    W_TORN_RECORDS,
+    W_WRITE_CURSOR,
     aligned,
     seq_mix,
 )
@@ -88,10 +87,11 @@ def content_checksum(topic: bytes, body: bytes) -> int:
 class RingWriter:
     """Appends records to the ring. The caller must hold the writer lock."""
 
-    __slots__ = ("_mm", "_base", "_capacity", "before_commit")
+    __slots__ = ("_mm", "_words", "_base", "_capacity", "before_commit")
 
-    def __init__(self, mm: mmap.mmap, ring_offset: int, capacity: int) -> None:
+    def __init__(self, mm: mmap.mmap, words: memoryview, ring_offset: int, capacity: int) -> None:
         self._mm = mm
+        self._words = words
         self._base = ring_offset
         self._capacity = capacity
         #: Fault-injection hook run after the record is written, before the
@@ -105,12 +105,13 @@ class RingWriter:
         by the caller before taking the lock.
         """
         mm = self._mm
+        words = self._words
         capacity = self._capacity
         base = self._base
-        seq = U64.unpack_from(mm, OFF_NEXT_SEQ)[0]
-        U64.pack_into(mm, OFF_NEXT_SEQ, seq + 1)
-        position = U64.unpack_from(mm, OFF_WRITE_CURSOR)[0]
-        head = U64.unpack_from(mm, OFF_HEAD)[0]
+        seq: int = words[W_NEXT_SEQ]
+        words[W_NEXT_SEQ] = seq + 1
+        position: int = words[W_WRITE_CURSOR]
+        head: int = words[W_HEAD]
         topic_len = len(topic)
         body_len = len(body)
         length = aligned(RECORD_HEADER_SIZE + topic_len + body_len)
@@ -120,7 +121,7 @@ class RingWriter:
         reclaim_to = position + pad + length - capacity
         if head < reclaim_to:
             head = self._reclaim(head, reclaim_to, position)
-            U64.pack_into(mm, OFF_HEAD, head)
+            words[W_HEAD] = head
         if pad:
             if pad >= RECORD_HEADER_SIZE:
                 RECORD.pack_into(mm, base + offset, pad, RECORD_PADDING, 0, 0, 0, 0)
@@ -136,20 +137,18 @@ class RingWriter:
         mm[start : start + body_len] = body
         if self.before_commit is not None:
             self.before_commit()
-        U64.pack_into(mm, OFF_WRITE_CURSOR, position + length)
-        U64.pack_into(mm, OFF_PUBLISHED, U64.unpack_from(mm, OFF_PUBLISHED)[0] + 1)
-        return int(seq)
+        words[W_WRITE_CURSOR] = position + length
+        words[W_PUBLISHED] += 1
+        return seq
 
     def account_dead_writer(self) -> int:
         """After taking the lock over from a dead writer, count the sequence
         numbers it reserved but never committed; return how many."""
-        mm = self._mm
-        reserved = U64.unpack_from(mm, OFF_NEXT_SEQ)[0]
-        committed = U64.unpack_from(mm, OFF_PUBLISHED)[0]
-        torn_before = U64.unpack_from(mm, OFF_TORN_RECORDS)[0]
-        torn_now = max(0, reserved - committed - torn_before)
-        U64.pack_into(mm, OFF_TORN_RECORDS, torn_before + torn_now)
-        return int(torn_now)
+        words = self._words
+        torn_before: int = words[W_TORN_RECORDS]
+        torn_now = max(0, words[W_NEXT_SEQ] - words[W_PUBLISHED] - torn_before)
+        words[W_TORN_RECORDS] = torn_before + torn_now
+        return torn_now
 
     def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
         """Walk *head* over whole records until it reaches *reclaim_to*."""
@@ -183,7 +182,7 @@ class RingWriter:
                     kind,
                     write_cursor,
                 )
-                U64.pack_into(mm, OFF_RECLAIM_CORRUPT, U64.unpack_from(mm, OFF_RECLAIM_CORRUPT)[0] + 1)
+                self._words[W_RECLAIM_CORRUPT] += 1
                 return write_cursor
             head += length
         return head
@@ -215,11 +214,12 @@ class RingReader(Generic[Route]):
         record at or after *cursor* has a sequence number below *next_seq*.
     """
 
-    __slots__ = ("_mm", "_base", "_capacity", "_max_body", "cursor", "expected_seq")
+    __slots__ = ("_mm", "_words", "_base", "_capacity", "_max_body", "cursor", "expected_seq")
 
     def __init__(
         self,
         mm: mmap.mmap,
+        words: memoryview,
         ring_offset: int,
         capacity: int,
         max_event_size: int,
@@ -227,6 +227,7 @@ class RingReader(Generic[Route]):
         next_seq: int,
     ) -> None:
         self._mm = mm
+        self._words = words
         self._base = ring_offset
         self._capacity = capacity
         self._max_body = max_event_size
@@ -235,7 +236,7 @@ class RingReader(Generic[Route]):
 
     def pending(self) -> bool:
         """True if committed records lie beyond the cursor."""
-        return bool(U64.unpack_from(self._mm, OFF_WRITE_CURSOR)[0] != self.cursor)
+        return bool(self._words[W_WRITE_CURSOR] != self.cursor)
 
     def read(self, limit: int, select: Callable[[bytes], Route | None]) -> RingBatch[Route]:
         """Read up to *limit* records; keep those for which *select* is not None.
@@ -244,15 +245,16 @@ class RingReader(Generic[Route]):
         route for it (None: not wanted, the body is never copied).
         """
         mm = self._mm
+        words = self._words
         capacity = self._capacity
         base = self._base
         max_body = self._max_body
         batch: RingBatch[Route] = RingBatch()
-        write_cursor = U64.unpack_from(mm, OFF_WRITE_CURSOR)[0]
+        write_cursor: int = words[W_WRITE_CURSOR]
         position = self.cursor
         if position == write_cursor:
             return batch
-        head = U64.unpack_from(mm, OFF_HEAD)[0]
+        head: int = words[W_HEAD]
         if head > position:
             position = head
         if write_cursor < position or write_cursor - position > capacity:
@@ -285,7 +287,7 @@ class RingReader(Generic[Route]):
                 or body_len > max_body
                 or seq < expected
             ):
-                if U64.unpack_from(mm, OFF_HEAD)[0] > position:
+                if words[W_HEAD] > position:
                     break  # overwritten under us, not corrupt: handled below
                 batch.corrupt += 1
                 position = write_cursor
@@ -303,12 +305,12 @@ class RingReader(Generic[Route]):
                 ok = zlib.crc32(body, zlib.crc32(topic)) ^ seq_mix(seq) == checksum
                 records.append((seq, route, topic, body, ok))
             position += length
-        if U64.unpack_from(mm, OFF_HEAD)[0] > start_position:
+        head = words[W_HEAD]
+        if head > start_position:
             # Lapped while copying: nothing in this batch can be trusted. The
             # sequence gap shows up, and is counted, at the next record read.
-            lapped: RingBatch[Route] = RingBatch(lapped=True)
-            self.cursor = U64.unpack_from(mm, OFF_HEAD)[0]
-            return lapped
+            self.cursor = head
+            return RingBatch(lapped=True)
         self.cursor = position
         self.expected_seq = expected
         return batch

@@ -71,6 +71,7 @@ from .layout import (
     min_capacity,
     segment_size,
     slot_offset,
+    slot_word,
 )
 from .procs import self_identity
 from .wakeup import fifo_path
@@ -79,6 +80,7 @@ __all__ = [
     "Segment",
     "SegmentOptions",
     "lock_semaphore_name",
+    "remove_resources",
     "resource_paths",
     "segment_name",
     "validate_bus_name",
@@ -190,6 +192,9 @@ class Segment:
         self.name = options.name
         self.fd = fd
         self.mm = mm
+        #: The whole segment as 8-byte words (see layout: shared words are
+        #: written only through this view).
+        self.words = memoryview(mm).cast("Q")
         self.semaphore = semaphore
         self.capacity = capacity
         self.max_event_size = max_event_size
@@ -285,7 +290,7 @@ class Segment:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                _unlink_all(name)
+                remove_resources(name)
                 free = os.statvfs(SHM_DIR)
                 available = free.f_bavail * free.f_frsize
                 raise SegmentSpaceError(
@@ -383,9 +388,9 @@ class Segment:
                 self.mm[OFF_SLEEP_FLAGS + slot] = 0
                 command = _own_command().encode("utf-8", "replace")[:SLOT_COMMAND_SIZE]
                 self.mm[base + SLOT_COMMAND : base + SLOT_COMMAND + len(command)] = command
-                self.mm[base + SLOT_START : base + SLOT_START + 8] = start.to_bytes(8, "little")
+                self.words[slot_word(slot, SLOT_START)] = start
                 # pid last: a non-zero pid marks the slot as described.
-                self.mm[base + SLOT_PID : base + SLOT_PID + 8] = pid.to_bytes(8, "little")
+                self.words[slot_word(slot, SLOT_PID)] = pid
                 self.slot = slot
                 return
         raise NoFreeSlotError(
@@ -401,16 +406,16 @@ class Segment:
         """
         removed = False
         if self.slot >= 0:
-            base = slot_offset(self.slot)
-            self.mm[base + SLOT_PID : base + SLOT_PID + 8] = bytes(8)
+            self.words[slot_word(self.slot, SLOT_PID)] = 0
             self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
             ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
             self.slot = -1
         if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True):
-            _unlink_all(self.name)
+            remove_resources(self.name)
             removed = True
             log.debug("bus %r: last instance left; resources removed", self.name)
         self.semaphore.close()
+        self.words.release()
         self.mm.close()
         os.close(self.fd)
         return removed
@@ -422,6 +427,7 @@ class Segment:
         child's copies of the descriptors must not keep its locks alive.
         """
         with contextlib.suppress(Exception):
+            self.words.release()
             self.mm.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -450,7 +456,10 @@ def _retry_if_alone(fd: int, name: str, problem: str) -> None:
     raise SegmentCorruptError(f"bus {name!r} has a corrupted segment header: {problem}")
 
 
-def _unlink_all(name: str) -> None:
+def remove_resources(name: str) -> None:
+    """Unlink every resource of bus *name* that exists. The caller must know
+    that no live instance is attached (it holds ``LOCK_ATTACH`` exclusively).
+    """
     # Semaphore and FIFOs first, the segment name last: a newcomer that finds
     # no segment name may create fresh resources at once, and must not lose
     # them to us.

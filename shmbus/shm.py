@@ -38,12 +38,11 @@ from .layout import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_EVENT_SIZE,
     MAX_SLOTS,
-    OFF_NEXT_SEQ,
     OFF_SLEEP_FLAGS,
-    OFF_WRITE_CURSOR,
     SLOT_PUBLISHED,
-    U64,
-    slot_offset,
+    W_NEXT_SEQ,
+    W_WRITE_CURSOR,
+    slot_word,
 )
 from .procs import self_identity
 from .reader import BusReader
@@ -157,10 +156,10 @@ class ShmBus(BaseBus):
                 return
             self._check_not_ended("connect")
             segment = Segment.attach(self._options)
-            self._writer = RingWriter(segment.mm, segment.ring_offset, segment.capacity)
+            self._writer = RingWriter(segment.mm, segment.words, segment.ring_offset, segment.capacity)
             self._writer_lock = WriterLock(
                 segment.semaphore,
-                segment.mm,
+                segment.words,
                 segment.fd,
                 self_identity(),
                 self.lock_timeout,
@@ -259,7 +258,7 @@ class ShmBus(BaseBus):
             writer.append(raw_topic, body, checksum)
         finally:
             writer_lock.release()
-        U64.pack_into(segment.mm, slot_offset(segment.slot) + SLOT_PUBLISHED, self._published + 1)
+        segment.words[slot_word(segment.slot, SLOT_PUBLISHED)] = self._published + 1
         return True
 
     def _wake_sleepers(self) -> None:
@@ -319,7 +318,7 @@ class ShmBus(BaseBus):
                 reader = self._reader = BusReader(segment, loop, cursor, next_seq)
                 start_seq = next_seq
             else:
-                start_seq = U64.unpack_from(segment.mm, OFF_NEXT_SEQ)[0]
+                start_seq = segment.words[W_NEXT_SEQ]
             reader.add(sub, start_seq)
             self._subscriptions.add(sub)
         for orphan in orphans:
@@ -334,8 +333,8 @@ class ShmBus(BaseBus):
         if not writer_lock.acquire(give_up_after=max(5.0, 5 * self.lock_timeout)):
             raise TimeoutError(f"bus {self.name!r}: the writer lock stayed held by a live process")
         try:
-            cursor = U64.unpack_from(segment.mm, OFF_WRITE_CURSOR)[0]
-            next_seq = U64.unpack_from(segment.mm, OFF_NEXT_SEQ)[0]
+            cursor = segment.words[W_WRITE_CURSOR]
+            next_seq = segment.words[W_NEXT_SEQ]
         finally:
             writer_lock.release()
         return int(cursor), int(next_seq)

@@ -38,14 +38,13 @@ corrupt; nothing crashes or hangs.
 from __future__ import annotations
 
 import logging
-import mmap
 import time
 from collections.abc import Callable
 
 import posix_ipc
 
 from . import ofd
-from .layout import LOCK_HOLDER, LOCK_TAKEOVER, OFF_LOCK_EPOCH, OFF_LOCK_PID, OFF_LOCK_RECOVERIES, U64
+from .layout import LOCK_TAKEOVER, W_LOCK_EPOCH, W_LOCK_PID, W_LOCK_RECOVERIES, W_LOCK_START
 from .procs import is_alive
 
 __all__ = ["WriterLock"]
@@ -64,7 +63,7 @@ class WriterLock:
     def __init__(
         self,
         semaphore: posix_ipc.Semaphore,
-        mm: mmap.mmap,
+        words: memoryview,
         fd: int,
         identity: tuple[int, int],
         lock_timeout: float,
@@ -72,7 +71,7 @@ class WriterLock:
         on_takeover: Callable[[int, int], None] | None = None,
     ) -> None:
         self._semaphore = semaphore
-        self._mm = mm
+        self._words = words
         self._fd = fd
         self._pid, self._start = identity
         self._timeout = lock_timeout
@@ -90,7 +89,7 @@ class WriterLock:
         return self._wait(give_up_after)
 
     def release(self) -> None:
-        U64.pack_into(self._mm, OFF_LOCK_PID, 0)
+        self._words[W_LOCK_PID] = 0
         self._semaphore.release()
 
     # ─── Internals ───
@@ -103,14 +102,20 @@ class WriterLock:
         return True
 
     def _record(self) -> None:
-        epoch = U64.unpack_from(self._mm, OFF_LOCK_EPOCH)[0]
-        LOCK_HOLDER.pack_into(self._mm, OFF_LOCK_PID, self._pid, self._start, epoch + 1)
+        words = self._words
+        words[W_LOCK_START] = self._start
+        words[W_LOCK_PID] = self._pid
+        words[W_LOCK_EPOCH] += 1
+
+    def _holder(self) -> tuple[int, int, int]:
+        words = self._words
+        return words[W_LOCK_PID], words[W_LOCK_START], words[W_LOCK_EPOCH]
 
     def _wait(self, give_up_after: float) -> bool:
         started = time.monotonic()
         empty_since: tuple[int, float] | None = None
         while True:
-            pid, start, epoch = LOCK_HOLDER.unpack_from(self._mm, OFF_LOCK_PID)
+            pid, start, epoch = self._holder()
             now = time.monotonic()
             if pid:
                 empty_since = None
@@ -135,12 +140,11 @@ class WriterLock:
         if not ofd.wait_lock(self._fd, LOCK_TAKEOVER, exclusive=True, timeout=self._timeout):
             return False
         try:
-            pid, _start, epoch = LOCK_HOLDER.unpack_from(self._mm, OFF_LOCK_PID)
+            pid, _start, epoch = self._holder()
             if epoch != seen_epoch or pid != dead_pid:
                 return False  # the lock moved on, or another waiter took over
-            LOCK_HOLDER.pack_into(self._mm, OFF_LOCK_PID, self._pid, self._start, epoch + 1)
-            recoveries = U64.unpack_from(self._mm, OFF_LOCK_RECOVERIES)[0] + 1
-            U64.pack_into(self._mm, OFF_LOCK_RECOVERIES, recoveries)
+            self._record()
+            self._words[W_LOCK_RECOVERIES] += 1
         finally:
             ofd.unlock(self._fd, LOCK_TAKEOVER)
         self.takeovers += 1
