@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -99,12 +100,17 @@ def encode_envelope(
 # Slot descriptors of the frozen Event: setting through them skips the frozen
 # dataclass __setattr__ guard, which makes building a received event about
 # twice as fast. Only this module builds events that way, and only fully.
-_SET_TOPIC = Event.topic.__set__  # type: ignore[attr-defined]
-_SET_PAYLOAD = Event.payload.__set__  # type: ignore[attr-defined]
-_SET_TYPE = Event.type.__set__  # type: ignore[attr-defined]
-_SET_V = Event.v.__set__  # type: ignore[attr-defined]
-_SET_TS = Event.ts.__set__  # type: ignore[attr-defined]
-_SET_ID = Event.id.__set__  # type: ignore[attr-defined]
+def _slot_setter(name: str) -> Callable[[Event, Any], None]:
+    setter: Callable[[Event, Any], None] = vars(Event)[name].__set__
+    return setter
+
+
+_SET_TOPIC = _slot_setter("topic")
+_SET_PAYLOAD = _slot_setter("payload")
+_SET_TYPE = _slot_setter("type")
+_SET_V = _slot_setter("v")
+_SET_TS = _slot_setter("ts")
+_SET_ID = _slot_setter("id")
 _new_event = object.__new__
 
 
@@ -133,7 +139,9 @@ def decode_envelope(topic: str, data: bytes | memoryview, max_event_size: int) -
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise EnvelopeDecodeError(f"undecodable envelope on {topic!r}: {exc!r}") from None
     if type(envelope) is not dict:
-        raise EnvelopeDecodeError(f"envelope on {topic!r} is a {type(envelope).__name__}, not a map")
+        raise EnvelopeDecodeError(
+            f"envelope on {topic!r} is a {type(envelope).__name__}, not a map"
+        )
     payload = envelope.get("payload")
     event_type = envelope.get("type", "")
     v = envelope.get("v", EVENT_SCHEMA_VERSION)

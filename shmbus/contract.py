@@ -48,7 +48,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
@@ -169,7 +169,12 @@ _VALID_TOPICS_LIMIT = 4096
 
 
 def _check_length(kind: str, text: str) -> None:
-    size = len(text.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{kind} {text!r} is not valid Unicode text: {exc.reason} at index {exc.start}"
+        ) from None
     if size > MAX_TOPIC_LENGTH:
         raise ValueError(
             f"{kind} {text[:40]!r}... is {size} bytes long; the limit is {MAX_TOPIC_LENGTH} bytes"
@@ -188,7 +193,7 @@ def validate_topic(topic: object) -> str:
         wildcard (``*``, ``>``), or is longer than :data:`MAX_TOPIC_LENGTH`.
     """
     if topic.__class__ is str and topic in _VALID_TOPICS:
-        return topic  # type: ignore[return-value]
+        return topic  # the class check above narrows it to str
     if not isinstance(topic, str):
         raise TypeError(f"topic must be a str, not {type(topic).__name__} ({topic!r})")
     if not topic:
@@ -256,7 +261,10 @@ def _tokens_match(pattern_tokens: list[str], topic_tokens: list[str]) -> bool:
             return index < len(topic_tokens)
         if index >= len(topic_tokens):
             return False
-        if token != "*" and token != topic_tokens[index]:
+        if token == "*":
+            if not topic_tokens[index]:
+                return False  # '*' stands for exactly one non-empty token
+        elif token != topic_tokens[index]:
             return False
     return len(pattern_tokens) == len(topic_tokens)
 
@@ -321,7 +329,7 @@ class Subscription(abc.ABC):
         """True once :meth:`aclose` has been called (or the bus closed)."""
         return self._closed
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -378,7 +386,7 @@ class BaseBus(abc.ABC):
     async def close(self) -> None:
         """Release the transport's resources. Idempotent."""
 
-    async def __aenter__(self) -> BaseBus:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 

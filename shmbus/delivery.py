@@ -82,7 +82,9 @@ class QueueSubscription(Subscription):
         self.evicted = 0
         self.lost = 0
         self._items: collections.deque[Event] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        # Usually one task iterates a subscription, but several may; each
+        # waits on its own future and all are woken to re-check.
+        self._waiters: list[asyncio.Future[None]] = []
         self._on_close = on_close
         self._pending_lock = threading.Lock()
         self._pending: list[Event] = []
@@ -177,11 +179,12 @@ class QueueSubscription(Subscription):
             if self._closed:
                 raise StopAsyncIteration
             waiter = self._loop.create_future()
-            self._waiter = waiter
+            self._waiters.append(waiter)
             try:
                 await waiter
             finally:
-                self._waiter = None
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         if self._closed:
             raise StopAsyncIteration
         self.delivered += 1
@@ -210,14 +213,14 @@ class QueueSubscription(Subscription):
             for _ in range(overflow):
                 items.popleft()
             self.evicted += overflow
-        waiter = self._waiter
-        if waiter is not None and items and not waiter.done():
-            waiter.set_result(None)
+        if self._waiters and items:
+            self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _notify_closed(self) -> None:
         self._items.clear()

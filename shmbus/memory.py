@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from .codec import decode_envelope, encode_envelope
-from .contract import BaseBus, Subscription, validate_pattern, validate_topic
+from .contract import BaseBus, validate_pattern, validate_topic
 from .delivery import QueueSubscription
 from .stats import BusStats
 
@@ -26,10 +26,14 @@ class _LocalBus(BaseBus):
     """Lifecycle and argument checks shared by the in-process transports."""
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
-        if max_event_size < 64:
-            raise ValueError(f"max_event_size must be at least 64 bytes, got {max_event_size}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        for label, value, least in (
+            ("max_event_size", max_event_size, 64),
+            ("queue_size", queue_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{label} must be an int, not {type(value).__name__} ({value!r})")
+            if value < least:
+                raise ValueError(f"{label} must be at least {least}, got {value}")
         self.max_event_size = max_event_size
         self.queue_size = queue_size
         self._closed = False
@@ -79,7 +83,7 @@ class MemoryBus(_LocalBus):
         for sub in targets:
             sub.deliver((decode_envelope(topic, data, self.max_event_size),))
 
-    def subscribe(self, pattern: str) -> Subscription:
+    def subscribe(self, pattern: str) -> QueueSubscription:
         self._check_open("subscribe")
         validate_pattern(pattern)
         sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
@@ -132,7 +136,7 @@ class NullBus(_LocalBus):
         with self._lock:
             self._published += 1
 
-    def subscribe(self, pattern: str) -> Subscription:
+    def subscribe(self, pattern: str) -> QueueSubscription:
         self._check_open("subscribe")
         validate_pattern(pattern)
         sub = QueueSubscription(pattern, maxsize=self.queue_size)

@@ -39,9 +39,9 @@ from .contract import Event, validate_topic
 from .delivery import QueueSubscription
 from .layout import (
     OFF_SLEEP_FLAGS,
+    SLOT_CORRUPT,
     SLOT_DELIVERED,
     SLOT_DROPPED,
-    SLOT_CORRUPT,
     SLOT_LAPPED,
     SLOT_READ_CURSOR,
     SLOT_SUBSCRIPTIONS,
@@ -100,7 +100,13 @@ class BusReader:
         self._max_event_size = segment.max_event_size
         self._words = segment.words
         self._ring: RingReader[_Route] = RingReader(
-            segment.mm, segment.words, segment.ring_offset, segment.capacity, segment.max_event_size, cursor, next_seq
+            segment.mm,
+            segment.words,
+            segment.ring_offset,
+            segment.capacity,
+            segment.max_event_size,
+            cursor,
+            next_seq,
         )
         self._subs: dict[QueueSubscription, int] = {}
         self._newest_start = 0
@@ -121,6 +127,7 @@ class BusReader:
         loop.add_reader(self._channel.fd, self._on_wake)
         self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
         self._recheck: asyncio.TimerHandle | None = None
+        self._write_counters()
         self._schedule()
 
     # ─── Subscriptions ───
@@ -263,8 +270,15 @@ class BusReader:
                 log.debug("corrupt record %d: %s", seq, exc)
                 self._reject(seq, targets)
                 continue
+            shared = False
             for sub in targets:
                 if seq >= newest_start or seq >= subs.get(sub, seq + 1):
+                    if shared:
+                        # Each subscription gets its own copy, as over NATS:
+                        # a consumer that edits its payload must not change
+                        # what another one sees.
+                        event = decode_envelope(topic, body, max_size)
+                    shared = True
                     box = outbox.get(sub)
                     if box is None:
                         outbox[sub] = [event]

@@ -163,9 +163,7 @@ class RingWriter:
                 head += room
                 continue
             length, kind, topic_len, _seq, body_len, _ = RECORD.unpack_from(mm, self._base + offset)
-            sane = (
-                kind == RECORD_PADDING and length == room
-            ) or (
+            sane = (kind == RECORD_PADDING and length == room) or (
                 kind == RECORD_EVENT
                 and length == aligned(RECORD_HEADER_SIZE + topic_len + body_len)
                 and length <= room

@@ -153,7 +153,8 @@ class SegmentOptions:
                 raise TypeError(f"{label} must be an int, not {type(value).__name__}")
         if self.max_event_size < MIN_MAX_EVENT_SIZE:
             raise ValueError(
-                f"max_event_size {self.max_event_size} is below the minimum of {MIN_MAX_EVENT_SIZE} bytes"
+                f"max_event_size {self.max_event_size} is below the minimum of "
+                f"{MIN_MAX_EVENT_SIZE} bytes"
             )
         needed = min_capacity(self.max_event_size)
         if self.capacity < needed:
@@ -229,7 +230,8 @@ class Segment:
                 return segment
             if time.monotonic() > deadline:
                 raise SegmentError(
-                    f"bus {options.name!r} stayed busy (being created or removed) for {timeout:.0f} s"
+                    f"bus {options.name!r} stayed busy (being created or removed) "
+                    f"for {timeout:.0f} s"
                 )
             time.sleep(0.001)
 
@@ -250,7 +252,7 @@ class Segment:
                 if not _still_linked(fd, name):
                     os.close(fd)
                     return None
-                segment = cls._initialise(options, fd)
+                segment: Segment | None = cls._initialise(options, fd)
             else:
                 remaining = max(0.0, deadline - time.monotonic())
                 if not ofd.wait_lock(fd, LOCK_ATTACH, exclusive=False, timeout=remaining):
@@ -263,6 +265,7 @@ class Segment:
                 if segment is None:
                     os.close(fd)
                     return None
+            assert segment is not None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -305,8 +308,16 @@ class Segment:
         mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
         pid, _ = self_identity()
         IDENTITY.pack_into(
-            mm, 0, MAGIC, LAYOUT_VERSION, 0, options.capacity, options.max_event_size,
-            RING_OFFSET, pid, time.time_ns(),
+            mm,
+            0,
+            MAGIC,
+            LAYOUT_VERSION,
+            0,
+            options.capacity,
+            options.max_event_size,
+            RING_OFFSET,
+            pid,
+            time.time_ns(),
         )
         # A writer that died holding the old semaphore left it at 0: start over.
         sem_name = lock_semaphore_name(name)
@@ -315,7 +326,9 @@ class Segment:
         for path in glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(name)}:wake.*"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        semaphore = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=options.mode, initial_value=1)
+        semaphore = posix_ipc.Semaphore(
+            sem_name, posix_ipc.O_CREX, mode=options.mode, initial_value=1
+        )
         sem_path = f"{SHM_DIR}/sem.shmbus.{name}:lock"
         os.chmod(sem_path, options.mode)
         if options.gid is not None:
@@ -334,20 +347,23 @@ class Segment:
         name = options.name
         size = os.fstat(fd).st_size
         if size < HEADER_SIZE:
-            return _retry_if_alone(fd, name, f"segment is {size} bytes, smaller than its header")
+            _retry_if_alone(fd, name, f"segment is {size} bytes, smaller than its header")
+            return None
         with mmap.mmap(fd, HEADER_SIZE) as header:
-            magic, version, state, capacity, max_event_size, ring_offset, _, _ = IDENTITY.unpack_from(
-                header, 0
+            magic, version, state, capacity, max_event_size, ring_offset, _, _ = (
+                IDENTITY.unpack_from(header, 0)
             )
         if magic != MAGIC:
-            return _retry_if_alone(fd, name, f"magic number is {magic:#018x}, expected {MAGIC:#018x}")
+            _retry_if_alone(fd, name, f"magic number is {magic:#018x}, expected {MAGIC:#018x}")
+            return None
         if version != LAYOUT_VERSION:
             raise IncompatibleSegmentError(
                 f"bus {name!r} uses segment layout version {version}; "
                 f"this shmbus uses layout version {LAYOUT_VERSION}"
             )
         if state != SEGMENT_READY:
-            return _retry_if_alone(fd, name, f"state word is {state:#x}, not READY")
+            _retry_if_alone(fd, name, f"state word is {state:#x}, not READY")
+            return None
         if ring_offset != RING_OFFSET or size != segment_size(capacity) or capacity > MAX_CAPACITY:
             raise SegmentCorruptError(
                 f"bus {name!r} has a corrupted header: capacity {capacity}, ring offset "
@@ -410,7 +426,13 @@ class Segment:
             self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
             ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
             self.slot = -1
-        if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True):
+        # Let go of our shared lock before trying for the exclusive one: two
+        # last instances closing at once would otherwise each see the other's
+        # shared lock and neither would remove the bus. Only remove what is
+        # still ours: if the files were removed by hand (or a forced cleanup)
+        # and a new bus took the name, leave it be.
+        ofd.unlock(self.fd, LOCK_ATTACH)
+        if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True) and _still_linked(self.fd, self.name):
             remove_resources(self.name)
             removed = True
             log.debug("bus %r: last instance left; resources removed", self.name)
@@ -446,7 +468,7 @@ def _still_linked(fd: int, name: str) -> bool:
         return False
 
 
-def _retry_if_alone(fd: int, name: str, problem: str) -> None:
+def _retry_if_alone(fd: int, name: str, problem: str) -> None:  # raises unless alone
     """A joiner found a header it cannot use. If every other instance has
     gone meanwhile (an initialiser that died, say), start over; otherwise the
     live bus's header is damaged."""

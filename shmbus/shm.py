@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .codec import encode_envelope
-from .contract import BaseBus, Subscription, validate_pattern, validate_topic
+from .contract import BaseBus, validate_pattern, validate_topic
 from .delivery import QueueSubscription
 from .errors import BusClosedError, ForkedBusError
 from .layout import (
@@ -114,7 +114,9 @@ class ShmBus(BaseBus):
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
         if not isinstance(lock_timeout, (int, float)) or not 0 < lock_timeout <= 3600:
-            raise ValueError(f"lock_timeout must be between 0 and 3600 seconds, got {lock_timeout!r}")
+            raise ValueError(
+                f"lock_timeout must be between 0 and 3600 seconds, got {lock_timeout!r}"
+            )
         self.name = name
         self.max_event_size = max_event_size
         self.queue_size = queue_size
@@ -156,7 +158,9 @@ class ShmBus(BaseBus):
                 return
             self._check_not_ended("connect")
             segment = Segment.attach(self._options)
-            self._writer = RingWriter(segment.mm, segment.words, segment.ring_offset, segment.capacity)
+            self._writer = RingWriter(
+                segment.mm, segment.words, segment.ring_offset, segment.capacity
+            )
             self._writer_lock = WriterLock(
                 segment.semaphore,
                 segment.words,
@@ -283,7 +287,7 @@ class ShmBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> Subscription:
+    def subscribe(self, pattern: str) -> QueueSubscription:
         """Subscribe to events whose topic matches *pattern*.
 
         Must be called with an event loop running (that loop runs the
@@ -291,8 +295,6 @@ class ShmBus(BaseBus):
         published after this call returns.
         """
         validate_pattern(pattern)
-        if self._state is not _OPEN:
-            self._ensure_open("subscribe")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -300,6 +302,8 @@ class ShmBus(BaseBus):
                 "ShmBus.subscribe() must be called from a running event loop; "
                 "the loop runs the bus's reader"
             ) from None
+        if self._state is not _OPEN:
+            self._ensure_open("subscribe")
         sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
         orphans: list[QueueSubscription] = []
         with self._thread_lock:

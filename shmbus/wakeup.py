@@ -73,7 +73,9 @@ class WakeChannel:
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         if not stat.S_ISFIFO(os.fstat(self.fd).st_mode):
             os.close(self.fd)
-            raise FileExistsError(f"{path} exists and is not a FIFO; remove it or pick another bus name")
+            raise FileExistsError(
+                f"{path} exists and is not a FIFO; remove it or pick another bus name"
+            )
         self.drain()
 
     def fileno(self) -> int:
@@ -105,7 +107,9 @@ class Waker:
         fd = self._fds.get(slot)
         if fd is None:
             try:
-                fd = os.open(fifo_path(self._bus_name, slot), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(
+                    fifo_path(self._bus_name, slot), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                )
             except OSError as exc:
                 # ENXIO: no reader has it open (its owner died); ENOENT: gone.
                 if exc.errno not in (errno.ENXIO, errno.ENOENT):
