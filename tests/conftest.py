@@ -1,0 +1,103 @@
+"""Fixtures shared by the whole suite, and the session's hygiene checks.
+
+Every bus a test creates is named with this session's tag (see
+:func:`bus_name`), so the end-of-session check can tell our leftovers from
+anything else on the machine: the suite fails if a file of ours is left in
+``/dev/shm`` or a child process is still alive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import psutil
+import pytest
+
+from shmbus import BaseBus, MemoryBus, NullBus, ShmBus
+
+SESSION_TAG = f"t{os.getpid()}"
+_names = itertools.count()
+
+#: Small geometry so tests that fill the ring do it quickly.
+SMALL_RING = {"capacity": 1 << 20, "max_event_size": 64 * 1024}
+
+
+def new_bus_name(label: str = "bus") -> str:
+    """A bus name unique to this test session."""
+    return f"{SESSION_TAG}-{label}-{next(_names)}"
+
+
+def session_leftovers() -> list[str]:
+    return sorted(entry for entry in os.listdir("/dev/shm") if SESSION_TAG + "-" in entry)
+
+
+@pytest.fixture
+def bus_name(request: pytest.FixtureRequest) -> str:
+    label = request.node.name.split("[")[0].removeprefix("test_")[:40]
+    return new_bus_name(label.replace("_", "-"))
+
+
+@pytest.fixture(params=["shm", "memory"])
+async def bus(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterator[BaseBus]:
+    """A connected bus of each transport that really delivers events."""
+    instance: BaseBus
+    if request.param == "shm":
+        instance = ShmBus(bus_name, **SMALL_RING)
+    else:
+        instance = MemoryBus(max_event_size=SMALL_RING["max_event_size"])
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture(params=["shm", "memory", "null"])
+async def any_bus(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterator[BaseBus]:
+    """A connected bus of every transport, the null one included."""
+    instance: BaseBus
+    if request.param == "shm":
+        instance = ShmBus(bus_name, **SMALL_RING)
+    elif request.param == "memory":
+        instance = MemoryBus(max_event_size=SMALL_RING["max_event_size"])
+    else:
+        instance = NullBus(max_event_size=SMALL_RING["max_event_size"])
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+def _live_children() -> list[psutil.Process]:
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                children.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return children
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_leftovers() -> Iterator[None]:
+    """Fail the session if it leaves files in /dev/shm or live children."""
+    yield
+    deadline = time.monotonic() + 5
+    while (_live_children() or session_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = _live_children()
+    leftovers = session_leftovers()
+    for child in children:
+        child.kill()
+    problems = []
+    if leftovers:
+        problems.append(f"files left in /dev/shm: {leftovers}")
+    if children:
+        problems.append(f"child processes left alive: {[c.pid for c in children]}")
+    if problems:
+        pytest.fail("test session was not clean: " + "; ".join(problems), pytrace=False)
