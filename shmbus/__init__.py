@@ -8,10 +8,12 @@ asyncio subscriptions. The public API is the bus contract (:class:`BaseBus`,
 
 from __future__ import annotations
 
+from .leftovers import cleanup
 from .contract import EVENT_SCHEMA_VERSION, BaseBus, Event, Subscription, matches
 from .delivery import SubscriptionStatistics
 from .errors import (
     BusClosedError,
+    BusInUseError,
     ForkedBusError,
     IncompatibleSegmentError,
     NoFreeSlotError,
@@ -30,6 +32,7 @@ __all__ = [
     "EVENT_SCHEMA_VERSION",
     "BaseBus",
     "BusClosedError",
+    "BusInUseError",
     "BusStats",
     "Event",
     "ForkedBusError",
@@ -44,5 +47,6 @@ __all__ = [
     "ShmBusError",
     "Subscription",
     "SubscriptionStatistics",
+    "cleanup",
     "matches",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "BusClosedError",
+    "BusInUseError",
     "ForkedBusError",
     "IncompatibleSegmentError",
     "NoFreeSlotError",
@@ -31,6 +32,10 @@ class ShmBusError(Exception):
 
 class BusClosedError(ShmBusError, RuntimeError):
     """The bus was closed by its owner; publish and subscribe are refused."""
+
+
+class BusInUseError(ShmBusError, RuntimeError):
+    """A bus asked to be cleaned up has live processes attached."""
 
 
 class ForkedBusError(ShmBusError, RuntimeError):

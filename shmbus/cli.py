@@ -1,0 +1,908 @@
+"""The ``shmbus`` command: publish, subscribe, inspect and clean up buses.
+
+Owns
+----
+The command line (``shmbus SUBCOMMAND ...`` and ``python -m shmbus``), its
+argument checking, its output and its exit codes. Subcommands::
+
+    pub      publish events          sub      print events as they arrive
+    ls       list the host's buses   stat     per-instance counters of a bus
+    clean    remove dead buses       metrics  serve figures to Prometheus
+    demo, bench, bridge              written elsewhere, loaded on demand
+
+Invariants
+----------
+* This is the only module of the package that prints; it writes to
+  ``sys.stdout`` (results) and ``sys.stderr`` (errors) explicitly.
+* Exit codes: 0 success (and Ctrl-C on ``sub``, ``stat --watch`` and
+  ``metrics``, which run until stopped); 1 a runtime failure, reported as one
+  line ``shmbus: error: ...`` (the traceback only with ``-v``); 2 bad
+  arguments (argparse's own message); 130 interrupted otherwise.
+* ``demo``, ``bench`` and ``bridge`` live in their own modules and are
+  imported only when that subcommand is run (or its help asked for), so a
+  missing module or optional dependency fails that subcommand alone, with
+  ``not available: ...``. Each module exposes ``add_arguments(parser)`` and
+  ``main(args) -> int``.
+* Commands that join a bus (``pub``, ``sub``) use the ring geometry of the
+  bus if it already exists, so they never clash with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType, ModuleType
+from typing import Any, NoReturn
+
+from .contract import Event, validate_pattern, validate_topic
+from .errors import ShmBusError
+from .layout import DEFAULT_CAPACITY, DEFAULT_MAX_EVENT_SIZE
+from .segment import validate_bus_name
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("shmbus.cli")
+
+#: Subcommands written in their own modules: name -> (module, one-line help).
+PLUGINS: dict[str, tuple[str, str]] = {
+    "demo": ("shmbus.demo", "run a small demonstration of the bus"),
+    "bench": ("shmbus.bench", "measure throughput and latency of the bus"),
+    "bridge": ("shmbus.bridge", "forward events between a bus and another transport"),
+}
+
+#: Environment variable naming the default bus of ``--bus``.
+BUS_ENV = "SHMBUS_BUS"
+
+_HANDLER = "_shmbus_handler"
+
+
+class CliError(Exception):
+    """A runtime failure to report as one line and exit 1."""
+
+
+# ─── Entry point ─────────────────────────────────────────────────────────────
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line *argv* (default ``sys.argv[1:]``); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(args_list)
+    plugin: ModuleType | None = None
+    if command in PLUGINS:
+        try:
+            plugin = _load_plugin(command)
+        except CliError as exc:
+            _configure_logging(_verbosity(args_list))
+            _error(f"{command}: not available: {exc}")
+            return 1
+    chosen = (command, plugin) if command is not None and plugin is not None else None
+    parser = build_parser(plugin=chosen)
+    args = parser.parse_args(args_list)
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    if plugin is None or verbose:
+        # A plugin may set up logging itself (its own --log-level, say).
+        _configure_logging(verbose)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, _HANDLER, None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`shmbus sub x | head -1`).
+        _silence_stdout()
+        return 0
+    except Exception as exc:  # every runtime failure: one line, exit 1
+        if verbose:
+            log.exception("shmbus %s failed", command)
+        _error(_describe(exc))
+        return 1
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand word: the first argument not an option (the top-level
+    options take no values)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _verbosity(argv: Sequence[str]) -> int:
+    count = 0
+    for arg in argv:
+        if arg == "--verbose":
+            count += 1
+        elif arg.startswith("-") and not arg.startswith("--") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+    return count
+
+
+def _load_plugin(command: str) -> ModuleType:
+    module_name, _ = PLUGINS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise CliError(f"module {module_name} is not part of this installation") from None
+        raise CliError(
+            f"{module_name} needs the package providing {exc.name!r}, which is not installed"
+        ) from None
+    except Exception as exc:
+        log.debug("importing %s failed", module_name, exc_info=True)
+        raise CliError(f"importing {module_name} failed: {_describe(exc)}") from None
+    for attr in ("add_arguments", "main"):
+        if not callable(getattr(module, attr, None)):
+            raise CliError(f"{module_name} has no {attr}() function")
+    return module
+
+
+# ─── Parser ──────────────────────────────────────────────────────────────────
+
+
+def build_parser(plugin: tuple[str, ModuleType] | None = None) -> argparse.ArgumentParser:
+    """The ``shmbus`` argument parser. *plugin* (name, module) gets its real
+    subparser; the other plugin subcommands are listed but not imported."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log more (-v: info, -vv: debug) and show tracebacks of failures",
+    )
+    parser = argparse.ArgumentParser(
+        prog="shmbus",
+        description="Brokerless publish/subscribe over POSIX shared memory: "
+        "publish, subscribe, inspect and clean up the buses of this host.",
+        epilog="examples:\n"
+        "  shmbus sub 'orders.>' &\n"
+        "  shmbus pub orders.created '{\"id\": 1}' --type order.new\n"
+        "  shmbus ls\n"
+        "  shmbus stat default --watch\n\n"
+        f"--bus defaults to ${BUS_ENV}, else 'default'. "
+        "Run 'shmbus COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"shmbus {_version()}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (-v: info, -vv: debug) and show tracebacks of failures",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def add(name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=epilog,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    _add_pub(add)
+    _add_sub(add)
+    _add_ls(add)
+    _add_stat(add)
+    _add_clean(add)
+    _add_metrics(add)
+    for name, (_module, help_text) in PLUGINS.items():
+        if plugin is not None and plugin[0] == name:
+            sub = commands.add_parser(
+                name,
+                help=help_text,
+                description=help_text[0].upper() + help_text[1:] + ".",
+                parents=[common],
+                conflict_handler="resolve",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            plugin[1].add_arguments(sub)
+            sub.set_defaults(**{_HANDLER: _plugin_handler(plugin[1])})
+        else:
+            # Listed for the top-level help only; main() loads the module
+            # before parsing whenever this subcommand is the one run.
+            commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+_Add = Callable[[str, str, str], argparse.ArgumentParser]
+
+
+def _add_bus_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bus",
+        type=_bus_name,
+        default=_default_bus(),
+        metavar="NAME",
+        help=f"bus name (default: ${BUS_ENV}, else 'default'; now {_default_bus()!r})",
+    )
+
+
+def _add_pub(add: _Add) -> None:
+    p = add(
+        "pub",
+        "publish events on a topic",
+        "examples:\n"
+        '  shmbus pub orders.created \'{"id": 1, "total": 9.5}\' --type order.new\n'
+        "  shmbus pub ticks.1s --count 10\n"
+        '  printf \'{"n": 1}\\n{"n": 2}\\n\' | shmbus pub numbers   # one event per line\n\n'
+        "Without JSON, events are read from standard input (one JSON object per\n"
+        "line) when it is not a terminal; otherwise one event with payload {} is sent.",
+    )
+    p.add_argument(
+        "topic", type=_topic, metavar="TOPIC", help="topic to publish on, e.g. orders.created"
+    )
+    p.add_argument(
+        "payload",
+        nargs="?",
+        type=_json_payload,
+        metavar="JSON",
+        help="payload, a JSON object (default {}); '-' reads JSON lines from standard input",
+    )
+    p.add_argument(
+        "--type", dest="event_type", default="", metavar="T", help="event type, e.g. order.new"
+    )
+    p.add_argument(
+        "--count",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="publish each event N times (default 1)",
+    )
+    _add_bus_option(p)
+    p.set_defaults(**{_HANDLER: _cmd_pub})
+
+
+def _add_sub(add: _Add) -> None:
+    p = add(
+        "sub",
+        "print events as they arrive",
+        "examples:\n"
+        "  shmbus sub 'orders.>'                 # orders.created, orders.eu.paid, ...\n"
+        "  shmbus sub 'sensors.*.temp' --json    # one JSON object per line\n"
+        "  shmbus sub '>' --count 1 --bus jobs   # wait for one event on bus 'jobs'\n\n"
+        "Patterns: '*' matches one token, a final '>' one or more tokens.\n"
+        "Runs until Ctrl-C or SIGTERM (exit 0), or until N events were printed.",
+    )
+    p.add_argument("pattern", type=_pattern, metavar="PATTERN", help="topic pattern")
+    p.add_argument(
+        "--count", type=_positive_int, default=None, metavar="N", help="exit after N events"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per line: v, id, topic, type, ts, payload",
+    )
+    _add_bus_option(p)
+    p.set_defaults(**{_HANDLER: _cmd_sub})
+
+
+def _add_ls(add: _Add) -> None:
+    p = add(
+        "ls",
+        "list the buses of this host",
+        "examples:\n  shmbus ls\n  shmbus ls --json | jq '.[].name'\n\n"
+        "Shows each bus's segment size, how full its ring is, and its live\n"
+        "instances (pid, command); 'readers' counts those with subscriptions.",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(**{_HANDLER: _cmd_ls})
+
+
+def _add_stat(add: _Add) -> None:
+    p = add(
+        "stat",
+        "show a bus's figures and its instances' counters",
+        "examples:\n"
+        "  shmbus stat orders\n"
+        "  shmbus stat orders --watch        # refresh every second until Ctrl-C\n"
+        "  shmbus stat orders --watch 5 --json\n\n"
+        "Give NAME before --watch (--watch takes an optional number).\n"
+        "LAG is how far (bytes) an instance's reader is behind the writers.",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        type=_bus_name,
+        default=_default_bus(),
+        metavar="NAME",
+        help=f"bus name (default: ${BUS_ENV}, else 'default')",
+    )
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=1.0,
+        default=None,
+        metavar="SECONDS",
+        help="print again every SECONDS (default 1) until Ctrl-C",
+    )
+    p.add_argument(
+        "--sample",
+        type=_non_negative_float,
+        default=0.5,
+        metavar="SECONDS",
+        help="one-shot: measure the publish rate over SECONDS (default 0.5; 0: skip)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (one object per sample)")
+    p.set_defaults(**{_HANDLER: _cmd_stat})
+
+
+def _add_clean(add: _Add) -> None:
+    p = add(
+        "clean",
+        "remove the files of buses that no process uses",
+        "examples:\n"
+        "  shmbus clean            # every bus on this host with no live process\n"
+        "  shmbus clean orders\n"
+        "  shmbus clean orders --force\n\n"
+        "A live bus is refused (exit 1) unless --force: then its processes keep\n"
+        "working on their mappings until they close, but processes that connect\n"
+        "afterwards get a fresh, separate bus.",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        type=_bus_name,
+        default=None,
+        metavar="NAME",
+        help="bus to clean (default: every bus with no live process)",
+    )
+    p.add_argument("--force", action="store_true", help="remove a live bus's files too")
+    p.set_defaults(**{_HANDLER: _cmd_clean})
+
+
+def _add_metrics(add: _Add) -> None:
+    p = add(
+        "metrics",
+        "serve the figures of every bus to Prometheus",
+        "examples:\n"
+        "  shmbus metrics                            # http://127.0.0.1:9464/metrics\n"
+        "  shmbus metrics --listen 0.0.0.0:9464      # reachable from other hosts\n"
+        "  shmbus metrics --listen 127.0.0.1:0       # any free port (printed)\n\n"
+        "Needs the prometheus-client package: pip install 'shmbus[metrics]'.\n"
+        "Every scrape reads the buses afresh. Runs until Ctrl-C or SIGTERM.",
+    )
+    p.add_argument(
+        "--listen",
+        type=_listen_address,
+        default=("127.0.0.1", 9464),
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:9464)",
+    )
+    p.set_defaults(**{_HANDLER: _cmd_metrics})
+
+
+# ─── Argument types (raise ArgumentTypeError: exit 2 with the message) ──────
+
+
+def _version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
+def _default_bus() -> str:
+    return os.environ.get(BUS_ENV) or "default"
+
+
+def _checked(check: Callable[[str], object], value: str) -> str:
+    try:
+        check(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _bus_name(value: str) -> str:
+    return _checked(validate_bus_name, value)
+
+
+def _topic(value: str) -> str:
+    return _checked(validate_topic, value)
+
+
+def _pattern(value: str) -> str:
+    return _checked(validate_pattern, value)
+
+
+class _Stdin:
+    """Marker: read payloads from standard input."""
+
+
+STDIN = _Stdin()
+
+
+def _json_payload(value: str) -> dict[str, Any] | _Stdin:
+    if value == "-":
+        return STDIN
+    try:
+        payload = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"JSON payload {value!r} is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(payload, dict):
+        raise argparse.ArgumentTypeError(
+            f"JSON payload {value!r} is a {type(payload).__name__}; "
+            "it must be an object, e.g. '{\"id\": 1}'"
+        )
+    return payload
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is too small: the minimum is 1")
+    return number
+
+
+def _float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of seconds")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = _float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} seconds is too short: it must be above 0")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = _float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} seconds must not be negative")
+    return number
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"listen address {value!r} must be HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+        )
+    port = int(port_text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"port {port} of {value!r} is above the limit of 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", port
+
+
+# ─── pub ─────────────────────────────────────────────────────────────────────
+
+
+def _cmd_pub(args: argparse.Namespace) -> int:
+    return asyncio.run(_pub(args))
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] | _Stdin | None = args.payload
+    if payload is None and not _is_tty(sys.stdin):
+        payload = STDIN
+    bus = _bus_for(args.bus)
+    await bus.connect()
+    try:
+        sent = 0
+        if isinstance(payload, _Stdin):
+            for line_number, payload_of_line in _stdin_payloads():
+                for _ in range(args.count):
+                    _publish(
+                        bus, args.topic, payload_of_line, args.event_type, f"line {line_number}"
+                    )
+                    sent += 1
+            if sent == 0:
+                log.warning("standard input held no events: nothing was published")
+        else:
+            for _ in range(args.count):
+                _publish(bus, args.topic, payload or {}, args.event_type, "payload")
+                sent += 1
+        failed = bus.stats().publish_errors
+    finally:
+        await bus.close()
+    if failed:
+        raise CliError(
+            f"{failed} of {sent} event(s) could not be published on bus {args.bus!r} "
+            "(see the log above)"
+        )
+    log.info("published %d event(s) on %r, bus %r", sent, args.topic, args.bus)
+    return 0
+
+
+def _stdin_payloads() -> Iterator[tuple[int, dict[str, Any]]]:
+    if sys.stdin is None:  # started with standard input closed
+        return
+    for line_number, line in enumerate(sys.stdin, 1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"standard input line {line_number} is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise CliError(
+                f"standard input line {line_number} is a JSON {type(payload).__name__}; "
+                "each line must be a JSON object"
+            )
+        yield line_number, payload
+
+
+def _publish(bus: Any, topic: str, payload: dict[str, Any], event_type: str, what: str) -> None:
+    try:
+        bus.publish_nowait(topic, payload, event_type=event_type)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"{what}: {exc}") from None
+
+
+def _bus_for(name: str) -> Any:
+    """A ShmBus on *name* with the geometry of the existing bus, if any."""
+    from .inspect import read_bus
+    from .shm import ShmBus
+
+    capacity, max_event_size = DEFAULT_CAPACITY, DEFAULT_MAX_EVENT_SIZE
+    try:
+        info = read_bus(name)
+        capacity, max_event_size = info.capacity, info.max_event_size
+    except FileNotFoundError:
+        pass
+    except (ShmBusError, OSError) as exc:
+        log.debug("bus %r: cannot read its geometry (%s); using the defaults", name, exc)
+    return ShmBus(name, capacity=capacity, max_event_size=max_event_size)
+
+
+# ─── sub ─────────────────────────────────────────────────────────────────────
+
+
+def _cmd_sub(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_sub(args))
+    except KeyboardInterrupt:  # before the loop's handlers were in place
+        return 0
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, task.cancel)
+    bus = _bus_for(args.bus)
+    received = 0
+    try:
+        await bus.connect()
+        render = _event_json if args.json else _event_line
+        async with bus.subscribe(args.pattern) as subscription:
+            log.info("subscribed to %r on bus %r", args.pattern, args.bus)
+            async for event in subscription:
+                _out(render(event))
+                received += 1
+                if args.count is not None and received >= args.count:
+                    break
+    except asyncio.CancelledError:
+        log.info("stopped after %d event(s)", received)
+    finally:
+        await bus.close()
+        for sig in stop_signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _event_line(event: Event) -> str:
+    millis = int(event.ts * 1000) % 1000
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts)) + f".{millis:03d}"
+    payload = json.dumps(event.payload, ensure_ascii=False, default=_json_fallback)
+    return f"{stamp} {event.topic} {event.type or '-'} {payload}"
+
+
+def _event_json(event: Event) -> str:
+    return json.dumps(event.to_dict(), ensure_ascii=False, default=_json_fallback)
+
+
+def _json_fallback(value: object) -> object:
+    """JSON for what msgpack carries but JSON cannot: bytes as base64 text,
+    anything else as its str()."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+# ─── ls ──────────────────────────────────────────────────────────────────────
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from .inspect import list_buses
+
+    errors: dict[str, str] = {}
+    buses = list_buses(on_error=lambda name, exc: errors.__setitem__(name, _describe(exc)))
+    if args.json:
+        rows: list[dict[str, Any]] = [_bus_json(info) for info in buses]
+        rows += [{"name": name, "error": why} for name, why in errors.items()]
+        _out(json.dumps(sorted(rows, key=lambda row: str(row["name"])), ensure_ascii=False))
+        return 0
+    if not buses and not errors:
+        _out("no shmbus buses on this host")
+        return 0
+    width = max(len("BUS"), *(len(name) for name in [*(b.name for b in buses), *errors]))
+    _out(
+        f"{'BUS':<{width}}  {'STATE':<5}  {'SIZE':>9}  {'FILL':>6}  "
+        f"{'INSTANCES':>9}  {'READERS':>7}"
+    )
+    for info in buses:
+        live = info.live_instances
+        _out(
+            f"{info.name:<{width}}  {'live' if info.live else 'dead':<5}  "
+            f"{_size(info.segment_size):>9}  {info.fill * 100:>5.1f}%  "
+            f"{len(live):>9}  {info.readers:>7}"
+        )
+        for slot in live:
+            role = f"{slot.subscriptions} sub" if slot.reader else "no sub"
+            _out(f"  pid {slot.pid:<8} {role:<7} {_one_line(slot.command)}")
+    for name, why in sorted(errors.items()):
+        _out(f"{name:<{width}}  error: {why}")
+    return 0
+
+
+# ─── stat ────────────────────────────────────────────────────────────────────
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    from .inspect import BusInfo, read_bus
+
+    def sample(previous: BusInfo, previous_at: float) -> tuple[BusInfo, float, float | None]:
+        current = read_bus(args.name)
+        now = time.monotonic()
+        rate = None
+        if current.created_ns == previous.created_ns and now > previous_at:
+            rate = max(0, current.published - previous.published) / (now - previous_at)
+        return current, now, rate
+
+    if args.watch is None:
+        info, taken = read_bus(args.name), time.monotonic()
+        rate: float | None = None
+        if args.sample > 0 and info.live:
+            time.sleep(args.sample)
+            info, taken, rate = sample(info, taken)
+        _print_stat(info, rate, args.json, clear=False)
+        return 0
+    restore = _sigterm_raises_keyboard_interrupt()
+    try:
+        info, taken = read_bus(args.name), time.monotonic()
+        _print_stat(info, None, args.json, clear=_is_tty(sys.stdout))
+        while True:
+            time.sleep(args.watch)
+            info, taken, rate = sample(info, taken)
+            _print_stat(info, rate, args.json, clear=_is_tty(sys.stdout))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        restore()
+
+
+def _print_stat(info: Any, rate: float | None, as_json: bool, *, clear: bool) -> None:
+    if as_json:
+        data = _bus_json(info)
+        data["publish_rate"] = rate
+        _out(json.dumps(data, ensure_ascii=False))
+        return
+    if clear:
+        sys.stdout.write("\x1b[H\x1b[2J")
+    rate_text = f" ({rate:.1f}/s)" if rate is not None else ""
+    _out(
+        f"bus {info.name}: {'live' if info.live else 'dead (no process attached)'}, "
+        f"layout v{info.layout_version}, segment {_size(info.segment_size)}, "
+        f"ring {_size(info.capacity)}, max event {_size(info.max_event_size)}"
+    )
+    _out(
+        f"published {info.published}{rate_text}, next seq {info.next_seq}, "
+        f"fill {info.fill * 100:.1f}%, lock recoveries {info.lock_recoveries}, "
+        f"torn records {info.torn_records}"
+    )
+    if not info.instances:
+        _out("no instances")
+        return
+    header = (
+        "SLOT",
+        "PID",
+        "STATE",
+        "SUBS",
+        "LAG",
+        "DELIVERED",
+        "DROPPED",
+        "CORRUPT",
+        "LAPPED",
+        "PUBLISHED",
+    )
+    rows = [
+        (
+            str(s.slot),
+            str(s.pid),
+            "alive" if s.alive else "dead",
+            str(s.subscriptions),
+            str(s.lag_bytes) if s.reader else "-",
+            str(s.delivered),
+            str(s.dropped),
+            str(s.corrupt),
+            str(s.lapped),
+            str(s.published),
+        )
+        for s in info.instances
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    _out("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)) + "  COMMAND")
+    for row, slot in zip(rows, info.instances, strict=True):
+        cells = "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+        _out(f"{cells}  {_one_line(slot.command)}")
+
+
+def _bus_json(info: Any) -> dict[str, Any]:
+    data: dict[str, Any] = dataclasses.asdict(info)
+    data["readers"] = info.readers
+    return data
+
+
+# ─── clean ───────────────────────────────────────────────────────────────────
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from .leftovers import BusInUseError, cleanup_report
+
+    try:
+        report = cleanup_report(args.name, force=args.force, strict=True)
+    except BusInUseError as exc:
+        raise CliError(f"{exc}; refusing without --force") from None
+    for path in report.removed:
+        _out(f"removed {path}")
+    for name, why in sorted(report.skipped.items()):
+        _out(f"left {name} alone: {why}")
+    if not report.removed and not report.skipped:
+        _out(f"nothing to remove for bus {args.name!r}" if args.name else "nothing to remove")
+    return 0
+
+
+# ─── metrics ─────────────────────────────────────────────────────────────────
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    try:
+        from . import metrics
+    except ImportError as exc:
+        raise CliError(
+            f"metrics needs the prometheus-client package ({exc}); "
+            "install it with: pip install 'shmbus[metrics]'"
+        ) from None
+    host, port = args.listen
+    restore = _sigterm_raises_keyboard_interrupt()
+    try:
+        try:
+            server, thread = metrics.serve(host, port)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound_host, bound_port = server.server_address[:2]
+        host_text = bound_host.decode() if isinstance(bound_host, bytes) else str(bound_host)
+        shown = f"[{host_text}]" if ":" in host_text else host_text
+        _out(f"serving shmbus metrics on http://{shown}:{bound_port}/metrics")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+    finally:
+        restore()
+    return 0
+
+
+# ─── Plugins ─────────────────────────────────────────────────────────────────
+
+
+def _plugin_handler(module: ModuleType) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        code = module.main(args)
+        return int(code) if code is not None else 0
+
+    return run
+
+
+# ─── Output and process helpers ──────────────────────────────────────────────
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"shmbus: error: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (CliError, ShmBusError, OSError)) and str(exc):
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (ValueError, OSError):
+        return False
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
+
+
+def _sigterm_raises_keyboard_interrupt() -> Callable[[], None]:
+    """Make SIGTERM stop a blocking command like Ctrl-C; return the undo."""
+
+    def raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _silence_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush
+    does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

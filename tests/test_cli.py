@@ -1,0 +1,317 @@
+"""The ``shmbus`` command, driven as a user would: ``python -m shmbus ...`` in
+child processes. Argument checks that need no bus run ``cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from cli_support import (
+    DEADLINE,
+    LineReader,
+    crashed_bus,
+    has_subscriber,
+    run_shmbus,
+    shmbus_command,
+    started,
+    wait_until,
+)
+from conftest import SMALL_RING
+
+from shmbus import ShmBus, cli
+from shmbus.layout import HEADER_SIZE
+from shmbus.segment import resource_paths
+
+# ─── pub and sub ─────────────────────────────────────────────────────────────
+
+
+def test_sub_json_prints_each_event_published_by_pub(bus_name: str) -> None:
+    with started(
+        shmbus_command("sub", "orders.>", "--json", "--count", "2", "--bus", bus_name)
+    ) as sub:
+        wait_until(lambda: has_subscriber(bus_name, sub.pid), "the subscriber")
+        pub = run_shmbus(
+            "pub",
+            "orders.created",
+            '{"id": 7}',
+            "--type",
+            "order.new",
+            "--count",
+            "2",
+            "--bus",
+            bus_name,
+        )
+        assert pub.returncode == 0, pub.stderr
+        out, err = sub.communicate(timeout=DEADLINE)
+    assert sub.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 2
+    for event in events:
+        assert set(event) == {"v", "id", "topic", "type", "ts", "payload"}
+        assert event["topic"] == "orders.created"
+        assert event["type"] == "order.new"
+        assert event["payload"] == {"id": 7}
+    assert events[0]["id"] != events[1]["id"]
+
+
+def test_sub_prints_time_topic_type_and_payload_per_line(bus_name: str) -> None:
+    with started(shmbus_command("sub", "a.*", "--count", "1", "--bus", bus_name)) as sub:
+        wait_until(lambda: has_subscriber(bus_name, sub.pid), "the subscriber")
+        assert (
+            run_shmbus("pub", "a.b", '{"x": 1}', "--type", "t.1", "--bus", bus_name).returncode == 0
+        )
+        out, err = sub.communicate(timeout=DEADLINE)
+    assert sub.returncode == 0, err
+    stamp, topic, event_type, payload = out.strip().split(" ", 3)
+    assert len(stamp) == len("12:34:56.789") and stamp[2] == ":" and stamp[8] == "."
+    assert (topic, event_type, json.loads(payload)) == ("a.b", "t.1", {"x": 1})
+
+
+def test_pub_without_payload_publishes_one_event_per_stdin_line(bus_name: str) -> None:
+    with started(shmbus_command("sub", "n", "--json", "--count", "3", "--bus", bus_name)) as sub:
+        wait_until(lambda: has_subscriber(bus_name, sub.pid), "the subscriber")
+        pub = run_shmbus(
+            "pub", "n", "--bus", bus_name, stdin_text='{"n": 1}\n\n{"n": 2}\n{"n": 3}\n'
+        )
+        assert pub.returncode == 0, pub.stderr
+        out, err = sub.communicate(timeout=DEADLINE)
+    assert [json.loads(line)["payload"] for line in out.splitlines()] == [
+        {"n": 1},
+        {"n": 2},
+        {"n": 3},
+    ]
+
+
+def test_pub_reports_the_stdin_line_that_is_not_a_json_object(bus_name: str) -> None:
+    result = run_shmbus("pub", "n", "--bus", bus_name, stdin_text='{"n": 1}\n[2]\n')
+    assert result.returncode == 1
+    assert "line 2" in result.stderr and "JSON object" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_sub_stops_with_exit_0_and_no_traceback_on_signal(bus_name: str, stop: int) -> None:
+    with started(shmbus_command("sub", ">", "--bus", bus_name)) as sub:
+        wait_until(lambda: has_subscriber(bus_name, sub.pid), "the subscriber")
+        sub.send_signal(stop)
+        out, err = sub.communicate(timeout=DEADLINE)
+    assert sub.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert resource_paths(bus_name) == []  # closed cleanly: last one out removed the bus
+
+
+# ─── ls and stat ─────────────────────────────────────────────────────────────
+
+
+async def test_ls_shows_a_live_bus_with_its_instance_and_readers(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        async with bus.subscribe("x.>"):
+            table = run_shmbus("ls")
+            listing = run_shmbus("ls", "--json")
+    finally:
+        await bus.close()
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith(bus_name + " ")]
+    assert row.split()[1:3] == ["live", "1.0"]  # state, size (1.0 MiB)
+    assert row.split()[-2:] == ["1", "1"]  # instances, readers
+    assert f"pid {os.getpid()}" in table.stdout
+    (entry,) = [item for item in json.loads(listing.stdout) if item["name"] == bus_name]
+    assert entry["live"] is True and entry["readers"] == 1
+    assert [slot["pid"] for slot in entry["instances"]] == [os.getpid()]
+
+
+async def test_stat_counters_move_as_events_flow(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        async with bus.subscribe("m.>") as sub:
+            before = run_shmbus("stat", bus_name, "--json", "--sample", "0")
+            for i in range(20):
+                bus.publish_nowait("m.x", {"i": i})
+            for _ in range(20):
+                await anext(aiter(sub))
+            after = run_shmbus("stat", bus_name, "--json", "--sample", "0")
+            table = run_shmbus("stat", bus_name)
+    finally:
+        await bus.close()
+    assert before.returncode == after.returncode == table.returncode == 0, after.stderr
+    first, second = json.loads(before.stdout), json.loads(after.stdout)
+    assert second["published"] - first["published"] == 20
+    (mine,) = [s for s in second["instances"] if s["pid"] == os.getpid()]
+    assert mine["delivered"] == 20 and mine["published"] == 20 and mine["lag_bytes"] == 0
+    assert mine["alive"] is True
+    header = next(line for line in table.stdout.splitlines() if line.lstrip().startswith("SLOT"))
+    for column in ("PID", "LAG", "DELIVERED", "DROPPED", "CORRUPT", "LAPPED", "PUBLISHED"):
+        assert column in header
+    assert "/s)" in table.stdout  # the sampled publish rate
+
+
+async def test_stat_watch_prints_a_sample_per_interval_until_interrupted(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        with started(shmbus_command("stat", bus_name, "--watch", "0.1", "--json")) as watch:
+            assert watch.stdout is not None
+            lines = LineReader(watch.stdout)
+            samples = [json.loads(lines.next_line()) for _ in range(3)]
+            watch.send_signal(signal.SIGINT)
+            _, err = watch.communicate(timeout=DEADLINE)
+    finally:
+        await bus.close()
+    assert watch.returncode == 0, err
+    assert "Traceback" not in err
+    assert all(sample["name"] == bus_name for sample in samples)
+    assert samples[0]["publish_rate"] is None and samples[2]["publish_rate"] == 0
+
+
+# ─── clean ───────────────────────────────────────────────────────────────────
+
+
+async def test_clean_refuses_a_live_bus_without_force(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        result = run_shmbus("clean", bus_name)
+        assert f"/dev/shm/shmbus.{bus_name}" in resource_paths(bus_name)
+    finally:
+        await bus.close()
+    assert result.returncode == 1
+    assert "live" in result.stderr and "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_clean_removes_a_dead_bus_and_lists_what_it_removed(bus_name: str) -> None:
+    with crashed_bus(bus_name) as left:
+        result = run_shmbus("clean", bus_name)
+        assert result.returncode == 0, result.stderr
+        assert sorted(result.stdout.splitlines()) == sorted(f"removed {path}" for path in left)
+        assert resource_paths(bus_name) == []
+
+
+# ─── Exit codes and errors ───────────────────────────────────────────────────
+
+
+def test_bad_arguments_exit_2_with_a_message_naming_the_value(bus_name: str) -> None:
+    result = run_shmbus("pub", "a.b", "{not json", "--bus", bus_name)
+    assert result.returncode == 2
+    assert "{not json" in result.stderr and "not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pub", "a b"], "whitespace"),
+        (["pub", "a.b", "[1, 2]"], "must be an object"),
+        (["pub", "a.b", "--count", "0"], "minimum is 1"),
+        (["sub", "a.>.b"], "a.>.b"),
+        (["sub", ">", "--bus", "bad/name"], "may only contain"),
+        (["stat", "x", "--watch", "-1"], "-1"),
+        (["metrics", "--listen", "localhost"], "HOST:PORT"),
+        (["metrics", "--listen", "127.0.0.1:70000"], "65535"),
+        (["no-such-command"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_failure_exits_1_with_one_line_and_no_traceback(bus_name: str) -> None:
+    path = f"/dev/shm/shmbus.{bus_name}"
+    with open(path, "wb") as f:
+        f.write(b"\x5a" * HEADER_SIZE)
+    try:
+        quiet = run_shmbus("stat", bus_name)
+        verbose = run_shmbus("-v", "stat", bus_name)
+    finally:
+        os.unlink(path)
+    assert quiet.returncode == 1
+    assert quiet.stderr.startswith("shmbus: error: ") and "not a shmbus segment" in quiet.stderr
+    assert len(quiet.stderr.splitlines()) == 1
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_stat_of_a_missing_bus_exits_1_naming_it(bus_name: str) -> None:
+    result = run_shmbus("stat", bus_name)
+    assert result.returncode == 1
+    assert f"no bus {bus_name!r}" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pub", "sub", "ls", "stat", "clean", "metrics"])
+def test_each_subcommand_help_has_an_example(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+# ─── Subcommands of other modules ────────────────────────────────────────────
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_plugin_subcommand_gets_its_arguments_and_exit_code(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (plugin_dir / "fake_plugin_ok.py").write_text(
+        textwrap.dedent(
+            """
+            def add_arguments(parser):
+                parser.add_argument("--rounds", type=int, required=True)
+
+            def main(args):
+                return args.rounds
+            """
+        )
+    )
+    monkeypatch.setitem(cli.PLUGINS, "bench", ("fake_plugin_ok", "fake bench"))
+    assert cli.main(["bench", "--rounds", "3"]) == 3
+
+
+def test_plugin_with_a_missing_dependency_is_not_available(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (plugin_dir / "fake_plugin_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.setitem(cli.PLUGINS, "bridge", ("fake_plugin_dep", "fake bridge"))
+    assert cli.main(["bridge", "--anything"]) == 1
+    err = capsys.readouterr().err
+    assert "bridge: not available" in err and "no_such_dependency_xyz" in err
+
+
+def test_missing_plugin_module_is_not_available_and_others_still_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(cli.PLUGINS, "demo", ("shmbus.no_such_module", "fake demo"))
+    assert cli.main(["demo"]) == 1
+    assert "demo: not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_script_runs_the_same_command() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "shmbus")
+    if not os.path.exists(script):
+        pytest.skip("the console script is not installed in this environment")
+    with started([script, "--help"]) as process:
+        out, _ = process.communicate(timeout=DEADLINE)
+    assert process.returncode == 0 and "pub" in out and "metrics" in out

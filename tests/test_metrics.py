@@ -1,0 +1,94 @@
+"""``shmbus metrics``: Prometheus exposition of every bus on the host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.request
+
+import prometheus_client
+from cli_support import DEADLINE, LineReader, shmbus_command, started
+from conftest import SMALL_RING
+from prometheus_client.parser import text_string_to_metric_families
+
+from shmbus import ShmBus
+from shmbus.metrics import registry
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def _scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        assert response.status == 200
+        return _parse(response.read().decode("utf-8"))
+
+
+def _bus_value(samples: Samples, name: str, bus: str) -> float:
+    return samples[(name, frozenset({("bus", bus)}))]
+
+
+def _instance_value(samples: Samples, name: str, bus: str, pid: int) -> float:
+    (value,) = [
+        v
+        for (sample, labels), v in samples.items()
+        if sample == name and ("bus", bus) in labels and ("pid", str(pid)) in labels
+    ]
+    return value
+
+
+async def _publish_and_consume(bus: ShmBus, sub: object, count: int) -> None:
+    for i in range(count):
+        bus.publish_nowait("metrics.test", {"i": i})
+    for _ in range(count):
+        await anext(aiter(sub))  # type: ignore[call-overload]
+
+
+async def test_metrics_endpoint_counters_move_between_scrapes(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        with started(shmbus_command("metrics", "--listen", "127.0.0.1:0")) as server:
+            assert server.stdout is not None
+            announced = LineReader(server.stdout).next_line()
+            url = announced.rsplit(" ", 1)[-1]
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+            async with bus.subscribe("metrics.>") as sub:
+                await _publish_and_consume(bus, sub, 5)
+                first = await asyncio.to_thread(_scrape, url)
+                await _publish_and_consume(bus, sub, 7)
+                second = await asyncio.to_thread(_scrape, url)
+            server.send_signal(signal.SIGTERM)
+            _, err = server.communicate(timeout=DEADLINE)
+            assert server.returncode == 0, err
+    finally:
+        await bus.close()
+    me = os.getpid()
+    assert _bus_value(first, "shmbus_published_total", bus_name) == 5
+    assert _bus_value(second, "shmbus_published_total", bus_name) == 12
+    assert _instance_value(first, "shmbus_instance_delivered_total", bus_name, me) == 5
+    assert _instance_value(second, "shmbus_instance_delivered_total", bus_name, me) == 12
+    assert _instance_value(second, "shmbus_instance_dropped_total", bus_name, me) == 0
+    assert _instance_value(second, "shmbus_instance_lag_bytes", bus_name, me) == 0
+    assert _bus_value(second, "shmbus_bus_live", bus_name) == 1
+    assert _bus_value(second, "shmbus_readers", bus_name) == 1
+    assert 0 < _bus_value(second, "shmbus_ring_fill_ratio", bus_name) < 1
+
+
+async def test_collector_reports_an_unreadable_bus_without_failing(bus_name: str) -> None:
+    path = f"/dev/shm/shmbus.{bus_name}"
+    with open(path, "wb") as f:
+        f.write(b"\x5a" * 64)
+    try:
+        samples = _parse(prometheus_client.generate_latest(registry()).decode("utf-8"))
+    finally:
+        os.unlink(path)
+    assert _bus_value(samples, "shmbus_bus_readable", bus_name) == 0
