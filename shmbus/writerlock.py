@@ -83,10 +83,12 @@ class WriterLock:
     def acquire(self, give_up_after: float) -> bool:
         """Become the writer; False if that took longer than *give_up_after* s
         because a live holder kept the lock."""
-        if self._try_semaphore():
-            self._record()
-            return True
-        return self._wait(give_up_after)
+        try:
+            self._semaphore.acquire(self._slice)
+        except posix_ipc.BusyError:
+            return self._wait(give_up_after)
+        self._record()
+        return True
 
     def release(self) -> None:
         self._words[W_LOCK_PID] = 0
