@@ -8,7 +8,6 @@ asyncio subscriptions. The public API is the bus contract (:class:`BaseBus`,
 
 from __future__ import annotations
 
-from .leftovers import cleanup
 from .contract import EVENT_SCHEMA_VERSION, BaseBus, Event, Subscription, matches
 from .delivery import SubscriptionStatistics
 from .errors import (
@@ -22,9 +21,11 @@ from .errors import (
     SegmentSpaceError,
     ShmBusError,
 )
+from .leftovers import cleanup
 from .memory import MemoryBus, NullBus
 from .shm import ShmBus
 from .stats import BusStats
+from .urls import get_bus
 
 __version__ = "0.1.0"
 
@@ -43,10 +44,28 @@ __all__ = [
     "SegmentCorruptError",
     "SegmentError",
     "SegmentSpaceError",
+    "FallbackBus",
+    "NatsBus",
     "ShmBus",
     "ShmBusError",
     "Subscription",
     "SubscriptionStatistics",
     "cleanup",
+    "get_bus",
     "matches",
 ]
+
+# The NATS transports need the optional nats-py package: import them on
+# first use so that `import shmbus` works without it.
+_LAZY = {"NatsBus": ".nats", "FallbackBus": ".fallback"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shmbus' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -56,6 +56,7 @@ __all__ = [
     "BaseBus",
     "Event",
     "Subscription",
+    "TopicMatcher",
     "matches",
     "new_event_id",
     "validate_pattern",

@@ -27,11 +27,12 @@ import logging
 import os
 import threading
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .codec import encode_envelope
-from .contract import BaseBus, validate_pattern, validate_topic
+from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .delivery import QueueSubscription
 from .errors import BusClosedError, ForkedBusError
 from .layout import (
@@ -46,7 +47,7 @@ from .layout import (
 )
 from .procs import self_identity
 from .reader import BusReader
-from .ring import RingWriter, content_checksum
+from .ring import RingWriter
 from .segment import Segment, SegmentOptions
 from .stats import BusStats
 from .wakeup import Waker
@@ -59,6 +60,7 @@ log = logging.getLogger("shmbus.shm")
 _NEW, _OPEN, _CLOSED, _FORKED = "new", "open", "closed", "forked"
 _SLEEP_FLAGS_END = OFF_SLEEP_FLAGS + MAX_SLOTS
 _AWAKE = b"\x01"
+_TOPIC_CACHE_LIMIT = 4096
 
 _live_instances: weakref.WeakSet[ShmBus] = weakref.WeakSet()
 
@@ -86,6 +88,10 @@ class ShmBus(BaseBus):
     lock_timeout:
         Seconds after which a writer lock held by a dead process is taken
         over.
+    low_latency:
+        Opt-in: this instance's reader polls the ring for a short adaptive
+        window (50 µs to 2 ms) before it sleeps, trading CPU while events
+        flow for lower latency. See ``docs/DESIGN.md``.
     """
 
     #: Test hook: called with "locked" right after the writer lock is taken
@@ -103,6 +109,7 @@ class ShmBus(BaseBus):
         mode: int = 0o600,
         group: str | int | None = None,
         lock_timeout: float = 1.0,
+        low_latency: bool = False,
     ) -> None:
         self._options = SegmentOptions(
             name=name,
@@ -121,6 +128,7 @@ class ShmBus(BaseBus):
         self.max_event_size = max_event_size
         self.queue_size = queue_size
         self.lock_timeout = float(lock_timeout)
+        self.low_latency = bool(low_latency)
         self._state = _NEW
         self._thread_lock = threading.Lock()
         self._segment: Segment | None = None
@@ -132,6 +140,10 @@ class ShmBus(BaseBus):
         self._publish_errors = 0
         self._takeovers = 0
         self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
+        self._topic_keys: dict[str, tuple[bytes, int]] = {}
+        self._published_word = 0
+        # How long a publish waits for a writer lock that a live process holds.
+        self._give_up_after = max(5.0, 5 * self.lock_timeout)
         self._subscriptions: set[QueueSubscription] = set()
         _live_instances.add(self)
 
@@ -170,6 +182,7 @@ class ShmBus(BaseBus):
                 on_takeover=self._on_takeover,
             )
             self._waker = Waker(self.name)
+            self._published_word = slot_word(segment.slot, SLOT_PUBLISHED)
             self._segment = segment
             self._state = _OPEN
 
@@ -229,54 +242,88 @@ class ShmBus(BaseBus):
         """
         if self._state is not _OPEN:
             self._ensure_open("publish")
-        validate_topic(topic)
+        topic_key = self._topic_keys.get(topic)
+        if topic_key is None:
+            topic_key = self._topic_key(topic)
         body = encode_envelope(topic, payload, event_type, self.max_event_size)
-        raw_topic = topic.encode("utf-8")
-        checksum = content_checksum(raw_topic, body)
+        self._commit(topic, topic_key, body)
+
+    def republish(self, event: Event) -> None:
+        """Publish *event* keeping its whole envelope (``id``, ``ts``, ``type``,
+        ``v``), for bridges and fallbacks that relay events between
+        transports. Safe from any thread; raises like :meth:`publish_nowait`.
+        """
+        if self._state is not _OPEN:
+            self._ensure_open("publish")
+        topic = event.topic
+        topic_key = self._topic_keys.get(topic)
+        if topic_key is None:
+            topic_key = self._topic_key(topic)
+        body = encode_envelope(
+            topic,
+            event.payload,
+            event.type,
+            self.max_event_size,
+            event_id=event.id,
+            ts=event.ts,
+            v=event.v,
+        )
+        self._commit(topic, topic_key, body)
+
+    def _commit(self, topic: str, topic_key: tuple[bytes, int], body: bytes) -> None:
+        """Append one encoded envelope to the ring and wake sleeping readers."""
+        raw_topic, topic_crc = topic_key
+        checksum = zlib.crc32(body, topic_crc)
         with self._thread_lock:
             if self._state is not _OPEN:
                 self._check_not_ended("publish")
+            writer_lock = self._writer_lock
+            writer = self._writer
+            segment = self._segment
+            waker = self._waker
+            assert writer_lock is not None and writer is not None
+            assert segment is not None and waker is not None
             try:
-                committed = self._append(raw_topic, body, checksum)
+                if not writer_lock.acquire(self._give_up_after):
+                    self._publish_errors += 1
+                    return
+                try:
+                    if ShmBus._critical_section_hook is not None:
+                        self._arm_test_hook(writer)
+                    writer.append(raw_topic, body, checksum)
+                finally:
+                    writer_lock.release()
             except Exception:
                 log.exception("publish on %r failed; the event is dropped", topic)
-                committed = False
-            if not committed:
                 self._publish_errors += 1
                 return
-            self._published += 1
-            self._wake_sleepers()
+            published = self._published = self._published + 1
+            segment.words[self._published_word] = published
+            # After the writer lock's release, whose atomic operation orders
+            # the commit before these loads of the sleep flags (shmbus.wakeup).
+            mm = segment.mm
+            flag = mm.find(_AWAKE, OFF_SLEEP_FLAGS, _SLEEP_FLAGS_END)
+            while flag >= 0:
+                mm[flag] = 0
+                waker.wake(flag - OFF_SLEEP_FLAGS)
+                flag = mm.find(_AWAKE, flag + 1, _SLEEP_FLAGS_END)
 
-    def _append(self, raw_topic: bytes, body: bytes, checksum: int) -> bool:
-        writer_lock = self._writer_lock
-        writer = self._writer
-        segment = self._segment
-        assert writer_lock is not None and writer is not None and segment is not None
-        if not writer_lock.acquire(give_up_after=max(5.0, 5 * self.lock_timeout)):
-            return False
-        try:
-            hook = ShmBus._critical_section_hook
-            if hook is not None:
-                hook("locked")
-                writer.before_commit = lambda: hook("mid-record")
-            writer.append(raw_topic, body, checksum)
-        finally:
-            writer_lock.release()
-        segment.words[slot_word(segment.slot, SLOT_PUBLISHED)] = self._published + 1
-        return True
+    @staticmethod
+    def _arm_test_hook(writer: RingWriter) -> None:
+        hook = ShmBus._critical_section_hook
+        if hook is not None:
+            hook("locked")
+            writer.before_commit = lambda: hook("mid-record")
 
-    def _wake_sleepers(self) -> None:
-        # Runs after the writer lock's release, whose atomic operation orders
-        # the commit before these loads of the sleep flags (shmbus.wakeup).
-        segment = self._segment
-        waker = self._waker
-        assert segment is not None and waker is not None
-        mm = segment.mm
-        flag = mm.find(_AWAKE, OFF_SLEEP_FLAGS, _SLEEP_FLAGS_END)
-        while flag >= 0:
-            mm[flag] = 0
-            waker.wake(flag - OFF_SLEEP_FLAGS)
-            flag = mm.find(_AWAKE, flag + 1, _SLEEP_FLAGS_END)
+    def _topic_key(self, topic: str) -> tuple[bytes, int]:
+        """Validate *topic* and cache its bytes and their CRC (see ring.content_checksum)."""
+        validate_topic(topic)
+        raw = topic.encode("utf-8")
+        if len(self._topic_keys) >= _TOPIC_CACHE_LIMIT:
+            self._topic_keys.clear()
+        key = self._topic_keys[topic] = (raw, zlib.crc32(raw))
+        return key
+
 
     def _on_takeover(self, dead_pid: int, epoch: int) -> None:
         assert self._writer is not None
@@ -319,7 +366,9 @@ class ShmBus(BaseBus):
                 reader = None
             if reader is None:
                 cursor, next_seq = self._snapshot()
-                reader = self._reader = BusReader(segment, loop, cursor, next_seq)
+                reader = self._reader = BusReader(
+                    segment, loop, cursor, next_seq, low_latency=self.low_latency
+                )
                 start_seq = next_seq
             else:
                 start_seq = segment.words[W_NEXT_SEQ]
@@ -334,7 +383,7 @@ class ShmBus(BaseBus):
         writer_lock = self._writer_lock
         segment = self._segment
         assert writer_lock is not None and segment is not None
-        if not writer_lock.acquire(give_up_after=max(5.0, 5 * self.lock_timeout)):
+        if not writer_lock.acquire(self._give_up_after):
             raise TimeoutError(f"bus {self.name!r}: the writer lock stayed held by a live process")
         try:
             cursor = segment.words[W_WRITE_CURSOR]
