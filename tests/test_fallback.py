@@ -1,0 +1,204 @@
+"""FallbackBus against a real nats-server that goes away and comes back."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from conftest import SMALL_RING
+from nats_server import NatsServer, free_port, take, wait_until
+
+from shmbus import Event, ShmBus
+from shmbus.fallback import FallbackBus
+from shmbus.nats import NatsBus
+
+#: Fast reconnects keep the outage test short; the overlap still covers a
+#: subscriber that reconnects a few reconnect_time_waits after the publisher.
+RECONNECT = {"reconnect_time_wait": 0.1, "connect_timeout": 1.0}
+OVERLAP = 1.0
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def make_bus(bus_name: str) -> AsyncIterator[Callable[[str], FallbackBus]]:
+    """Builds FallbackBus instances sharing one shm bus (one host), and
+    closes them all at the end."""
+    made: list[FallbackBus] = []
+
+    def make(url: str) -> FallbackBus:
+        bus = FallbackBus(
+            NatsBus(url, **RECONNECT),  # type: ignore[arg-type]
+            ShmBus(bus_name, **SMALL_RING),
+            overlap=OVERLAP,
+        )
+        made.append(bus)
+        return bus
+
+    try:
+        yield make
+    finally:
+        for bus in made:
+            await bus.close()
+
+
+async def _connected_pair(
+    make_bus: Callable[[str], FallbackBus], url: str
+) -> tuple[FallbackBus, FallbackBus]:
+    publisher, subscriber = make_bus(url), make_bus(url)
+    await publisher.connect()
+    await subscriber.connect()
+    return publisher, subscriber
+
+
+def _numbers(events: list[Event]) -> list[int]:
+    return sorted(event.payload["i"] for event in events)
+
+
+async def test_subscriber_gets_every_event_exactly_once_across_a_nats_outage(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    publisher, subscriber = await _connected_pair(make_bus, nats_server.url)
+    sub = subscriber.subscribe("stream.>")
+    await subscriber.primary.flush()
+    counter = itertools.count()
+
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            await publisher.publish("stream.tick", {"i": next(counter)})
+
+    await wait_until(lambda: not publisher.double_sending, what="the start-up overlap to end")
+    await publish(50)  # NATS only
+    nats_server.stop()
+    await publish(50)  # the publisher may not have noticed yet
+    await wait_until(lambda: not publisher.using_nats, what="the publisher to fall back")
+    await publish(50)  # shm
+    nats_server.restart()
+    await publish(50)  # shm, or NATS and shm if the publisher is back already
+    await wait_until(lambda: publisher.using_nats, what="the publisher to reconnect")
+    await publish(50)  # NATS and shm, the subscriber may still be reconnecting
+    await wait_until(lambda: subscriber.using_nats, what="the subscriber to reconnect")
+    await wait_until(lambda: not publisher.double_sending, what="the overlap to end")
+    await publish(50)  # NATS only
+    total = next(counter)
+
+    events = await take(sub, total, timeout=30)
+    await publisher.publish("stream.last", {"i": -1})
+    [last] = await take(sub, 1)  # nothing else (no duplicate) was queued before it
+
+    assert _numbers(events) == list(range(total))
+    assert last.topic == "stream.last"
+    assert publisher.routes()["nats"] > 0 and publisher.routes()["shm"] > 0
+
+
+async def test_event_carried_by_both_transports_is_delivered_once(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    publisher, subscriber = await _connected_pair(make_bus, nats_server.url)
+    sub = subscriber.subscribe("twice.*")
+    await subscriber.primary.flush()
+    assert publisher.double_sending  # right after connecting: NATS and shm
+    await publisher.publish("twice.sent", {"n": 1})
+    await wait_until(lambda: subscriber.duplicates == 1, what="the second copy to be dropped")
+    await publisher.publish("twice.last", {"n": 2})
+    events = await take(sub, 2)
+    assert [e.topic for e in events] == ["twice.sent", "twice.last"]
+
+
+async def test_publishes_on_shm_while_nats_is_unreachable_and_switches_when_it_appears(
+    make_bus: Callable[[str], FallbackBus],
+) -> None:
+    server = NatsServer(port=free_port())
+    try:
+        publisher, subscriber = await _connected_pair(make_bus, server.url)
+        sub = subscriber.subscribe("boot.*")
+        await publisher.publish("boot.early", {})
+        [early] = await take(sub, 1)
+        server.start()
+        await wait_until(
+            lambda: publisher.using_nats and subscriber.using_nats, what="both to connect"
+        )
+        await wait_until(lambda: not publisher.double_sending, what="the overlap to end")
+        await publisher.publish("boot.late", {})
+        [late] = await take(sub, 1)
+    finally:
+        server.close()
+    assert (early.topic, late.topic) == ("boot.early", "boot.late")
+    assert publisher.routes() == {"nats": 1, "shm": 1}
+
+
+async def test_publish_while_nats_is_down_goes_to_shm_without_errors(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    publisher, subscriber = await _connected_pair(make_bus, nats_server.url)
+    sub = subscriber.subscribe("down.*")
+    nats_server.stop()
+    await wait_until(lambda: not publisher.primary.connected, what="the outage to be noticed")
+    await publisher.publish("down.event", {"ok": 1})
+    [event] = await take(sub, 1)
+    assert event.payload == {"ok": 1}
+    assert publisher.primary.stats().publish_errors == 0
+
+
+async def test_envelope_over_the_smaller_limit_raises_value_error_naming_both(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    publisher = make_bus(nats_server.url)
+    await publisher.connect()
+    limit = SMALL_RING["max_event_size"]
+    with pytest.raises(ValueError, match=rf"limit is {limit} bytes.*{limit}.*max_payload 1048576"):
+        await publisher.publish("big.event", {"blob": "x" * (limit + 1)})
+
+
+async def test_close_ends_subscriptions_and_is_idempotent(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    bus = make_bus(nats_server.url)
+    await bus.connect()
+    sub = bus.subscribe("bye.*")
+    await bus.close()
+    await bus.close()
+    assert sub.closed
+    assert [event async for event in sub] == []
+    with pytest.raises(RuntimeError, match="closed"):
+        await bus.publish("bye.now", {})
+
+
+async def test_aclose_ends_the_subscription_on_both_transports(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    bus = make_bus(nats_server.url)
+    await bus.connect()
+    sub = bus.subscribe("gone.*")
+    await sub.aclose()
+    assert [event async for event in sub] == []
+    stats = (bus.stats(), bus.primary.stats(), bus.fallback.stats())
+    assert [s.subscriptions for s in stats] == [0, 0, 0]
+
+
+def test_fallback_must_be_a_shm_bus() -> None:
+    with pytest.raises(TypeError, match="ShmBus"):
+        FallbackBus(NatsBus(), NatsBus())  # type: ignore[arg-type]
+
+
+async def test_publish_nowait_from_a_thread_reaches_a_subscriber_once(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
+) -> None:
+    publisher, subscriber = await _connected_pair(make_bus, nats_server.url)
+    sub = subscriber.subscribe("threads.*")
+    await subscriber.primary.flush()
+    thread = threading.Thread(
+        target=lambda: [publisher.publish_nowait("threads.t", {"i": i}) for i in range(5)]
+    )
+    thread.start()
+    events = await take(sub, 5)
+    thread.join()
+    await publisher.publish("threads.last", {"i": 5})
+    [last] = await take(sub, 1)
+    assert _numbers([*events, last]) == [0, 1, 2, 3, 4, 5]

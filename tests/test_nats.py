@@ -1,0 +1,312 @@
+"""NatsBus against a real nats-server: the bus contract over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import msgpack
+import nats
+import pytest
+from nats_server import NatsServer, free_port, take, wait_until
+
+from shmbus import Event
+from shmbus.errors import BusClosedError
+from shmbus.nats import NatsBus
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[NatsBus]:
+    instance = NatsBus(nats_server.url, connect_timeout=5, reconnect_time_wait=0.1)
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture
+async def other_bus(nats_server: NatsServer) -> AsyncIterator[NatsBus]:
+    """A second connection to the same server (another process, in effect)."""
+    instance = NatsBus(nats_server.url, connect_timeout=5, reconnect_time_wait=0.1)
+    await instance.connect()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+# ─── Delivery ───
+
+
+async def test_subscriber_receives_event_published_after_subscribe(bus: NatsBus) -> None:
+    async with bus.subscribe("orders.created") as sub:
+        await bus.publish("orders.created", {"n": 1}, event_type="order")
+        [event] = await take(sub, 1)
+    assert (event.topic, event.payload, event.type) == ("orders.created", {"n": 1}, "order")
+
+
+async def test_event_keeps_id_ts_and_type_across_connections(
+    bus: NatsBus, other_bus: NatsBus
+) -> None:
+    async with other_bus.subscribe("audit.>") as sub:
+        await other_bus.flush()
+        sent = Event("audit.login", {"user": "ann"}, type="login", ts=1234.5)
+        await bus.publish_event(sent)
+        [received] = await take(sub, 1)
+    assert received == sent
+
+
+async def test_topic_is_taken_from_the_subject_not_the_envelope(
+    bus: NatsBus, nats_server: NatsServer
+) -> None:
+    raw = await nats.connect(nats_server.url)
+    try:
+        async with bus.subscribe("real.*") as sub:
+            await bus.flush()
+            envelope = {
+                "v": 1,
+                "id": "ab" * 16,
+                "topic": "spoofed.topic",
+                "type": "t",
+                "ts": 1.0,
+                "payload": {},
+            }
+            await raw.publish("real.subject", msgpack.packb(envelope))
+            [event] = await take(sub, 1)
+    finally:
+        await raw.close()
+    assert event.topic == "real.subject"
+
+
+async def test_wildcards_route_like_nats_subjects(bus: NatsBus) -> None:
+    # pattern -> the sentinel topic published last, which it matches
+    patterns = {"a.*.c": "a.end.c", "a.>": "a.end", "*.b": "end.b"}
+    subs = {pattern: bus.subscribe(pattern) for pattern in patterns}
+    for topic in ("a.b.c", "a.b", "a.b.c.d", "x.b", "a", "b"):
+        await bus.publish(topic, {})
+    for sentinel in patterns.values():
+        await bus.publish(sentinel, {})
+    received = {}
+    for pattern, sub in subs.items():
+        topics: list[str] = []
+        while not topics or topics[-1] != patterns[pattern]:
+            topics.append((await take(sub, 1))[0].topic)
+        received[pattern] = [t for t in topics if "end" not in t.split(".")]
+        await sub.aclose()
+    assert received == {
+        "a.*.c": ["a.b.c"],
+        "a.>": ["a.b.c", "a.b", "a.b.c.d"],
+        "*.b": ["a.b", "x.b"],
+    }
+
+
+async def test_publish_nowait_from_a_thread_without_event_loop(bus: NatsBus) -> None:
+    async with bus.subscribe("jobs.*") as sub:
+        thread = threading.Thread(
+            target=lambda: [bus.publish_nowait(f"jobs.j{i}", {"i": i}) for i in range(3)]
+        )
+        thread.start()
+        events = await take(sub, 3)
+        thread.join()
+    assert [e.payload["i"] for e in events] == [0, 1, 2]
+
+
+async def test_subscription_made_before_connect_receives_after_connect(
+    nats_server: NatsServer,
+) -> None:
+    bus = NatsBus(nats_server.url)
+    sub = bus.subscribe("early.bird")
+    await bus.connect()
+    try:
+        await bus.publish("early.bird", {"ok": True})
+        [event] = await take(sub, 1)
+    finally:
+        await bus.close()
+    assert event.payload == {"ok": True}
+
+
+async def test_subscription_receives_again_after_server_restart(
+    bus: NatsBus, other_bus: NatsBus, nats_server: NatsServer
+) -> None:
+    async with bus.subscribe("restart.*") as sub:
+        nats_server.stop()
+        await wait_until(lambda: not bus.connected and not other_bus.connected, what="disconnect")
+        nats_server.restart()
+        await wait_until(lambda: bus.connected and other_bus.connected, what="reconnect")
+        await bus.flush()
+        await other_bus.publish("restart.after", {})
+        [event] = await take(sub, 1)
+    assert event.topic == "restart.after"
+
+
+async def test_undecodable_message_is_counted_as_corrupt_and_skipped(
+    bus: NatsBus, nats_server: NatsServer
+) -> None:
+    raw = await nats.connect(nats_server.url)
+    try:
+        async with bus.subscribe("mixed") as sub:
+            await bus.flush()
+            await raw.publish("mixed", b"\xc1 not msgpack")
+            await raw.flush()
+            await bus.publish("mixed", {"good": 1})
+            [event] = await take(sub, 1)
+    finally:
+        await raw.close()
+    assert event.payload == {"good": 1}
+    assert bus.stats().corrupt == 1
+
+
+async def test_stats_count_published_delivered_and_subscriptions(bus: NatsBus) -> None:
+    sub = bus.subscribe("count.me")
+    await bus.publish("count.me", {})
+    await bus.publish("count.me", {})
+    await take(sub, 2)
+    open_stats = bus.stats()
+    await sub.aclose()
+    closed_stats = bus.stats()
+    assert (open_stats.published, open_stats.delivered, open_stats.subscriptions) == (2, 2, 1)
+    assert (closed_stats.delivered, closed_stats.subscriptions) == (2, 0)
+
+
+# ─── Life cycle ───
+
+
+async def test_aclose_ends_a_pending_async_for(bus: NatsBus) -> None:
+    sub = bus.subscribe("quiet.topic")
+    seen: list[Event] = []
+
+    async def consume() -> None:
+        async for event in sub:
+            seen.append(event)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # let the consumer start waiting
+    await sub.aclose()
+    await asyncio.wait_for(consumer, 5)
+    assert seen == []
+
+
+async def test_close_ends_subscriptions(bus: NatsBus) -> None:
+    sub = bus.subscribe("closing.*")
+    seen: list[Event] = []
+
+    async def consume() -> None:
+        async for event in sub:
+            seen.append(event)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # let the consumer start waiting
+    await bus.close()
+    await asyncio.wait_for(consumer, 5)
+    assert sub.closed and seen == []
+
+
+async def test_close_is_idempotent(bus: NatsBus) -> None:
+    await bus.close()
+    await bus.close()
+    assert "closed" in repr(bus)
+
+
+async def test_publish_after_close_raises_runtime_error(bus: NatsBus) -> None:
+    await bus.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await bus.publish("late.event", {})
+    with pytest.raises(BusClosedError):
+        bus.publish_nowait("late.event", {})
+
+
+async def test_subscribe_after_close_raises_runtime_error(bus: NatsBus) -> None:
+    await bus.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        bus.subscribe("late.*")
+
+
+async def test_connect_to_unreachable_server_raises_connection_error() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    bus = NatsBus(url, connect_timeout=0.5, reconnect_time_wait=0.1)
+    with pytest.raises(ConnectionError, match=url):
+        await bus.connect()
+    await bus.close()
+
+
+async def test_publish_nowait_before_connect_raises_runtime_error(
+    nats_server: NatsServer,
+) -> None:
+    bus = NatsBus(nats_server.url)
+    with pytest.raises(RuntimeError, match="connect"):
+        bus.publish_nowait("too.early", {})
+
+
+# ─── Transport failures are counted, not raised ───
+
+
+async def test_publish_while_server_is_down_is_counted_not_raised(
+    bus: NatsBus, nats_server: NatsServer
+) -> None:
+    nats_server.stop()
+    await wait_until(lambda: not bus.connected, what="the client to notice the outage")
+    await bus.publish("lost.event", {})
+    bus.publish_nowait("lost.event", {})
+    stats = bus.stats()
+    assert (stats.published, stats.publish_errors) == (0, 2)
+
+
+# ─── Bad input raises ───
+
+
+@pytest.mark.parametrize("topic", ["", "a..b", "a.*", "a.>", "has space", ".lead", "trail."])
+async def test_bad_topic_raises_value_error(bus: NatsBus, topic: str) -> None:
+    with pytest.raises(ValueError):
+        await bus.publish(topic, {})
+
+
+@pytest.mark.parametrize("pattern", ["", "a.>.b", "a*", "a..b", "x y"])
+def test_bad_pattern_raises_value_error(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        NatsBus().subscribe(pattern)
+
+
+async def test_payload_that_is_not_a_dict_raises_type_error(bus: NatsBus) -> None:
+    with pytest.raises(TypeError, match="dict"):
+        await bus.publish("a.b", ["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+async def test_unserialisable_payload_raises_type_error(bus: NatsBus) -> None:
+    with pytest.raises(TypeError, match="msgpack"):
+        await bus.publish("a.b", {"when": object()})
+
+
+async def test_envelope_over_server_max_payload_raises_value_error_naming_both_sizes() -> None:
+    with NatsServer(max_payload=2048) as server:
+        bus = NatsBus(server.url)
+        await bus.connect()
+        try:
+            with pytest.raises(ValueError, match=r"encodes to \d+ bytes.*max_payload is 2048"):
+                await bus.publish("big.event", {"blob": "x" * 4096})
+            assert bus.max_payload == 2048
+        finally:
+            await bus.close()
+
+
+def test_unknown_nats_option_raises_value_error_listing_valid_ones() -> None:
+    with pytest.raises(ValueError, match="reconect_time_wait.*valid options:.*reconnect_time_wait"):
+        NatsBus(reconect_time_wait=1)
+
+
+@pytest.mark.parametrize("servers", ["http://127.0.0.1:4222", [], ""])
+def test_bad_server_url_raises_value_error(servers: str | list[str]) -> None:
+    with pytest.raises(ValueError):
+        NatsBus(servers)
+
+
+def test_bad_queue_size_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="queue_size"):
+        NatsBus(queue_size=0)
