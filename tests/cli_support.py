@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TypeVar
 
-from shmbus.leftovers import cleanup
 from shmbus.inspect import read_bus
+from shmbus.leftovers import cleanup
 from shmbus.segment import resource_paths
 
 T = TypeVar("T")
