@@ -113,6 +113,11 @@ class RingWriter:
         words[W_NEXT_SEQ] = seq + 1
         position: int = words[W_WRITE_CURSOR]
         head: int = words[W_HEAD]
+        if not position - capacity <= head <= position:
+            # Only a foreign write can put head there: start reclaiming afresh.
+            head = position
+            words[W_HEAD] = head
+            words[W_RECLAIM_CORRUPT] += 1
         topic_len = len(topic)
         body_len = len(body)
         length = aligned(RECORD_HEADER_SIZE + topic_len + body_len)
@@ -255,11 +260,16 @@ class RingReader(Generic[Route]):
         position = self.cursor
         if position == write_cursor:
             return batch
-        head: int = words[W_HEAD]
-        if head > position:
-            position = head
-        if write_cursor < position or write_cursor - position > capacity:
-            # The header words contradict each other: corrupt header, not a
+        for _attempt in range(3):
+            head: int = words[W_HEAD]
+            position = max(self.cursor, head)
+            if head <= write_cursor and 0 <= write_cursor - position <= capacity:
+                break
+            # Writers moved between the two loads (head is newer than the
+            # write_cursor we read): load both again.
+            write_cursor = words[W_WRITE_CURSOR]
+        else:
+            # They stay contradictory: the header words are corrupt, not a
             # record. Resynchronise at the commit point.
             batch.corrupt += 1
             self.cursor = write_cursor

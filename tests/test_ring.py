@@ -497,3 +497,48 @@ def test_scribbles_over_valid_records_never_yield_a_wrong_record_that_verifies(s
         for seq, _, topic, body, ok in batch.records:
             if ok:
                 assert ring.written[seq][1:] == (topic, body)
+
+
+class LappingWords:
+    """The ring's word view, except that the writer laps the reader right
+    after the reader has loaded write_cursor: the narrowest lap there is."""
+
+    def __init__(self, ring: Ring, records: int) -> None:
+        self.ring = ring
+        self.records = records
+        self.armed = True
+
+    def __getitem__(self, index: int) -> int:
+        value = int(self.ring.words[index])
+        if index == OFF_WRITE_CURSOR // 8 and self.armed:
+            self.armed = False
+            for _ in range(self.records):
+                self.ring.append(b"t.x", b"x" * 100)
+        return value
+
+
+def test_a_lap_between_loading_write_cursor_and_head_is_a_gap_not_corruption():
+    ring = Ring(4096)
+    for _ in range(10):
+        ring.append(b"t.x", b"x" * 100)
+    reader: RingReader[bytes] = RingReader(
+        ring.mm, LappingWords(ring, 100), RING_OFFSET, 4096, MAX_EVENT, 0, 0  # type: ignore[arg-type]
+    )
+    batch = reader.read(256, lambda topic: topic)
+    assert batch.corrupt == 0
+    first_seq = batch.records[0][0]
+    assert batch.gaps == [(0, first_seq)]
+    seqs = [record[0] for record in batch.records]
+    assert seqs == list(range(first_seq, first_seq + len(seqs)))
+
+
+def test_a_head_word_outside_the_ring_is_reset_by_the_next_writer():
+    ring = Ring(4096)
+    ring.append(b"t.x", b"x" * 100)
+    ring.set_word(OFF_HEAD, 1 << 60)  # a foreign write
+    reader = ring.reader()
+    ring.append(b"t.x", b"y" * 100)
+    assert ring.word(OFF_HEAD) <= ring.word(OFF_WRITE_CURSOR)
+    assert ring.word(layout.OFF_RECLAIM_CORRUPT) == 1
+    batch = reader.read(256, lambda topic: topic)
+    assert [record[3] for record in batch.records][-1] == b"y" * 100
