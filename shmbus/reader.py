@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Final
 
@@ -129,6 +130,9 @@ class BusReader:
         self._channel = WakeChannel(segment.fifo_path(segment.slot), options.mode, options.gid)
         self._scheduled = False
         self._stopped = False
+        # Subscriptions may be added or removed from other threads (other
+        # event loops); a step and those changes exclude each other.
+        self._lock = threading.Lock()
         # Low-latency mode: when the current spin started (None: not spinning
         # or mode off), and the smoothed idle gap between records.
         self._spin_until: float | None = 0.0 if low_latency else None
@@ -150,22 +154,26 @@ class BusReader:
     # ─── Subscriptions ───
 
     def add(self, sub: QueueSubscription, start_seq: int) -> None:
-        """Route records with sequence number >= *start_seq* to *sub*."""
-        self._subs[sub] = start_seq
-        self._newest_start = max(self._newest_start, start_seq)
-        self._routes.clear()
-        self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
+        """Route records with sequence number >= *start_seq* to *sub*; from any thread."""
+        with self._lock:
+            self._subs[sub] = start_seq
+            self._newest_start = max(self._newest_start, start_seq)
+            self._routes.clear()
+            self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
 
     def remove(self, sub: QueueSubscription) -> None:
-        if self._subs.pop(sub, None) is not None:
-            self._retired_dropped += sub.dropped
-            self._routes.clear()
-            if not self._stopped:
-                self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
+        """Stop routing to *sub*; from any thread."""
+        with self._lock:
+            if self._subs.pop(sub, None) is not None:
+                self._retired_dropped += sub.dropped
+                self._routes.clear()
+                if not self._stopped:
+                    self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
 
     @property
     def subscriptions(self) -> list[QueueSubscription]:
-        return list(self._subs)
+        with self._lock:
+            return list(self._subs)
 
     def stop(self) -> None:
         """Stop following the ring (no more wake-ups for this slot)."""
@@ -173,7 +181,8 @@ class BusReader:
             return
         self._stopped = True
         self._mm[self._flag] = 0
-        self._write_counters()
+        with self._lock:
+            self._write_counters()
         self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = 0
         self._heartbeat.cancel()
         if self._recheck is not None:
@@ -222,14 +231,15 @@ class BusReader:
         self._scheduled = False
         if self._stopped:
             return
-        try:
-            batch = self._ring.read(BATCH, self._select)
-            self._route(batch)
-        except Exception:  # never let bad shared memory kill the loop's callback
-            log.exception("reader failed on a batch; resynchronising at the write cursor")
-            self.corrupt += 1
-            self._ring.cursor = self._ring_write_cursor()
-        self._write_counters()
+        with self._lock:
+            try:
+                batch = self._ring.read(BATCH, self._select)
+                self._route(batch)
+            except Exception:  # never let bad shared memory kill the loop's callback
+                log.exception("reader failed on a batch; resynchronising at the write cursor")
+                self.corrupt += 1
+                self._ring.cursor = self._ring_write_cursor()
+            self._write_counters()
         if self._ring.pending():
             self._schedule()
             return

@@ -972,3 +972,34 @@ def test_memory_bus_subscription_made_outside_a_loop_receives_on_the_loop_that_i
 
     assert asyncio.run(consume()).payload == {"n": 1}
     asyncio.run(instance.close())
+
+
+async def test_shm_subscriptions_on_two_event_loops_of_one_instance_both_receive(bus_name):
+    """One instance, its reader on this loop, a second subscription made on
+    another thread's loop: both get every event, the second through a
+    thread-safe hand-over."""
+    async with ShmBus(bus_name, **SMALL_RING) as shared:
+        here = shared.subscribe("x.*")
+        ready = threading.Event()
+        received: list[int] = []
+
+        def other_thread() -> None:
+            async def consume() -> None:
+                async with shared.subscribe("x.*") as there:
+                    ready.set()
+                    async for event in there:
+                        received.append(event.payload["n"])
+                        if len(received) == 20:
+                            return
+
+            asyncio.run(asyncio.wait_for(consume(), 10))
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        assert await asyncio.to_thread(ready.wait, 10)
+        for n in range(20):
+            await shared.publish("x.y", {"n": n})
+        mine = [(await asyncio.wait_for(here.__anext__(), 5)).payload["n"] for _ in range(20)]
+        await asyncio.to_thread(thread.join, 10)
+        assert mine == list(range(20))
+        assert received == list(range(20))
