@@ -74,6 +74,14 @@ def encode_envelope(
     """
     if payload.__class__ is not dict and not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
+    try:
+        "".join(payload)  # the cheapest check that every key is a str
+    except TypeError:
+        bad = next(key for key in payload if not isinstance(key, str))
+        raise TypeError(
+            f"payload keys must be str; payload for topic {topic!r} has key {bad!r} "
+            f"of type {type(bad).__name__}"
+        ) from None
     if event_type.__class__ is not str and not isinstance(event_type, str):
         raise TypeError(f"event_type must be a str, not {type(event_type).__name__}")
     envelope = {

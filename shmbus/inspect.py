@@ -49,7 +49,6 @@ from . import ofd, procs
 from .errors import IncompatibleSegmentError, SegmentCorruptError, SegmentError
 from .layout import (
     HEADER_SIZE,
-    IDENTITY,
     LAYOUT_VERSION,
     LOCK_ATTACH,
     LOCK_SLOT_BASE,
@@ -75,6 +74,7 @@ from .layout import (
     SLOT_READ_CURSOR,
     SLOT_START,
     SLOT_SUBSCRIPTIONS,
+    read_identity,
     segment_size,
     slot_offset,
 )
@@ -297,8 +297,13 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
             f"its {HEADER_SIZE}-byte header (left by a process that died while creating it?)"
         )
     with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-        magic, version, state, capacity, max_event_size, ring_offset, creator_pid, created_ns = (
-            IDENTITY.unpack_from(mm, 0)
+        identity = read_identity(mm)
+        magic, version, state = identity.magic, identity.layout_version, identity.state
+        capacity, max_event_size = identity.capacity, identity.max_event_size
+        ring_offset, creator_pid, created_ns = (
+            identity.ring_offset,
+            identity.creator_pid,
+            identity.created_ns,
         )
         if magic == MAGIC and version != LAYOUT_VERSION:
             raise IncompatibleSegmentError(

@@ -37,6 +37,7 @@ descriptor; the kernel drops them when their holder dies):
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 # ─── Identity ────────────────────────────────────────────────────────────────
 
@@ -52,7 +53,30 @@ OFF_MAX_EVENT_SIZE = 24  # u64, largest envelope accepted
 OFF_RING_OFFSET = 32  # u64
 OFF_CREATOR_PID = 40  # u64
 OFF_CREATED_NS = 48  # u64, time.time_ns() at creation
-IDENTITY = struct.Struct("<QIIQQQQQ")  # magic .. created_ns, offsets 0..56
+OFF_MODE = 56  # u32, permission bits of the bus's files
+OFF_GID = 60  # u32, group of the bus's files (NO_GROUP: the creator's)
+IDENTITY = struct.Struct("<QIIQQQQQII")  # magic .. gid, offsets 0..64
+NO_GROUP = 0xFFFFFFFF
+
+
+class Identity(NamedTuple):
+    """The identity words of a segment header, as :func:`read_identity` finds them."""
+
+    magic: int
+    layout_version: int
+    state: int
+    capacity: int
+    max_event_size: int
+    ring_offset: int
+    creator_pid: int
+    created_ns: int
+    mode: int
+    gid: int
+
+
+def read_identity(header: bytes | memoryview | object) -> Identity:
+    """Decode the identity words at the start of a mapped segment header."""
+    return Identity._make(IDENTITY.unpack_from(header, 0))  # type: ignore[arg-type]
 
 # ─── Writer state (mutated only by the writer-lock holder) ───────────────────
 
@@ -66,6 +90,8 @@ OFF_LOCK_RECOVERIES = 112  # u64, takeovers from dead holders
 OFF_TORN_RECORDS = 120  # u64, sequence numbers reserved by writers that died
 OFF_PUBLISHED = 128  # u64, records committed
 OFF_RECLAIM_CORRUPT = 136  # u64, times reclaim found an unreadable record
+OFF_LOCK_SLOT = 144  # u64, writer-lock holder's instance slot
+OFF_LAST_RECORD = 152  # u64, start position of the last committed record
 
 U64 = struct.Struct("<Q")
 
@@ -84,6 +110,8 @@ W_LOCK_RECOVERIES = OFF_LOCK_RECOVERIES // 8
 W_TORN_RECORDS = OFF_TORN_RECORDS // 8
 W_PUBLISHED = OFF_PUBLISHED // 8
 W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
+W_LOCK_SLOT = OFF_LOCK_SLOT // 8
+W_LAST_RECORD = OFF_LAST_RECORD // 8
 
 # ─── Reader slots ────────────────────────────────────────────────────────────
 
@@ -127,7 +155,9 @@ LOCK_SLOT_BASE = 1024
 DEFAULT_CAPACITY = 16 * 1024 * 1024
 DEFAULT_MAX_EVENT_SIZE = 1_048_576
 MIN_MAX_EVENT_SIZE = 256
-MAX_TOPIC_BYTES = 1024  # mirrors contract.MAX_TOPIC_LENGTH; checked at import
+#: Record lengths are u32: the largest event must leave room for its header.
+MAX_MAX_EVENT_SIZE = 1 << 31
+MAX_TOPIC_BYTES = 1024  # must equal contract.MAX_TOPIC_LENGTH (a test checks)
 MAX_CAPACITY = 1 << 40
 
 

@@ -126,8 +126,7 @@ class BusReader:
         self._routes: dict[bytes, _Route | None] = {}
         self._flag = OFF_SLEEP_FLAGS + segment.slot
         self._slot = segment.slot
-        options = segment.options
-        self._channel = WakeChannel(segment.fifo_path(segment.slot), options.mode, options.gid)
+        self._channel = WakeChannel(segment.fifo_path(segment.slot), segment.mode, segment.gid)
         self._scheduled = False
         self._stopped = False
         # Subscriptions may be added or removed from other threads (other
@@ -136,6 +135,7 @@ class BusReader:
         # Low-latency mode: when the current spin started (None: not spinning
         # or mode off), and the smoothed idle gap between records.
         self._spin_until: float | None = 0.0 if low_latency else None
+        self._asleep = False
         self._idle_since = 0.0
         self._idle_gap = SPIN_MAX
         #: Records rejected as unreadable.
@@ -205,10 +205,13 @@ class BusReader:
 
     def _on_wake(self) -> None:
         # The FIFO is drained when the reader next goes idle, not here: the
-        # read() system call would sit on the latency path.
+        # read() system call would sit on the latency path. Until then the
+        # loop reports it readable on every iteration; ignore that while busy.
+        if self._scheduled or not self._asleep:
+            return
+        self._asleep = False
         if self._spin_until is not None:
-            gap = time.perf_counter() - self._idle_since
-            self._idle_gap += (gap - self._idle_gap) / 8
+            self._idle_gap += (time.perf_counter() - self._idle_since - self._idle_gap) / 8
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
@@ -218,6 +221,7 @@ class BusReader:
     def _on_recheck(self) -> None:
         self._recheck = None
         if not self._scheduled and not self._stopped and self._ring.pending():
+            self._asleep = False
             self._step()
 
     def _on_heartbeat(self) -> None:
@@ -225,6 +229,7 @@ class BusReader:
             return
         self._heartbeat = self.loop.call_later(HEARTBEAT, self._on_heartbeat)
         if not self._scheduled and self._ring.pending():
+            self._asleep = False
             self._step()
 
     def _step(self) -> None:
@@ -232,12 +237,16 @@ class BusReader:
         if self._stopped:
             return
         with self._lock:
+            expected = self._ring.expected_seq
             try:
                 batch = self._ring.read(BATCH, self._select)
                 self._route(batch)
             except Exception:  # never let bad shared memory kill the loop's callback
                 log.exception("reader failed on a batch; resynchronising at the write cursor")
                 self.corrupt += 1
+                # Whatever this batch held was not delivered: with the old
+                # expected sequence number, the next record counts it as a gap.
+                self._ring.expected_seq = expected
                 self._ring.cursor = self._ring_write_cursor()
             self._write_counters()
         if self._ring.pending():
@@ -276,6 +285,7 @@ class BusReader:
 
     def _sleep(self) -> None:
         """Going idle: announce it, then look once more (see shmbus.wakeup)."""
+        self._asleep = True
         self._channel.drain()
         self._mm[self._flag] = 1
         full_barrier()

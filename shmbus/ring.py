@@ -63,12 +63,14 @@ from .layout import (
     RECORD_HEADER_SIZE,
     RECORD_PADDING,
     W_HEAD,
+    W_LAST_RECORD,
     W_NEXT_SEQ,
     W_PUBLISHED,
     W_RECLAIM_CORRUPT,
     W_TORN_RECORDS,
     W_WRITE_CURSOR,
     aligned,
+    min_capacity,
     seq_mix,
 )
 
@@ -89,12 +91,16 @@ class RingWriter:
 
     __slots__ = ("_mm", "_words", "_base", "_capacity", "_reclaim_slack", "before_commit")
 
-    def __init__(self, mm: mmap.mmap, words: memoryview, ring_offset: int, capacity: int) -> None:
+    def __init__(
+        self, mm: mmap.mmap, words: memoryview, ring_offset: int, capacity: int, max_event_size: int
+    ) -> None:
         self._mm = mm
         self._words = words
         self._base = ring_offset
         self._capacity = capacity
-        self._reclaim_slack = capacity // 16
+        # Never so much slack that the ring could not hold two of the largest
+        # records any more.
+        self._reclaim_slack = max(0, min(capacity // 16, capacity - min_capacity(max_event_size)))
         #: Fault-injection hook run after the record is written, before the
         #: commit; None outside tests.
         self.before_commit: Callable[[], None] | None = None
@@ -145,6 +151,7 @@ class RingWriter:
         mm[start : start + body_len] = body
         if self.before_commit is not None:
             self.before_commit()
+        words[W_LAST_RECORD] = position
         words[W_WRITE_CURSOR] = position + length
         words[W_PUBLISHED] += 1
         return seq
@@ -153,10 +160,23 @@ class RingWriter:
         """After taking the lock over from a dead writer, count the sequence
         numbers it reserved but never committed; return how many."""
         words = self._words
-        torn_before: int = words[W_TORN_RECORDS]
-        torn_now = max(0, words[W_NEXT_SEQ] - words[W_PUBLISHED] - torn_before)
-        words[W_TORN_RECORDS] = torn_before + torn_now
-        return torn_now
+        reserved = words[W_NEXT_SEQ]
+        if reserved == 0:
+            return 0
+        # The last reserved number was committed iff the last committed
+        # record (whose start is stored just before each commit) carries it.
+        last = words[W_LAST_RECORD]
+        write_cursor = words[W_WRITE_CURSOR]
+        committed = False
+        if last < write_cursor <= last + self._capacity:
+            offset = last % self._capacity
+            if self._capacity - offset >= RECORD_HEADER_SIZE:
+                _, kind, _, seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
+                committed = kind == RECORD_EVENT and seq == reserved - 1
+        if committed:
+            return 0
+        words[W_TORN_RECORDS] += 1
+        return 1
 
     def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
         """Walk *head* over whole records until it reaches *reclaim_to*."""
@@ -275,6 +295,9 @@ class RingReader(Generic[Route]):
             self.cursor = write_cursor
             return batch
         start_position = position
+        # Every committed record below write_cursor reserved its number
+        # before the commit, so none can carry one at or above this.
+        next_seq_bound: int = words[W_NEXT_SEQ]
         expected = self.expected_seq
         records = batch.records
         gaps = batch.gaps
@@ -297,20 +320,35 @@ class RingReader(Generic[Route]):
                 or length > room
                 or not 0 < topic_len <= MAX_TOPIC_BYTES
                 or body_len > max_body
-                or seq < expected
             ):
                 if words[W_HEAD] > position:
                     break  # overwritten under us, not corrupt: handled below
                 batch.corrupt += 1
                 position = write_cursor
                 break
-            if seq != expected:
-                gaps.append((expected, seq))
-            expected = seq + 1
-            count += 1
             topic_start = base + offset + RECORD_HEADER_SIZE
             body_start = topic_start + topic_len
             topic = mm[topic_start:body_start]
+            if seq != expected:
+                # A gap, or a damaged sequence number: believe it only if the
+                # record is intact, or one flipped bit would make every later
+                # record look stale. A damaged record is skipped whole; its
+                # own event then shows up as a gap at the next good record.
+                body = mm[body_start : body_start + body_len]
+                mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
+                if (
+                    seq < expected
+                    or seq >= next_seq_bound
+                    or crc32(body, crc32(topic)) ^ mix != checksum
+                ):
+                    if words[W_HEAD] > position:
+                        break  # overwritten under us: handled below
+                    batch.corrupt += 1
+                    position += length
+                    continue
+                gaps.append((expected, seq))
+            expected = seq + 1
+            count += 1
             route = select(topic)
             if route is not None:
                 body = mm[body_start : body_start + body_len]

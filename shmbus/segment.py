@@ -60,6 +60,7 @@ from .layout import (
     MAX_CAPACITY,
     MAX_SLOTS,
     MIN_MAX_EVENT_SIZE,
+    NO_GROUP,
     OFF_SLEEP_FLAGS,
     RING_OFFSET,
     SEGMENT_READY,
@@ -69,6 +70,7 @@ from .layout import (
     SLOT_SIZE,
     SLOT_START,
     min_capacity,
+    read_identity,
     segment_size,
     slot_offset,
     slot_word,
@@ -131,7 +133,7 @@ def resource_paths(bus_name: str) -> list[str]:
     candidates = [
         f"{SHM_DIR}/shmbus.{bus_name}",
         f"{SHM_DIR}/sem.shmbus.{bus_name}:lock",
-        *glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(bus_name)}:wake.[0-9][0-9][0-9]"),
+        *_fifo_paths(bus_name),
     ]
     return [path for path in candidates if os.path.lexists(path)]
 
@@ -202,6 +204,10 @@ class Segment:
         self.ring_offset = RING_OFFSET
         self.slot = -1
         self.created = False
+        #: Permission bits and group of the bus's files, as its creator set
+        #: them (the FIFOs that joiners create follow them).
+        self.mode = options.mode
+        self.gid = options.gid
 
     # ─── Attach ───
 
@@ -279,15 +285,22 @@ class Segment:
 
     @classmethod
     def _initialise(cls, options: SegmentOptions, fd: int) -> Segment:
-        """Alone on the bus (exclusive attach lock): build it from scratch."""
+        """Alone on the bus (exclusive attach lock): build it from scratch.
+
+        The files may belong to another user of the bus's group (``/dev/shm``
+        is sticky: only their owner may remove them), so they are reused, not
+        recreated, and only their owner changes their mode and group.
+        """
         name = options.name
         size = segment_size(options.capacity)
-        previous = os.fstat(fd).st_size
-        if previous:
+        stat = os.fstat(fd)
+        if stat.st_size:
             log.info("bus %r: resetting a segment left with no live process", name)
-        os.fchmod(fd, options.mode)
-        if options.gid is not None:
-            os.fchown(fd, -1, options.gid)
+        if _may_change_owner_bits(stat.st_uid):
+            os.fchmod(fd, options.mode)
+            if options.gid is not None:
+                os.fchown(fd, -1, options.gid)
+            stat = os.fstat(fd)
         try:
             os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
@@ -302,43 +315,42 @@ class Segment:
                     "lower capacity or enlarge /dev/shm",
                 ) from None
             raise
+        mode = stat.st_mode & 0o777
+        gid = stat.st_gid if options.gid is not None else NO_GROUP
         mm = mmap.mmap(fd, size)
-        # posix_fallocate reserved the pages; zero the header (the ring is
-        # never read before it is written).
-        mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
-        pid, _ = self_identity()
-        IDENTITY.pack_into(
-            mm,
-            0,
-            MAGIC,
-            LAYOUT_VERSION,
-            0,
-            options.capacity,
-            options.max_event_size,
-            RING_OFFSET,
-            pid,
-            time.time_ns(),
-        )
-        # A writer that died holding the old semaphore left it at 0: start over.
-        sem_name = lock_semaphore_name(name)
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_semaphore(sem_name)
-        for path in glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(name)}:wake.*"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        semaphore = posix_ipc.Semaphore(
-            sem_name, posix_ipc.O_CREX, mode=options.mode, initial_value=1
-        )
-        sem_path = f"{SHM_DIR}/sem.shmbus.{name}:lock"
-        os.chmod(sem_path, options.mode)
-        if options.gid is not None:
-            os.chown(sem_path, -1, options.gid)
-        # The header is complete: only now may others trust it.
-        mm[12:16] = SEGMENT_READY.to_bytes(4, "little")
-        if not ofd.try_lock(fd, LOCK_ATTACH, exclusive=False):  # downgrade
-            raise SegmentError(f"bus {name!r}: could not downgrade the attach lock")
+        try:
+            # posix_fallocate reserved the pages; zero the header (the ring
+            # is never read before it is written).
+            mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
+            pid, _ = self_identity()
+            IDENTITY.pack_into(
+                mm,
+                0,
+                MAGIC,
+                LAYOUT_VERSION,
+                0,
+                options.capacity,
+                options.max_event_size,
+                RING_OFFSET,
+                pid,
+                time.time_ns(),
+                mode,
+                gid,
+            )
+            semaphore = _reset_writer_semaphore(name, mode, None if gid == NO_GROUP else gid)
+            # The header is complete: only now may others trust it.
+            mm[12:16] = SEGMENT_READY.to_bytes(4, "little")
+            if not ofd.try_lock(fd, LOCK_ATTACH, exclusive=False):  # downgrade
+                raise SegmentError(f"bus {name!r}: could not downgrade the attach lock")
+        except BaseException:
+            mm.close()
+            # Alone and half-built: leave nothing behind (the caller closes fd).
+            remove_resources(name)
+            raise
         segment = cls(options, fd, mm, semaphore, options.capacity, options.max_event_size)
         segment.created = True
+        segment.mode = mode
+        segment.gid = None if gid == NO_GROUP else gid
         return segment
 
     @classmethod
@@ -350,9 +362,10 @@ class Segment:
             _retry_if_alone(fd, name, f"segment is {size} bytes, smaller than its header")
             return None
         with mmap.mmap(fd, HEADER_SIZE) as header:
-            magic, version, state, capacity, max_event_size, ring_offset, _, _ = (
-                IDENTITY.unpack_from(header, 0)
-            )
+            identity = read_identity(header)
+        magic, version, state = identity.magic, identity.layout_version, identity.state
+        capacity, max_event_size = identity.capacity, identity.max_event_size
+        ring_offset, mode, gid = identity.ring_offset, identity.mode, identity.gid
         if magic != MAGIC:
             _retry_if_alone(fd, name, f"magic number is {magic:#018x}, expected {MAGIC:#018x}")
             return None
@@ -382,16 +395,28 @@ class Segment:
         try:
             semaphore = posix_ipc.Semaphore(lock_semaphore_name(name))
         except posix_ipc.ExistentialError:
-            raise SegmentCorruptError(
-                f"bus {name!r} is live but its writer semaphore "
-                f"{SHM_DIR}/sem.shmbus.{name}:lock is missing (removed by hand?)"
-            ) from None
+            # The last instance died while removing the bus; if everyone has
+            # gone, start over, else the live bus really lost its semaphore.
+            _retry_if_alone(
+                fd,
+                name,
+                f"its writer semaphore {SHM_DIR}/sem.shmbus.{name}:lock is missing "
+                "(removed by hand?)",
+            )
+            return None
         except posix_ipc.PermissionsError:
             raise PermissionError(
                 errno.EACCES, f"no permission to open the writer semaphore of bus {name!r}"
             ) from None
-        mm = mmap.mmap(fd, size)
-        return cls(options, fd, mm, semaphore, capacity, max_event_size)
+        try:
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            semaphore.close()
+            raise
+        segment = cls(options, fd, mm, semaphore, capacity, max_event_size)
+        segment.mode = mode & 0o777
+        segment.gid = None if gid == NO_GROUP else gid
+        return segment
 
     # ─── Slots ───
 
@@ -421,25 +446,31 @@ class Segment:
         Returns True if the resources were removed.
         """
         removed = False
-        if self.slot >= 0:
-            self.words[slot_word(self.slot, SLOT_PID)] = 0
-            self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
-            ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
-            self.slot = -1
-        # Let go of our shared lock before trying for the exclusive one: two
-        # last instances closing at once would otherwise each see the other's
-        # shared lock and neither would remove the bus. Only remove what is
-        # still ours: if the files were removed by hand (or a forced cleanup)
-        # and a new bus took the name, leave it be.
-        ofd.unlock(self.fd, LOCK_ATTACH)
-        if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True) and _still_linked(self.fd, self.name):
-            remove_resources(self.name)
-            removed = True
-            log.debug("bus %r: last instance left; resources removed", self.name)
-        self.semaphore.close()
-        self.words.release()
-        self.mm.close()
-        os.close(self.fd)
+        try:
+            if self.slot >= 0:
+                self.words[slot_word(self.slot, SLOT_PID)] = 0
+                self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
+                ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
+                self.slot = -1
+            # Let go of our shared lock before trying for the exclusive one:
+            # two last instances closing at once would otherwise each see the
+            # other's shared lock and neither would remove the bus. Only
+            # remove what is still ours: if the files were removed by hand (or
+            # a forced cleanup) and a new bus took the name, leave it be.
+            ofd.unlock(self.fd, LOCK_ATTACH)
+            if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True) and _still_linked(
+                self.fd, self.name
+            ):
+                remove_resources(self.name)
+                removed = True
+                log.debug("bus %r: last instance left; resources removed", self.name)
+        finally:
+            # Whatever happened above, closing the descriptor releases every
+            # lock this instance held.
+            self.semaphore.close()
+            self.words.release()
+            self.mm.close()
+            os.close(self.fd)
         return removed
 
     def abandon(self) -> None:
@@ -458,6 +489,40 @@ class Segment:
 
     def fifo_path(self, slot: int) -> str:
         return fifo_path(self.name, slot)
+
+
+def _fifo_paths(bus_name: str) -> list[str]:
+    return glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(bus_name)}:wake.[0-9][0-9][0-9]")
+
+
+def _may_change_owner_bits(owner: int) -> bool:
+    return os.geteuid() in (0, owner)
+
+
+def _reset_writer_semaphore(name: str, mode: int, gid: int | None) -> posix_ipc.Semaphore:
+    """Open or create the writer semaphore with the value 1. Only for someone
+    alone on the bus: nobody else can be holding or waiting on it."""
+    sem_name = lock_semaphore_name(name)
+    sem_path = f"{SHM_DIR}/sem.shmbus.{name}:lock"
+    try:
+        semaphore = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=1)
+    except posix_ipc.ExistentialError:
+        try:
+            semaphore = posix_ipc.Semaphore(sem_name)
+        except posix_ipc.PermissionsError:
+            raise PermissionError(
+                errno.EACCES, f"no permission to open the writer semaphore of bus {name!r}"
+            ) from None
+        # A writer that died holding it left it at 0.
+        while semaphore.value > 1:
+            semaphore.acquire(0)
+        if semaphore.value == 0:
+            semaphore.release()
+        return semaphore
+    os.chmod(sem_path, mode)  # sem_open applies the umask
+    if gid is not None:
+        os.chown(sem_path, -1, gid)
+    return semaphore
 
 
 def _still_linked(fd: int, name: str) -> bool:
@@ -484,14 +549,16 @@ def remove_resources(name: str) -> None:
     """
     # Semaphore and FIFOs first, the segment name last: a newcomer that finds
     # no segment name may create fresh resources at once, and must not lose
-    # them to us.
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_semaphore(lock_semaphore_name(name))
-    for path in glob.glob(f"{SHM_DIR}/shmbus.{glob.escape(name)}:wake.*"):
-        with contextlib.suppress(FileNotFoundError):
+    # them to us. /dev/shm is sticky: a file another user of a group bus
+    # created is theirs to remove; it stays, and the next instance reuses it.
+    paths = [f"{SHM_DIR}/sem.shmbus.{name}:lock", *_fifo_paths(name), f"{SHM_DIR}/shmbus.{name}"]
+    for path in paths:
+        try:
             os.unlink(path)
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_shared_memory(segment_name(name))
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            log.info("bus %r: %s belongs to another user; left for reuse", name, path)
 
 
 def _own_command() -> str:

@@ -120,9 +120,13 @@ class ShmBus(BaseBus):
         )
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
-        if not isinstance(lock_timeout, (int, float)) or not 0 < lock_timeout <= 3600:
+        if (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, (int, float))
+            or not 0.05 <= lock_timeout <= 3600
+        ):
             raise ValueError(
-                f"lock_timeout must be between 0 and 3600 seconds, got {lock_timeout!r}"
+                f"lock_timeout must be between 0.05 and 3600 seconds, got {lock_timeout!r}"
             )
         self.name = name
         self.max_event_size = max_event_size
@@ -171,13 +175,18 @@ class ShmBus(BaseBus):
             self._check_not_ended("connect")
             segment = Segment.attach(self._options)
             self._writer = RingWriter(
-                segment.mm, segment.words, segment.ring_offset, segment.capacity
+                segment.mm,
+                segment.words,
+                segment.ring_offset,
+                segment.capacity,
+                segment.max_event_size,
             )
             self._writer_lock = WriterLock(
                 segment.semaphore,
                 segment.words,
                 segment.fd,
                 self_identity(),
+                segment.slot,
                 self.lock_timeout,
                 on_takeover=self._on_takeover,
             )
@@ -338,8 +347,10 @@ class ShmBus(BaseBus):
         """Subscribe to events whose topic matches *pattern*.
 
         Must be called with an event loop running (that loop runs the
-        instance's reader). The subscription sees every matching event
-        published after this call returns.
+        instance's reader), the same loop for every subscription of the
+        instance while any is open: use one instance per event loop. The
+        subscription sees every matching event published after this call
+        returns.
         """
         validate_pattern(pattern)
         try:
@@ -364,6 +375,13 @@ class ShmBus(BaseBus):
                 orphans = reader.subscriptions
                 self._stop_reader()
                 reader = None
+            if reader is not None and reader.loop is not loop:
+                # One reader per instance runs on one loop; were that loop to
+                # end first, this subscription would silently stop receiving.
+                raise RuntimeError(
+                    f"ShmBus {self.name!r} already runs its reader on another event loop "
+                    "(another thread); use one ShmBus instance per event loop"
+                )
             if reader is None:
                 cursor, next_seq = self._snapshot()
                 reader = self._reader = BusReader(
@@ -448,7 +466,9 @@ class ShmBus(BaseBus):
             self._reader = None
         if self._segment is not None:
             self._segment.abandon()
-        self._waker = None
+        if self._waker is not None:
+            self._waker.close()  # the child's copies of the FIFO descriptors
+            self._waker = None
         for sub in list(self._subscriptions):
             sub.close_from_transport()
         self._subscriptions.clear()
@@ -467,11 +487,20 @@ def _resolve_group(group: str | int | None) -> int | None:
         return None
     if isinstance(group, bool):
         raise TypeError(f"group must be a group name or id, not {group!r}")
-    if isinstance(group, int):
-        return group
     if isinstance(group, str):
         try:
-            return grp.getgrnam(group).gr_gid
+            gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError(f"group {group!r} does not exist on this host") from None
-    raise TypeError(f"group must be a group name or id, not {type(group).__name__}")
+    elif isinstance(group, int):
+        gid = group
+        if not 0 <= gid < 0xFFFFFFFF:
+            raise ValueError(f"group id {gid} is out of range (0 to {0xFFFFFFFF - 1})")
+    else:
+        raise TypeError(f"group must be a group name or id, not {type(group).__name__}")
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ValueError(
+            f"group {group!r} (gid {gid}) is not one of this process's groups "
+            f"{sorted({os.getegid(), *os.getgroups()})}; only its members may share a bus with it"
+        )
+    return gid

@@ -39,6 +39,14 @@ _DRAIN_SIZE = 4096
 _barrier_lock = threading.Lock()
 
 
+def _new_barrier_lock() -> None:
+    global _barrier_lock
+    _barrier_lock = threading.Lock()  # another thread may have held it at fork
+
+
+os.register_at_fork(after_in_child=_new_barrier_lock)
+
+
 def full_barrier() -> None:
     """Order this thread's earlier stores before its later loads.
 

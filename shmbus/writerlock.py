@@ -2,7 +2,14 @@
 
 Publishers are serialised by a POSIX semaphore (initial value 1). A holder
 records itself in the segment header right after acquiring it (pid, process
-start time, and a bumped epoch) and clears the record before releasing it.
+start time, its instance slot, and a bumped epoch) and clears the record
+before releasing it.
+
+A holder is alive if the kernel still holds its slot's OFD byte lock for it
+(the slot's pid and start time still match the record), or if psutil finds a
+process with its pid *and* start time. The slot test is immune to pid
+namespaces and clock steps; the pid test keeps a recycled pid from passing for
+the holder.
 
 Theory of operation
 -------------------
@@ -12,8 +19,8 @@ each slice it inspects the holder record:
 =====================================  =======================================
 holder record                          waiter does
 =====================================  =======================================
-a live process (pid and start time)    keeps waiting: slow is not dead
-a dead process, or a recycled pid      takes the lock over (below)
+a live holder                          keeps waiting: slow is not dead
+a dead holder, or a recycled pid       takes the lock over (below)
 empty, and the epoch unchanged for     takes the lock over: the holder died
 ``lock_timeout / 2``                   between acquiring and recording itself,
                                        or between clearing and releasing
@@ -32,7 +39,9 @@ The one hazard: a live holder stalled for more than ``lock_timeout / 2``
 in the few instructions between acquiring the semaphore and recording
 itself (or clearing and releasing) would be taken over while alive. Readers
 then see damaged records, which fail their checks and are counted as
-corrupt; nothing crashes or hangs.
+corrupt; nothing crashes or hangs. When that holder releases, it finds the
+epoch is no longer its own and does not post the semaphore, so the count never
+exceeds one and the lock is whole again from then on.
 """
 
 from __future__ import annotations
@@ -44,7 +53,19 @@ from collections.abc import Callable
 import posix_ipc
 
 from . import ofd
-from .layout import LOCK_TAKEOVER, W_LOCK_EPOCH, W_LOCK_PID, W_LOCK_RECOVERIES, W_LOCK_START
+from .layout import (
+    LOCK_SLOT_BASE,
+    LOCK_TAKEOVER,
+    MAX_SLOTS,
+    SLOT_PID,
+    SLOT_START,
+    W_LOCK_EPOCH,
+    W_LOCK_PID,
+    W_LOCK_RECOVERIES,
+    W_LOCK_SLOT,
+    W_LOCK_START,
+    slot_word,
+)
 from .procs import is_alive
 
 __all__ = ["WriterLock"]
@@ -66,6 +87,7 @@ class WriterLock:
         words: memoryview,
         fd: int,
         identity: tuple[int, int],
+        slot: int,
         lock_timeout: float,
         *,
         on_takeover: Callable[[int, int], None] | None = None,
@@ -74,6 +96,8 @@ class WriterLock:
         self._words = words
         self._fd = fd
         self._pid, self._start = identity
+        self._slot = slot
+        self._epoch = 0
         self._timeout = lock_timeout
         self._slice = lock_timeout / 4
         self._on_takeover = on_takeover
@@ -91,7 +115,13 @@ class WriterLock:
         return True
 
     def release(self) -> None:
-        self._words[W_LOCK_PID] = 0
+        words = self._words
+        if words[W_LOCK_EPOCH] != self._epoch:
+            # Taken over while we held it (we stalled past lock_timeout / 2):
+            # the taker's release will return the semaphore's count.
+            log.error("writer lock was taken over while this process held it; not releasing")
+            return
+        words[W_LOCK_PID] = 0
         self._semaphore.release()
 
     # ─── Internals ───
@@ -106,12 +136,25 @@ class WriterLock:
     def _record(self) -> None:
         words = self._words
         words[W_LOCK_START] = self._start
+        words[W_LOCK_SLOT] = self._slot
         words[W_LOCK_PID] = self._pid
-        words[W_LOCK_EPOCH] += 1
+        epoch = self._epoch = words[W_LOCK_EPOCH] + 1
+        words[W_LOCK_EPOCH] = epoch
 
     def _holder(self) -> tuple[int, int, int]:
         words = self._words
         return words[W_LOCK_PID], words[W_LOCK_START], words[W_LOCK_EPOCH]
+
+    def _holder_alive(self, pid: int, start: int) -> bool:
+        slot = self._words[W_LOCK_SLOT]
+        if (
+            0 <= slot < MAX_SLOTS
+            and self._words[slot_word(slot, SLOT_PID)] == pid
+            and self._words[slot_word(slot, SLOT_START)] == start
+            and ofd.holds_conflicting(self._fd, LOCK_SLOT_BASE + slot)
+        ):
+            return True
+        return is_alive(pid, start)
 
     def _wait(self, give_up_after: float) -> bool:
         started = time.monotonic()
@@ -121,7 +164,7 @@ class WriterLock:
             now = time.monotonic()
             if pid:
                 empty_since = None
-                if not is_alive(pid, start) and self._take_over(epoch, pid):
+                if not self._holder_alive(pid, start) and self._take_over(epoch, pid):
                     return True
             elif empty_since is None or empty_since[0] != epoch:
                 empty_since = (epoch, now)

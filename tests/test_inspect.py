@@ -173,7 +173,9 @@ def test_read_bus_rejects_a_segment_of_another_layout_version(
 ) -> None:
     name, path = fake_segment
     header = bytearray(HEADER_SIZE)
-    IDENTITY.pack_into(header, 0, MAGIC, LAYOUT_VERSION + 1, 0, 1 << 20, 1024, RING_OFFSET, 1, 0)
+    IDENTITY.pack_into(
+        header, 0, MAGIC, LAYOUT_VERSION + 1, 0, 1 << 20, 1024, RING_OFFSET, 1, 0, 0o600, 0
+    )
     _write(path, bytes(header))
     with pytest.raises(IncompatibleSegmentError, match=f"version {LAYOUT_VERSION + 1}"):
         read_bus(name)

@@ -37,7 +37,7 @@ class Ring:
         self.mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
         #: shared words are written through an 8-byte view, as the bus does
         self.words = memoryview(self.mm).cast("Q")
-        self.writer = RingWriter(self.mm, self.words, RING_OFFSET, capacity)
+        self.writer = RingWriter(self.mm, self.words, RING_OFFSET, capacity, MAX_EVENT)
         #: seq -> (start position, topic, body) of every record written
         self.written: dict[int, tuple[int, bytes, bytes]] = {}
 
