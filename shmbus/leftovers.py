@@ -45,7 +45,7 @@ from . import ofd
 from .errors import BusInUseError, ShmBusError
 from .inspect import read_bus
 from .layout import LOCK_ATTACH
-from .segment import SHM_DIR, remove_resources, resource_paths, validate_bus_name
+from .segment import SHM_DIR, remove_resources, resource_paths, still_linked, validate_bus_name
 
 __all__ = ["BusInUseError", "CleanupReport", "cleanup", "cleanup_report", "leftover_names"]
 
@@ -147,7 +147,7 @@ def _clean_one(name: str, *, force: bool) -> list[str]:
                 if not force:
                     raise BusInUseError(_live_message(name))
                 return _remove(name, path, created=created, live=True)
-            if not _still_linked(fd, path):
+            if not still_linked(fd, name):
                 continue  # removed or replaced meanwhile: look again
             return _remove(name, path, created=created, live=False)
         finally:
@@ -188,13 +188,6 @@ def _remove(name: str, path: str, *, created: bool, live: bool) -> list[str]:
     if paths:
         log.info("bus %r: removed %s", name, ", ".join(paths))
     return paths
-
-
-def _still_linked(fd: int, path: str) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def _live_message(name: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from .codec import decode_envelope, encode_envelope
 from .contract import BaseBus, validate_pattern, validate_topic
 from .delivery import QueueSubscription
+from .layout import MIN_MAX_EVENT_SIZE
 from .stats import BusStats
 
 __all__ = ["MemoryBus", "NullBus"]
@@ -27,7 +28,7 @@ class _LocalBus(BaseBus):
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
         for label, value, least in (
-            ("max_event_size", max_event_size, 64),
+            ("max_event_size", max_event_size, MIN_MAX_EVENT_SIZE),
             ("queue_size", queue_size, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int):

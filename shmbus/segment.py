@@ -58,6 +58,7 @@ from .layout import (
     LOCK_SLOT_BASE,
     MAGIC,
     MAX_CAPACITY,
+    MAX_MAX_EVENT_SIZE,
     MAX_SLOTS,
     MIN_MAX_EVENT_SIZE,
     NO_GROUP,
@@ -84,6 +85,7 @@ __all__ = [
     "lock_semaphore_name",
     "remove_resources",
     "resource_paths",
+    "still_linked",
     "segment_name",
     "validate_bus_name",
 ]
@@ -153,6 +155,11 @@ class SegmentOptions:
         for label, value in (("capacity", self.capacity), ("max_event_size", self.max_event_size)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{label} must be an int, not {type(value).__name__}")
+        if self.max_event_size > MAX_MAX_EVENT_SIZE:
+            raise ValueError(
+                f"max_event_size {self.max_event_size} exceeds the limit of "
+                f"{MAX_MAX_EVENT_SIZE} bytes (record lengths are 32-bit)"
+            )
         if self.max_event_size < MIN_MAX_EVENT_SIZE:
             raise ValueError(
                 f"max_event_size {self.max_event_size} is below the minimum of "
@@ -255,7 +262,7 @@ class Segment:
         fd = shm.fd
         try:
             if ofd.try_lock(fd, LOCK_ATTACH, exclusive=True):
-                if not _still_linked(fd, name):
+                if not still_linked(fd, name):
                     os.close(fd)
                     return None
                 segment: Segment | None = cls._initialise(options, fd)
@@ -264,7 +271,7 @@ class Segment:
                 if not ofd.wait_lock(fd, LOCK_ATTACH, exclusive=False, timeout=remaining):
                     os.close(fd)
                     return None
-                if not _still_linked(fd, name):
+                if not still_linked(fd, name):
                     os.close(fd)
                     return None
                 segment = cls._join(options, fd)
@@ -458,7 +465,7 @@ class Segment:
             # remove what is still ours: if the files were removed by hand (or
             # a forced cleanup) and a new bus took the name, leave it be.
             ofd.unlock(self.fd, LOCK_ATTACH)
-            if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True) and _still_linked(
+            if ofd.try_lock(self.fd, LOCK_ATTACH, exclusive=True) and still_linked(
                 self.fd, self.name
             ):
                 remove_resources(self.name)
@@ -525,7 +532,7 @@ def _reset_writer_semaphore(name: str, mode: int, gid: int | None) -> posix_ipc.
     return semaphore
 
 
-def _still_linked(fd: int, name: str) -> bool:
+def still_linked(fd: int, name: str) -> bool:
     """True if ``/dev/shm/shmbus.NAME`` still names the inode *fd* refers to."""
     try:
         return os.stat(f"{SHM_DIR}/shmbus.{name}").st_ino == os.fstat(fd).st_ino

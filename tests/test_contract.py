@@ -434,3 +434,9 @@ def test_generated_patterns_are_valid(pattern):
 @given(topic=TOPICS)
 def test_every_valid_topic_is_also_a_valid_pattern(topic):
     assert validate_topic(topic) == validate_pattern(topic) == topic
+
+
+def test_the_contracts_topic_limit_is_the_one_the_segment_layout_reserves_room_for():
+    from shmbus.layout import MAX_TOPIC_BYTES
+
+    assert MAX_TOPIC_LENGTH == MAX_TOPIC_BYTES
