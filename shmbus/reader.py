@@ -238,6 +238,7 @@ class BusReader:
             return
         with self._lock:
             expected = self._ring.expected_seq
+            routed = self.routed
             try:
                 batch = self._ring.read(BATCH, self._select)
                 self._route(batch)
@@ -252,10 +253,24 @@ class BusReader:
         if self._ring.pending():
             self._schedule()
             return
-        if self._spin_until is not None:
-            self._spin_or_sleep()
+        if self.routed != routed:
+            # Let the consumers just woken run first: going idle (a read()
+            # of the FIFO, a barrier, a timer) is not on their latency path.
+            self._scheduled = True
+            self.loop.call_soon(self._go_idle)
             return
-        self._sleep()
+        self._go_idle()
+
+    def _go_idle(self) -> None:
+        self._scheduled = False
+        if self._stopped:
+            return
+        if self._ring.pending():
+            self._step()
+        elif self._spin_until is not None:
+            self._spin_or_sleep()
+        else:
+            self._sleep()
 
     def _spin_or_sleep(self) -> None:
         now = time.perf_counter()

@@ -301,10 +301,17 @@ class RingReader(Generic[Route]):
         expected = self.expected_seq
         records = batch.records
         gaps = batch.gaps
+        # (position, seq) of every event record accepted, and the positions of
+        # corrupt ones: what a partial lap keeps or drops (see below).
+        marks: list[tuple[int, int]] = []
+        corrupt_at: list[int] = []
         count = 0
+        # Copy at most a quarter of the ring per call: with large events a
+        # long batch would be lapped while it is being copied.
+        budget = capacity // 4
         unpack_record = RECORD.unpack_from
         crc32 = zlib.crc32
-        while position < write_cursor and count < limit:
+        while position < write_cursor and count < limit and budget > 0:
             offset = position % capacity
             room = capacity - offset
             if room < RECORD_HEADER_SIZE:
@@ -323,7 +330,7 @@ class RingReader(Generic[Route]):
             ):
                 if words[W_HEAD] > position:
                     break  # overwritten under us, not corrupt: handled below
-                batch.corrupt += 1
+                corrupt_at.append(position)
                 position = write_cursor
                 break
             topic_start = base + offset + RECORD_HEADER_SIZE
@@ -343,14 +350,16 @@ class RingReader(Generic[Route]):
                 ):
                     if words[W_HEAD] > position:
                         break  # overwritten under us: handled below
-                    batch.corrupt += 1
+                    corrupt_at.append(position)
                     position += length
                     continue
                 gaps.append((expected, seq))
+            marks.append((position, seq))
             expected = seq + 1
             count += 1
             route = select(topic)
             if route is not None:
+                budget -= body_len
                 body = mm[body_start : body_start + body_len]
                 # seq_mix(seq), inlined: this loop runs once per record.
                 mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
@@ -360,10 +369,41 @@ class RingReader(Generic[Route]):
             position += length
         head = words[W_HEAD]
         if head > start_position:
-            # Lapped while copying: nothing in this batch can be trusted. The
-            # sequence gap shows up, and is counted, at the next record read.
-            self.cursor = head
-            return RingBatch(lapped=True)
+            return self._salvage(batch, head, marks, corrupt_at, position, expected)
+        batch.corrupt += len(corrupt_at)
         self.cursor = position
         self.expected_seq = expected
         return batch
+
+    def _salvage(
+        self,
+        batch: RingBatch[Route],
+        head: int,
+        marks: list[tuple[int, int]],
+        corrupt_at: list[int],
+        position: int,
+        expected: int,
+    ) -> RingBatch[Route]:
+        """Lapped while copying: keep what is provably intact.
+
+        ``head`` moves before any byte is overwritten and never moves back, so
+        a record that starts at or above its final value was not touched while
+        it was copied; one below it may have been. The records below are
+        dropped, and the sequence numbers they held become a gap, counted.
+        """
+        keep = next((index for index, (start, _) in enumerate(marks) if start >= head), None)
+        if keep is None:
+            # Nothing provably intact: start again at the oldest intact
+            # record; the gap is counted at the next record read.
+            self.cursor = head
+            return RingBatch(lapped=True)
+        first_seq = marks[keep][1]
+        salvaged: RingBatch[Route] = RingBatch(lapped=True)
+        salvaged.records = [record for record in batch.records if record[0] >= first_seq]
+        if first_seq > self.expected_seq:
+            salvaged.gaps.append((self.expected_seq, first_seq))
+        salvaged.gaps.extend(gap for gap in batch.gaps if gap[0] > first_seq)
+        salvaged.corrupt = sum(1 for start in corrupt_at if start >= head)
+        self.cursor = position
+        self.expected_seq = expected
+        return salvaged

@@ -23,7 +23,7 @@ from shmbus.layout import (
     RING_OFFSET,
     aligned,
 )
-from shmbus.ring import RingReader, RingWriter, content_checksum
+from shmbus.ring import RingBatch, RingReader, RingWriter, content_checksum
 
 MAX_EVENT = 512
 
@@ -219,12 +219,33 @@ def test_a_reader_that_keeps_up_gets_every_record_across_wraps(sizes):
 # ─── Lapped readers ──────────────────────────────────────────────────────────
 
 
+def read_all(reader: RingReader[bytes]) -> RingBatch[bytes]:
+    """Read until the reader is at the write cursor (a call copies at most a
+    quarter of the ring), merging what the calls found."""
+    merged: RingBatch[bytes] = RingBatch()
+    while reader.pending():
+        batch = reader.read(100, select_all)
+        merged.records += batch.records
+        merged.gaps += batch.gaps
+        merged.corrupt += batch.corrupt
+        merged.lapped = merged.lapped or batch.lapped
+    return merged
+
+
+def test_a_read_copies_at_most_a_quarter_of_the_ring():
+    ring = Ring(4096)
+    for _ in range(10):
+        ring.append(b"t", body_for_length(400))
+    batch = ring.reader().read(100, select_all)
+    assert 0 < sum(len(record[3]) for record in batch.records) <= 4096 // 4 + 400
+
+
 def test_a_lapped_reader_reports_a_gap_of_exactly_the_missed_records():
     ring = Ring(1024)
     for _ in range(20):
         ring.append(b"t", body_for_length(200))
     reader = ring.reader()
-    batch = reader.read(100, select_all)
+    batch = read_all(reader)
     missed = sum(end - first for first, end in batch.gaps)
     assert missed + len(batch.records) == 20
     assert batch.gaps == [(0, batch.records[0][0])]
@@ -260,7 +281,7 @@ def test_a_reader_lapped_while_copying_discards_its_batch_and_counts_everything_
     batch = reader.read(100, select_while_writer_laps)
     assert batch.lapped
     assert batch.records == []
-    rest = reader.read(100, select_all)
+    rest = read_all(reader)
     missed = sum(end - first for first, end in rest.gaps)
     assert missed + len(rest.records) == 11
     assert seqs(rest.records) == list(range(missed, 11))
@@ -542,3 +563,32 @@ def test_a_head_word_outside_the_ring_is_reset_by_the_next_writer():
     assert ring.word(layout.OFF_RECLAIM_CORRUPT) == 1
     batch = reader.read(256, lambda topic: topic)
     assert [record[3] for record in batch.records][-1] == b"y" * 100
+
+
+def test_a_reader_lapped_mid_batch_keeps_the_records_the_writer_did_not_reach():
+    """The writer reclaims the oldest records while the reader is copying
+    later ones: the intact tail of the batch is delivered, the overwritten
+    front becomes a counted gap, and nothing is lost uncounted."""
+    ring = Ring(8192)
+    body = body_for_length(200)
+    for _ in range(12):
+        ring.append(b"t", body)
+    reader = ring.reader()
+    seen = []
+
+    def select_while_writer_reclaims_the_front(topic: bytes) -> bytes:
+        seen.append(topic)
+        if len(seen) == 6:
+            while ring.word(OFF_HEAD) <= ring.written[2][0]:
+                ring.append(b"t", body)  # reclaims records 0..2, not the rest
+        return topic
+
+    batch = reader.read(6, select_while_writer_reclaims_the_front)
+    assert batch.lapped
+    kept = seqs(batch.records)
+    assert kept and kept[0] > 2 and kept == list(range(kept[0], 6))
+    assert batch.gaps == [(0, kept[0])]
+    rest = read_all(reader)
+    total = len(ring.written)
+    missed = sum(end - first for first, end in batch.gaps + rest.gaps)
+    assert missed + len(kept) + len(rest.records) == total
