@@ -1,0 +1,684 @@
+"""The benchmark's outputs: results.json, results.md and the PNG charts.
+
+Owns
+----
+* :func:`host_facts`: what the report says about the machine and the
+  software measured.
+* :func:`summarise`: the median of every figure over a (scenario, variant,
+  peer)'s successful runs.
+* :func:`write_json` (every run, raw children's reports included),
+  :func:`write_markdown` (one table per scenario, with each peer's API style
+  and the shmbus/peer ratios) and :func:`write_charts` (``throughput.png``
+  bars and ``latency_cdf.png``, drawn with matplotlib's Agg backend; without
+  matplotlib the charts are skipped and the report says so).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .runner import BenchOutcome, RunResult
+from .spec import (
+    FANIN_PUBLISHERS,
+    LATENCY_RATE,
+    PEERS,
+    REFERENCE_PEERS,
+    SCENARIOS,
+    ZERO_LOSS_FRACTION,
+    PeerInfo,
+    Settings,
+)
+from .workload import envelope_size, median
+
+__all__ = ["host_facts", "summarise", "write_charts", "write_json", "write_markdown"]
+
+Key = tuple[str, str, str]
+
+#: Order and colours of the peers in tables and charts.
+PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "fifo", "sem", "loop")
+COLOURS = {
+    "shm": "#d62728",
+    "nats": "#1f77b4",
+    "zmq": "#2ca02c",
+    "mpq": "#9467bd",
+    "ff": "#ff7f0e",
+    "redis": "#8c564b",
+    "fifo": "#17becf",
+    "sem": "#7f7f7f",
+    "loop": "#bcbd22",
+}
+
+
+def peer_info(name: str) -> PeerInfo:
+    return PEERS.get(name) or REFERENCE_PEERS[name]
+
+
+# ─── Facts and summaries ─────────────────────────────────────────────────────
+
+
+def host_facts() -> dict[str, Any]:
+    """The machine and the versions of everything measured."""
+    versions: dict[str, str] = {}
+    for package in ("shmbus", "msgpack", "pyzmq", "nats-py", "faster-fifo", "redis", "matplotlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        import zmq
+
+        versions["libzmq"] = zmq.zmq_version()
+    except ImportError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def summarise(results: Iterable[RunResult]) -> dict[Key, dict[str, Any]]:
+    """Median of each numeric figure per (scenario, variant, peer), over the
+    successful runs; ``runs`` and ``failed`` count them."""
+    grouped: dict[Key, list[RunResult]] = {}
+    for result in results:
+        grouped.setdefault(result.spec.key, []).append(result)
+    summary: dict[Key, dict[str, Any]] = {}
+    for key, runs in grouped.items():
+        ok = [r for r in runs if r.ok]
+        figures: dict[str, Any] = {"runs": len(ok), "failed": len(runs) - len(ok)}
+        names = {name for r in ok for name, value in r.metrics.items() if _is_number(value)}
+        for name in sorted(names):
+            figures[name] = median([_number(r.metrics.get(name)) for r in ok])
+        figures["ends"] = sorted({str(end) for r in ok for end in r.metrics.get("ends") or []})
+        errors = [r.error for r in runs if r.error]
+        if errors:
+            figures["errors"] = errors
+        samples = sorted(s for r in ok for s in r.samples)
+        figures["_samples"] = samples
+        summary[key] = figures
+    return summary
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+# ─── results.json ────────────────────────────────────────────────────────────
+
+
+def write_json(
+    path: Path, outcome: BenchOutcome, settings: Settings, facts: dict[str, Any], command: str
+) -> None:
+    summary = summarise(outcome.results)
+    document = {
+        "generated": _utc(outcome.started_at),
+        "command": command,
+        "elapsed_s": round(outcome.elapsed_s, 1),
+        "host": facts,
+        "server_versions": outcome.versions,
+        "settings": {
+            **settings.__dict__,
+            "latency_rate": LATENCY_RATE,
+            "fanin_publishers": FANIN_PUBLISHERS,
+            "zero_loss_fraction": ZERO_LOSS_FRACTION,
+            "envelope_bytes": envelope_size(None),
+        },
+        "skipped_peers": outcome.skipped,
+        "zero_loss_calibration": outcome.zero_loss,
+        "summary": [
+            {"scenario": k[0], "variant": k[1], "peer": k[2]}
+            | {name: value for name, value in v.items() if not name.startswith("_")}
+            for k, v in summary.items()
+        ],
+        "runs": [result.to_json() for result in outcome.results],
+    }
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+
+def _utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ─── results.md ──────────────────────────────────────────────────────────────
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    if ours is None or theirs is None or not theirs:
+        return "n/a"
+    return f"{ours / theirs:.2f}×"
+
+
+_ENDS = {
+    "complete": "all accounted for",
+    "quiet": "quiet 250 ms",
+    "deadline": "drain bound",
+}
+
+
+def _ends(figures: dict[str, Any]) -> str:
+    """How the runs' subscribers finished, in words (see the method note)."""
+    return "; ".join(_ENDS.get(end, end) for end in figures.get("ends", [])) or "n/a"
+
+
+def _runs_note(figures: dict[str, Any]) -> str:
+    if figures.get("failed"):
+        return f" ({figures['failed']} of {figures['failed'] + figures['runs']} runs failed)"
+    return ""
+
+
+class _Table:
+    """A markdown table; the first *text_columns* columns are left-aligned text."""
+
+    def __init__(self, *headers: str, text_columns: int = 2) -> None:
+        self.lines = [
+            "| " + " | ".join(headers) + " |",
+            "|"
+            + "|".join("---" if i < text_columns else "---:" for i in range(len(headers)))
+            + "|",
+        ]
+
+    def row(self, *cells: str) -> None:
+        self.lines.append("| " + " | ".join(cells) + " |")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def write_markdown(
+    path: Path,
+    outcome: BenchOutcome,
+    settings: Settings,
+    facts: dict[str, Any],
+    command: str,
+    charts: list[str],
+    chart_note: str | None,
+) -> None:
+    summary = summarise(outcome.results)
+    peers = [p for p in PEER_ORDER if p in PEERS and any(k[2] == p for k in summary)]
+    references = [p for p in REFERENCE_PEERS if any(k[2] == p for k in summary)]
+    ran = [s for s in SCENARIOS if any(k[0] == s for k in summary)]
+    out: list[str] = ["# shmbus benchmark results", ""]
+    reps = settings.reps
+    out.append(
+        f"`{command}`, {_utc(outcome.started_at)}: {len(outcome.results)} runs in "
+        f"{outcome.elapsed_s / 60:.1f} min ({settings.mode} mode)."
+    )
+    out.append("")
+    out.append(
+        f"**Machine:** {facts['cpus']} CPUs ({facts['cpu_model']}), {facts['kernel']}, "
+        f"Python {facts['python']}; load average {facts['load_average'][0]} when it started. "
+        "The machine is shared with other engineers' test runs, so absolute numbers are "
+        "noisy: read the ratios, which come from runs interleaved in time "
+        "(every repetition runs each scenario for every peer back to back, "
+        "round-robin), so noise hits all peers alike."
+    )
+    out.append("")
+    if reps > 1:
+        runs_text = f"Every figure is the median of {reps} runs."
+    else:
+        runs_text = (
+            f"One run per figure ({settings.mode} mode: no median; "
+            "the full benchmark takes the median of 3)."
+        )
+    out.append(
+        f"**Method:** {runs_text} Throughput runs publish for {settings.throughput_s:g} s as fast "
+        f"as the publisher can; the workload is `decky.<id>.traffic` over 64 ids, one subscriber "
+        f"pattern `decky.*.traffic` per subscriber process, a 9-field payload stamped with "
+        f"`time.monotonic_ns()` ({envelope_size(None)} bytes as a msgpack envelope). Every "
+        "subscriber ends with a frozen `shmbus.Event` per event: peers other than shmbus carry "
+        "the same msgpack envelope and decode it with `shmbus.codec.decode_envelope`. "
+        "Subscribers drain for up to "
+        f"{settings.drain_s:g} s after the publishers stop. *delivered/s* = events received by "
+        "all subscribers / time from the first publish to the last receipt; *loss* = events a "
+        "subscriber should have received but had not by the end of its run: dropped by the "
+        "transport, or (lossless queues, client-side buffers) still queued when the drain "
+        "bound passed; *run ended* says which: *all accounted for* (everything received, or "
+        "counted as dropped by shmbus), *quiet 250 ms* (a peer that does not count its drops "
+        "stopped delivering), *drain bound* (still delivering when the bound passed); *sub CPU* = "
+        "user+system CPU of the subscriber processes per million events delivered. Ratios are "
+        "shmbus/peer of the column named."
+    )
+    out.append("")
+    out.append("## Peers")
+    out.append("")
+    table = _Table("peer", "API style", "how it is driven", text_columns=3)
+    for name in [*peers, *references]:
+        info = peer_info(name)
+        table.row(info.label, info.api, info.what)
+    out.append(table.text())
+    out.append("")
+    if outcome.skipped:
+        for name, reason in outcome.skipped.items():
+            out.append(f"- **{PEERS[name].label}: skipped**: {reason}.")
+        out.append("")
+    versions = {**facts["versions"], **outcome.versions}
+    out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    out.append("")
+
+    for scenario in ran:
+        out.append(f"## {scenario}: {SCENARIOS[scenario]}")
+        out.append("")
+        writer = _SECTIONS[scenario]
+        out.extend(writer(summary, peers))
+        out.append("")
+    if charts:
+        out.append("## Charts")
+        out.append("")
+        for chart in charts:
+            out.append(f"![{chart}]({chart})")
+            out.append("")
+    if chart_note:
+        out.append(f"Charts: {chart_note}")
+        out.append("")
+    path.write_text("\n".join(out))
+
+
+def _section_flow(
+    scenario: str, variant: str, summary: dict[Key, dict[str, Any]], peers: list[str]
+) -> list[str]:
+    table = _Table(
+        "peer",
+        "API",
+        "published/s",
+        "delivered/s",
+        "loss %",
+        "sub CPU s / 1M delivered",
+        "shmbus/peer delivered/s",
+        "run ended",
+    )
+    ours = summary.get((scenario, variant, "shm"), {})
+    for peer in peers:
+        figures = summary.get((scenario, variant, peer))
+        if figures is None:
+            continue
+        table.row(
+            peer_info(peer).label + _runs_note(figures),
+            peer_info(peer).api,
+            _fmt(figures.get("published_per_s")),
+            _fmt(figures.get("delivered_per_s")),
+            _fmt(figures.get("loss_pct"), 2),
+            _fmt(figures.get("sub_cpu_s_per_million"), 2),
+            "—"
+            if peer == "shm"
+            else _ratio(ours.get("delivered_per_s"), figures.get("delivered_per_s")),
+            _ends(figures),
+        )
+    return [table.text()]
+
+
+def _t1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    return _section_flow("T1", "", summary, peers)
+
+
+def _t3(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    return _section_flow("T3", "", summary, peers)
+
+
+def _t2(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    variants = sorted({k[1] for k in summary if k[0] == "T2"}, key=lambda v: int(v.split("=")[1]))
+    table = _Table(
+        "subscribers",
+        "peer",
+        "API",
+        "published/s",
+        "aggregate delivered/s",
+        "loss %",
+        "shmbus/peer delivered/s",
+        "run ended",
+    )
+    for variant in variants:
+        ours = summary.get(("T2", variant, "shm"), {})
+        for peer in peers:
+            figures = summary.get(("T2", variant, peer))
+            if figures is None:
+                continue
+            table.row(
+                variant.split("=")[1],
+                peer_info(peer).label + _runs_note(figures),
+                peer_info(peer).api,
+                _fmt(figures.get("published_per_s")),
+                _fmt(figures.get("delivered_per_s")),
+                _fmt(figures.get("loss_pct"), 2),
+                "—"
+                if peer == "shm"
+                else _ratio(ours.get("delivered_per_s"), figures.get("delivered_per_s")),
+                _ends(figures),
+            )
+    return [table.text()]
+
+
+def _l1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    table = _Table(
+        "peer",
+        "API",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "max µs",
+        "samples",
+        "loss %",
+        "shmbus/peer p50",
+        "shmbus/peer p99",
+    )
+    ours = summary.get(("L1", "", "shm"), {})
+    for peer in [*peers, "fifo", "sem"]:
+        figures = summary.get(("L1", "", peer))
+        if figures is None:
+            continue
+        table.row(
+            peer_info(peer).label + _runs_note(figures),
+            peer_info(peer).api,
+            _fmt(figures.get("p50_us"), 1),
+            _fmt(figures.get("p99_us"), 1),
+            _fmt(figures.get("p999_us"), 1),
+            _fmt(figures.get("max_us"), 1),
+            _fmt(figures.get("samples")),
+            _fmt(figures.get("loss_pct"), 2),
+            "—" if peer == "shm" else _ratio(ours.get("p50_us"), figures.get("p50_us")),
+            "—" if peer == "shm" else _ratio(ours.get("p99_us"), figures.get("p99_us")),
+        )
+    return [
+        "Latency ratios below 1 mean shmbus is faster. Two reference rows, measured in the "
+        "same run: the bare semaphore is the floor of a cross-process wake-up on this machine "
+        "(blocking `sem_wait`, no event loop, no envelope); the FIFO row is shmbus's own "
+        "wake-up mechanism alone, in asyncio, so shmbus minus FIFO is what its publish, "
+        "reader and delivery path add.",
+        "",
+        table.text(),
+    ]
+
+
+def _s1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    variants = sorted({k[1] for k in summary if k[0] == "S1"}, key=lambda v: int(v.split("=")[1]))
+    table = _Table(
+        "payload blob",
+        "peer",
+        "API",
+        "envelope bytes",
+        "delivered/s",
+        "MB/s delivered",
+        "loss %",
+        "shmbus/peer MB/s",
+        "run ended",
+    )
+    for variant in variants:
+        ours = summary.get(("S1", variant, "shm"), {})
+        size = int(variant.split("=")[1])
+        for peer in peers:
+            figures = summary.get(("S1", variant, peer))
+            if figures is None:
+                continue
+            table.row(
+                _size(size),
+                peer_info(peer).label + _runs_note(figures),
+                peer_info(peer).api,
+                _fmt(figures.get("envelope_bytes")),
+                _fmt(figures.get("delivered_per_s")),
+                _fmt(figures.get("mb_per_s"), 1),
+                _fmt(figures.get("loss_pct"), 2),
+                "—" if peer == "shm" else _ratio(ours.get("mb_per_s"), figures.get("mb_per_s")),
+                _ends(figures),
+            )
+    return [
+        "One publisher, one subscriber; the payload is `seq`, `t_ns` and a binary blob of "
+        "the size shown (MB = 10^6 bytes of envelope).",
+        "",
+        table.text(),
+    ]
+
+
+def _size(size: int) -> str:
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size // 1024} KiB"
+    return f"{size} B"
+
+
+_P1_LABELS = {
+    ("shm", "publish"): ("shmbus `await bus.publish()`", "asyncio"),
+    ("shm", "publish_nowait"): ("shmbus `bus.publish_nowait()`", "blocking (sync call)"),
+    ("nats", "publish"): ("NATS `await nc.publish()` (+ envelope encode)", "asyncio"),
+    ("zmq", "send_multipart"): ("ZeroMQ `sock.send_multipart()` (+ envelope encode)", "blocking"),
+    ("redis", "publish"): ("Redis `await r.publish()` (+ envelope encode)", "asyncio"),
+    ("loop", "build payload"): ("loop overhead: payload dict + stamp only (reference)", "-"),
+}
+
+
+def _p1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    table = _Table(
+        "call", "API", "µs/call", "calls/s", "shmbus publish()/this", "shmbus publish_nowait()/this"
+    )
+    publish = summary.get(("P1", "publish", "shm"), {}).get("us_per_call")
+    nowait = summary.get(("P1", "publish_nowait", "shm"), {}).get("us_per_call")
+    for (peer, variant), (label, api) in _P1_LABELS.items():
+        figures = summary.get(("P1", variant, peer))
+        if figures is None:
+            continue
+        us = figures.get("us_per_call")
+        table.row(
+            label + _runs_note(figures),
+            api,
+            _fmt(us, 2),
+            _fmt(figures.get("calls_per_s")),
+            _ratio(publish, us),
+            _ratio(nowait, us),
+        )
+    return [
+        "One process publishing in a tight loop, no subscriber; each iteration builds the "
+        "payload (as in the other scenarios) and publishes it. shmbus encodes the envelope "
+        "inside `publish()`; for the others the loop encodes it with "
+        "`shmbus.codec.encode_envelope`, so every row does the same work. Ratios below 1 "
+        "mean the shmbus call is cheaper. ZeroMQ with no subscriber connected discards "
+        "the message inside the socket.",
+        "",
+        table.text(),
+    ]
+
+
+def _z1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    figures = summary.get(("Z1", "", "shm"))
+    if figures is None:
+        return ["Not run."]
+    table = _Table(
+        "T1 capacity (delivered/s)",
+        "paced at",
+        "published/s",
+        "events published",
+        "delivered",
+        "dropped (counted)",
+        "loss %",
+        "zero loss",
+    )
+    loss = figures.get("loss_pct")
+    table.row(
+        _fmt(
+            figures.get("target_rate", 0) / ZERO_LOSS_FRACTION
+            if figures.get("target_rate")
+            else None
+        ),
+        _fmt(figures.get("target_rate")),
+        _fmt(figures.get("published_per_s")),
+        _fmt(figures.get("published")),
+        _fmt(figures.get("received")),
+        _fmt(figures.get("dropped_counted")),
+        _fmt(loss, 3),
+        "n/a" if loss is None else ("yes" if loss == 0 else "**no**"),
+    )
+    text = [
+        f"shmbus only: one publisher paced at {ZERO_LOSS_FRACTION:.0%} of the delivered/s "
+        "that shmbus reached in T1 in this same benchmark, one subscriber, default queue "
+        f"size. Medians over {figures['runs']} run(s).",
+    ]
+    t1 = summary.get(("T1", "", "shm"), {})
+    if t1.get("loss_pct") == 0:
+        text.append(
+            "In T1 shmbus's subscriber kept up with its publisher (no loss), so that "
+            "capacity is the publisher's rate: a lower bound of what the subscriber can take."
+        )
+    return [" ".join(text), "", table.text()]
+
+
+_SECTIONS = {"T1": _t1, "T2": _t2, "T3": _t3, "L1": _l1, "S1": _s1, "P1": _p1, "Z1": _z1}
+
+
+# ─── Charts ──────────────────────────────────────────────────────────────────
+
+
+def write_charts(directory: Path, outcome: BenchOutcome) -> tuple[list[str], str | None]:
+    """Draw the charts into *directory*; return (file names, note or None)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return [], "not drawn: matplotlib is not installed (pip install 'shmbus[bench]')"
+    matplotlib.use("Agg")
+    summary = summarise(outcome.results)
+    written: list[str] = []
+    for name, draw in (("throughput.png", _throughput_chart), ("latency_cdf.png", _latency_chart)):
+        if draw(directory / name, summary):
+            written.append(name)
+        else:  # nothing to draw: do not leave an older run's chart beside these results
+            (directory / name).unlink(missing_ok=True)
+    return written, None
+
+
+def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, (peer, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, values, width, label=peer_info(peer).label, color=COLOURS.get(peer))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _throughput_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    panels: list[tuple[str, list[str], list[Key], str, bool]] = []
+    flow = [(s, "") for s in ("T1", "T3") if any(k[0] == s for k in summary)]
+    if flow:
+        panels.append(
+            (
+                "T1 / T3: delivered events/s",
+                [{"T1": "T1 1→1", "T3": f"T3 {FANIN_PUBLISHERS}→1"}[s] for s, _ in flow],
+                [(s, v, "") for s, v in flow],
+                "delivered_per_s",
+                False,
+            )
+        )
+    fanouts = sorted({k[1] for k in summary if k[0] == "T2"}, key=lambda v: int(v.split("=")[1]))
+    if fanouts:
+        panels.append(
+            (
+                "T2 fan-out: aggregate delivered events/s",
+                [f"1→{v.split('=')[1]}" for v in fanouts],
+                [("T2", v, "") for v in fanouts],
+                "delivered_per_s",
+                False,
+            )
+        )
+    sizes = sorted({k[1] for k in summary if k[0] == "S1"}, key=lambda v: int(v.split("=")[1]))
+    if sizes:
+        panels.append(
+            (
+                "S1 event size: MB/s delivered (log scale)",
+                [_size(int(v.split("=")[1])) for v in sizes],
+                [("S1", v, "") for v in sizes],
+                "mb_per_s",
+                True,
+            )
+        )
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (title, groups, keys, metric, log_scale) in zip(axes[0], panels, strict=True):
+        series: dict[str, list[float]] = {}
+        for peer in PEER_ORDER:
+            values = [summary.get((k[0], k[1], peer), {}).get(metric) for k in keys]
+            if any(v is not None for v in values):
+                series[peer] = [float(v) if v is not None else 0.0 for v in values]
+        _bars(ax, groups, series, {"mb_per_s": "MB/s delivered"}.get(metric, "events/s"))
+        if not log_scale:
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        ax.set_title(title, fontsize=10)
+        if log_scale:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("shmbus vs peers: throughput (medians; shared 2-CPU machine)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _latency_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
+    import matplotlib.pyplot as plt
+
+    lines = [
+        (peer, summary[("L1", "", peer)]["_samples"])
+        for peer in PEER_ORDER
+        if ("L1", "", peer) in summary and summary[("L1", "", peer)]["_samples"]
+    ]
+    if not lines:
+        return False
+    fig, (ax, tail) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for peer, samples in lines:
+        n = len(samples)
+        step = max(1, n // 2000)
+        xs = [samples[i] / 1000 for i in range(0, n, step)] + [samples[-1] / 1000]
+        ys = [(i + 1) / n for i in range(0, n, step)] + [1.0]
+        style = "--" if peer in REFERENCE_PEERS else "-"
+        label = peer_info(peer).label
+        ax.plot(xs, ys, style, label=label, color=COLOURS.get(peer))
+        tail.plot(
+            xs, [max(1 - y, 0.5 / n) for y in ys], style, label=label, color=COLOURS.get(peer)
+        )
+    for axis in (ax, tail):
+        axis.set_xscale("log")
+        axis.set_xlabel("one-way latency, µs (log)")
+        axis.grid(alpha=0.3, which="both")
+    ax.set_ylabel("fraction of events ≤ x")
+    ax.set_title(f"L1: latency CDF at {LATENCY_RATE:,.0f} events/s", fontsize=10)
+    tail.set_yscale("log")
+    tail.set_ylabel("fraction of events > x (log)")
+    tail.set_title("the tail", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,210 @@
+"""The benchmark harness (shmbus.bench) in its tiny --smoke mode.
+
+Runs every scenario for shmbus and multiprocessing.Queue for a fraction of a
+second in a separate process (the harness forks its children, which a test
+process running threads should not do) and checks that the outputs are
+produced and well formed. No assertion is about timing or speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmbus.bench.runner import derive_metrics
+from shmbus.bench.spec import SCENARIOS, RunSpec, plan, settings_for
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMOKE_TIMEOUT = 240
+
+
+def _bench(*args: str, timeout: float = SMOKE_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run the benchmark; the result's ``args`` end with the process's pid."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "shmbus.bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        return subprocess.CompletedProcess(
+            [*process.args, str(process.pid)], process.returncode, stdout, stderr
+        )
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def smoke(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("bench")
+    done = _bench("--smoke", "--peers", "shm,mpq", "--out", str(out))
+    return out, done
+
+
+def test_smoke_run_succeeds_and_writes_every_output(
+    smoke: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, done = smoke
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("results.md", "results.json"):
+        assert (out / name).is_file(), name
+        assert f"wrote {out / name}" in done.stdout
+    # Not a terminal: progress comes as plain lines on stderr.
+    assert "[  1/" in done.stderr
+    assert "\x1b[" not in done.stderr
+
+
+def test_results_json_records_every_run(
+    smoke: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, _ = smoke
+    document: dict[str, Any] = json.loads((out / "results.json").read_text())
+    for key in ("generated", "command", "host", "settings", "summary", "runs", "skipped_peers"):
+        assert key in document, key
+    runs = document["runs"]
+    assert all(run["status"] == "ok" for run in runs), [r["error"] for r in runs]
+    seen = {(run["scenario"], run["peer"]) for run in runs}
+    for scenario in SCENARIOS:
+        assert (scenario, "shm") in seen, scenario
+    for scenario in ("T1", "T2", "T3", "L1", "S1"):
+        assert (scenario, "mpq") in seen, scenario
+    assert ("L1", "sem") in seen and ("L1", "fifo") in seen  # the reference rows
+    for run in runs:
+        metrics = run["metrics"]
+        assert metrics["published"] > 0
+        if run["scenario"] == "P1":
+            assert metrics["us_per_call"] > 0
+            continue
+        assert 0 < metrics["received"] <= metrics["should_receive"]
+        # A subscriber that finished draining (rather than hitting the drain
+        # bound) accounts for everything: lossless queues received it all,
+        # shmbus received it or counted it as dropped.
+        if metrics["ends"] == ["complete"]:
+            if run["peer"] in ("mpq", "sem", "fifo"):
+                assert metrics["received"] == metrics["should_receive"]
+            if run["peer"] == "shm":
+                assert metrics["received"] + metrics["dropped_counted"] == metrics["should_receive"]
+        if run["scenario"] == "L1":
+            assert run["latency_cdf_us"], "latency runs keep a CDF"
+            assert metrics["p50_us"] <= metrics["p99_us"] <= metrics["max_us"]
+    z1 = [run for run in runs if run["scenario"] == "Z1"]
+    assert z1 and all(run["spec"]["rate"] > 0 for run in z1)
+
+
+def test_results_md_has_a_table_per_scenario(
+    smoke: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    out, _ = smoke
+    text = (out / "results.md").read_text()
+    for scenario, title in SCENARIOS.items():
+        assert f"## {scenario}: {title}" in text
+    assert "multiprocessing.Queue" in text and "| blocking |" in text
+    assert "| asyncio |" in text
+    assert "shared with other engineers" in text
+    assert "shmbus/peer" in text
+    for line in text.splitlines():
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+
+
+def test_charts_are_png_files(smoke: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = smoke
+    if not _have_matplotlib():
+        assert "matplotlib is not installed" in (out / "results.md").read_text()
+        pytest.skip("matplotlib is not installed (the bench extra)")
+    for name in ("throughput.png", "latency_cdf.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        assert len(data) > 1000, name
+        assert f"]({name})" in (out / "results.md").read_text()
+
+
+def test_smoke_run_leaves_nothing_in_dev_shm(
+    smoke: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    _, done = smoke
+    assert done.returncode == 0
+    # Bus files are named after the benchmark's pid; the semaphore reference
+    # unlinks its semaphore at once.
+    pid = done.args[-1]
+    leftovers = [name for name in os.listdir("/dev/shm") if f"bench-{pid}-" in name]
+    assert not leftovers
+
+
+def test_bad_arguments_exit_2() -> None:
+    done = _bench("--scenarios", "T9", timeout=60)
+    assert done.returncode == 2
+    assert "unknown scenario" in done.stderr
+    done = _bench("--peers", "kafka", timeout=60)
+    assert done.returncode == 2
+    assert "unknown peer" in done.stderr
+
+
+def test_shmbus_command_has_the_bench_subcommand() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "shmbus", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--scenarios" in done.stdout
+
+
+def test_plan_alternates_peers_within_each_repetition() -> None:
+    runs, zero_loss = plan(settings_for("full"), ["T1", "L1", "Z1"], ["shm", "nats", "zmq"])
+    first = [(r.scenario, r.peer) for r in runs if r.rep == 0]
+    assert first == [
+        ("T1", "shm"),
+        ("T1", "nats"),
+        ("T1", "zmq"),
+        ("L1", "shm"),
+        ("L1", "nats"),
+        ("L1", "zmq"),
+        ("L1", "fifo"),
+        ("L1", "sem"),
+    ]
+    assert [r.rep for r in runs] == sorted(r.rep for r in runs)  # repetitions outermost
+    assert len(zero_loss) == 3 and {r.peer for r in zero_loss} == {"shm"}
+
+
+def test_derive_metrics_definitions() -> None:
+    spec = RunSpec(scenario="T1", peer="shm", rep=0, subscribers=2)
+    publishers = [{"published": 1000, "start_ns": 0, "end_ns": 1_000_000_000, "cpu_s": 1.0}]
+    subscribers = [
+        {"received": 1000, "dropped": 0, "last_ns": 2_000_000_000, "cpu_s": 0.5, "end": "complete"},
+        {
+            "received": 500,
+            "dropped": 500,
+            "last_ns": 1_000_000_000,
+            "cpu_s": 0.5,
+            "end": "complete",
+        },
+    ]
+    metrics = derive_metrics(spec, publishers, subscribers, [])
+    assert metrics["published_per_s"] == 1000
+    assert metrics["delivered_per_s"] == 750  # 1500 events by the last receipt, 2 s
+    assert metrics["loss_pct"] == 25
+    assert metrics["dropped_counted"] == 500
+    assert metrics["sub_cpu_s_per_million"] == pytest.approx(1e6 / 1500)
