@@ -91,7 +91,7 @@ async def _subscriber(conn: Connection, spec: RunSpec, url: str) -> None:
     finally:
         link.close()
         try:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await client.aclose()
         except redis.exceptions.RedisError:
             pass  # the server already hung up
