@@ -92,6 +92,7 @@ OFF_PUBLISHED = 128  # u64, records committed
 OFF_RECLAIM_CORRUPT = 136  # u64, times reclaim found an unreadable record
 OFF_LOCK_SLOT = 144  # u64, writer-lock holder's instance slot
 OFF_LAST_RECORD = 152  # u64, start position of the last committed record
+OFF_ORPHAN_EPOCH = 160  # u64, lock epoch + 1 when a slot was reclaimed with its intent set
 
 U64 = struct.Struct("<Q")
 
@@ -112,6 +113,7 @@ W_PUBLISHED = OFF_PUBLISHED // 8
 W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
 W_LOCK_SLOT = OFF_LOCK_SLOT // 8
 W_LAST_RECORD = OFF_LAST_RECORD // 8
+W_ORPHAN_EPOCH = OFF_ORPHAN_EPOCH // 8
 
 # ─── Reader slots ────────────────────────────────────────────────────────────
 
@@ -130,8 +132,9 @@ SLOT_CORRUPT = 40  # u64
 SLOT_LAPPED = 48  # u64
 SLOT_PUBLISHED = 56  # u64, events this instance published
 SLOT_SUBSCRIPTIONS = 64  # u64, open subscriptions (0 = not reading)
-SLOT_COMMAND = 72  # 56 bytes, NUL-padded start of the owner's command line
-SLOT_COMMAND_SIZE = 56
+SLOT_LOCK_INTENT = 72  # u64, 1 from before acquiring the writer lock to after releasing it
+SLOT_COMMAND = 80  # 48 bytes, NUL-padded start of the owner's command line
+SLOT_COMMAND_SIZE = 48
 
 HEADER_SIZE = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
 RING_OFFSET = HEADER_SIZE

@@ -173,10 +173,12 @@ class RingWriter:
             if self._capacity - offset >= RECORD_HEADER_SIZE:
                 _, kind, _, seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
                 committed = kind == RECORD_EVENT and seq == reserved - 1
-        if committed:
-            return 0
-        words[W_TORN_RECORDS] += 1
-        return 1
+        torn = 0 if committed else 1
+        words[W_TORN_RECORDS] += torn
+        # Every reserved number is now either committed or torn; a writer that
+        # died between its commit and counting it must not leave this short.
+        words[W_PUBLISHED] = reserved - words[W_TORN_RECORDS]
+        return torn
 
     def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
         """Walk *head* over whole records until it reaches *reclaim_to*."""

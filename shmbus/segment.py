@@ -67,9 +67,12 @@ from .layout import (
     SEGMENT_READY,
     SLOT_COMMAND,
     SLOT_COMMAND_SIZE,
+    SLOT_LOCK_INTENT,
     SLOT_PID,
     SLOT_SIZE,
     SLOT_START,
+    W_LOCK_EPOCH,
+    W_ORPHAN_EPOCH,
     min_capacity,
     read_identity,
     segment_size,
@@ -431,6 +434,11 @@ class Segment:
         pid, start = self_identity()
         for slot in range(MAX_SLOTS):
             if ofd.try_lock(self.fd, LOCK_SLOT_BASE + slot, exclusive=True):
+                if self.words[slot_word(slot, SLOT_LOCK_INTENT)]:
+                    # The previous owner died acquiring or holding the writer
+                    # lock: keep that evidence for the lock's waiters, valid
+                    # while the lock's epoch does not move (shmbus.writerlock).
+                    self.words[W_ORPHAN_EPOCH] = self.words[W_LOCK_EPOCH] + 1
                 base = slot_offset(slot)
                 self.mm[base : base + SLOT_SIZE] = bytes(SLOT_SIZE)
                 self.mm[OFF_SLEEP_FLAGS + slot] = 0

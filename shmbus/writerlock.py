@@ -21,10 +21,20 @@ holder record                          waiter does
 =====================================  =======================================
 a live holder                          keeps waiting: slow is not dead
 a dead holder, or a recycled pid       takes the lock over (below)
-empty, and the epoch unchanged for     takes the lock over: the holder died
-``lock_timeout / 2``                   between acquiring and recording itself,
-                                       or between clearing and releasing
+empty, the epoch unchanged for         takes the lock over: the holder died
+``lock_timeout / 2``, and a dead       between acquiring and recording itself,
+instance had announced it was          or between clearing and releasing
+acquiring
 =====================================  =======================================
+
+Every instance sets its slot's *intent* word before it asks for the semaphore
+and clears it after it has released it. An empty record with no dead instance
+intending is a live holder in one of those two narrow windows (stalled, say,
+by SIGSTOP): nobody takes over, however long it takes. A dead instance's slot
+may be claimed by a newcomer before a waiter looks; the newcomer then records
+the lock's epoch in ``orphan_epoch``, evidence that holds while the epoch does
+not move. After a takeover the dead instances' intents and that evidence are
+cleared, so one death is never taken over twice.
 
 Takeover is arbitrated by an exclusive OFD lock on byte ``LOCK_TAKEOVER`` of
 the segment (released by the kernel if the arbiter dies). Under it, the
@@ -35,13 +45,11 @@ semaphore's count, taken by the dead holder, passes to it, and its release
 returns the count to the semaphore. So exactly one waiter takes over, however
 many notice the death at once, within about ``lock_timeout`` seconds.
 
-The one hazard: a live holder stalled for more than ``lock_timeout / 2``
-in the few instructions between acquiring the semaphore and recording
-itself (or clearing and releasing) would be taken over while alive. Readers
-then see damaged records, which fail their checks and are counted as
-corrupt; nothing crashes or hangs. When that holder releases, it finds the
-epoch is no longer its own and does not post the semaphore, so the count never
-exceeds one and the lock is whole again from then on.
+The one remaining hazard needs two faults at once: an instance dies while
+*waiting* for the lock (its intent set) at the same time as a live holder
+stalls for more than ``lock_timeout / 2`` in one of the empty-record windows.
+That holder would be taken over while alive; when it releases, it finds the
+epoch is no longer its own and does not post the semaphore.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from .layout import (
     LOCK_SLOT_BASE,
     LOCK_TAKEOVER,
     MAX_SLOTS,
+    SLOT_LOCK_INTENT,
     SLOT_PID,
     SLOT_START,
     W_LOCK_EPOCH,
@@ -64,6 +73,7 @@ from .layout import (
     W_LOCK_RECOVERIES,
     W_LOCK_SLOT,
     W_LOCK_START,
+    W_ORPHAN_EPOCH,
     slot_word,
 )
 from .procs import is_alive
@@ -97,6 +107,7 @@ class WriterLock:
         self._fd = fd
         self._pid, self._start = identity
         self._slot = slot
+        self._intent = slot_word(slot, SLOT_LOCK_INTENT)
         self._epoch = 0
         self._timeout = lock_timeout
         self._slice = lock_timeout / 4
@@ -107,10 +118,14 @@ class WriterLock:
     def acquire(self, give_up_after: float) -> bool:
         """Become the writer; False if that took longer than *give_up_after* s
         because a live holder kept the lock."""
+        self._words[self._intent] = 1
         try:
             self._semaphore.acquire(self._slice)
         except posix_ipc.BusyError:
-            return self._wait(give_up_after)
+            if self._wait(give_up_after):
+                return True
+            self._words[self._intent] = 0
+            return False
         self._record()
         return True
 
@@ -120,9 +135,11 @@ class WriterLock:
             # Taken over while we held it (we stalled past lock_timeout / 2):
             # the taker's release will return the semaphore's count.
             log.error("writer lock was taken over while this process held it; not releasing")
+            words[self._intent] = 0
             return
         words[W_LOCK_PID] = 0
         self._semaphore.release()
+        words[self._intent] = 0
 
     # ─── Internals ───
 
@@ -144,6 +161,18 @@ class WriterLock:
     def _holder(self) -> tuple[int, int, int]:
         words = self._words
         return words[W_LOCK_PID], words[W_LOCK_START], words[W_LOCK_EPOCH]
+
+    def _dead_intents(self) -> list[int]:
+        """Slots whose owner announced it was acquiring the lock and has died
+        (the kernel no longer holds their byte lock)."""
+        words = self._words
+        return [
+            slot
+            for slot in range(MAX_SLOTS)
+            if words[slot_word(slot, SLOT_LOCK_INTENT)]
+            and slot != self._slot
+            and not ofd.holds_conflicting(self._fd, LOCK_SLOT_BASE + slot)
+        ]
 
     def _holder_alive(self, pid: int, start: int) -> bool:
         slot = self._words[W_LOCK_SLOT]
@@ -168,7 +197,11 @@ class WriterLock:
                     return True
             elif empty_since is None or empty_since[0] != epoch:
                 empty_since = (epoch, now)
-            elif now - empty_since[1] >= self._timeout / 2 and self._take_over(epoch, 0):
+            elif (
+                now - empty_since[1] >= self._timeout / 2
+                and (self._dead_intents() or self._words[W_ORPHAN_EPOCH] == epoch + 1)
+                and self._take_over(epoch, 0)
+            ):
                 return True
             if now - started >= give_up_after:
                 log.error(
@@ -190,6 +223,9 @@ class WriterLock:
                 return False  # the lock moved on, or another waiter took over
             self._record()
             self._words[W_LOCK_RECOVERIES] += 1
+            for slot in self._dead_intents():
+                self._words[slot_word(slot, SLOT_LOCK_INTENT)] = 0
+            self._words[W_ORPHAN_EPOCH] = 0
         finally:
             ofd.unlock(self._fd, LOCK_TAKEOVER)
         self.takeovers += 1
