@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from typing import Any
 
 from shmbus import ShmBus, ShmBusError
 from shmbus.delivery import QueueSubscription
@@ -58,10 +58,6 @@ class _PipeWatcher:
 
     def close(self) -> None:
         self._loop.remove_reader(self._conn.fileno())
-
-
-def _subscribe(bus: ShmBus, pattern: str) -> QueueSubscription:
-    return cast(QueueSubscription, bus.subscribe(pattern))
 
 
 async def _collect(
@@ -161,7 +157,7 @@ def subscriber(
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
         try:
-            sub = _subscribe(bus, pattern)
+            sub = bus.subscribe(pattern)
             watcher = _PipeWatcher(conn)
             conn.send("ready")
             received: Received = []
@@ -243,7 +239,7 @@ def stalled_subscriber(
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
         try:
-            sub = _subscribe(bus, pattern)
+            sub = bus.subscribe(pattern)
             conn.send("ready")
             message = conn.recv()  # blocks the loop on purpose
             if not (isinstance(message, tuple) and message[0] == "drain"):
@@ -280,12 +276,12 @@ def subscriber_behind(
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
         try:
-            first = _subscribe(bus, pattern)
+            first = bus.subscribe(pattern)
             conn.send("ready")
             message = conn.recv()  # blocks the loop on purpose
             if message != "subscribe":
                 raise RuntimeError(f"expected 'subscribe', got {message!r}")
-            late = _subscribe(bus, pattern)
+            late = bus.subscribe(pattern)
             conn.send("ready")
             received: Received = []
             await _collect(late, received, count=count, stop=asyncio.Event(), timeout=timeout)
@@ -322,7 +318,7 @@ def self_publisher(
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
         try:
-            sub = _subscribe(bus, pattern)
+            sub = bus.subscribe(pattern)
             for i in range(count):
                 await bus.publish(topic, {"seq": i})
             received: Received = []
@@ -351,7 +347,7 @@ def subscribe_rounds(
     first event that arrives, or ``("missed", i)`` after *timeout* s."""
 
     async def one_round(bus: ShmBus, i: int) -> None:
-        sub = _subscribe(bus, pattern)
+        sub = bus.subscribe(pattern)
         conn.send(("ready", i))
         try:
             event = await asyncio.wait_for(sub.__anext__(), timeout)
@@ -376,7 +372,7 @@ def subscribe_rounds(
         bus = ShmBus(name, **kwargs)
         await bus.connect()
         try:
-            keeper = _subscribe(bus, pattern)  # keeps the instance's reader running
+            keeper = bus.subscribe(pattern)  # keeps the instance's reader running
             for i in range(rounds):
                 await one_round(bus, i)
             await keeper.aclose()
@@ -414,7 +410,7 @@ def holder(
                 return
             try:
                 if pattern is not None:
-                    _subscribe(bus, pattern)
+                    bus.subscribe(pattern)
                 conn.send("attached")
                 message = conn.recv()
                 if isinstance(message, tuple) and message[0] == "close_at":

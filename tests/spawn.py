@@ -151,4 +151,4 @@ def stop_resource_tracker() -> None:
     parent (it would otherwise outlive every test as a live child). It is
     restarted on demand by the next spawn."""
     # No public API for this; _stop() exists since Python 3.8.
-    multiprocessing.resource_tracker._resource_tracker._stop()
+    multiprocessing.resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
