@@ -42,7 +42,7 @@ __all__ = ["host_facts", "summarise", "write_charts", "write_json", "write_markd
 Key = tuple[str, str, str]
 
 #: Order and colours of the peers in tables and charts.
-PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "fifo", "sem", "loop")
+PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "shmll", "fifo", "sem", "loop")
 COLOURS = {
     "shm": "#d62728",
     "nats": "#1f77b4",
@@ -51,6 +51,7 @@ COLOURS = {
     "ff": "#ff7f0e",
     "redis": "#8c564b",
     "fifo": "#17becf",
+    "shmll": "#ff7f0e",
     "sem": "#7f7f7f",
     "loop": "#bcbd22",
 }
@@ -289,6 +290,7 @@ def write_markdown(
     out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     out.append("")
 
+    out.extend(_targets(summary))
     for scenario in ran:
         out.append(f"## {scenario}: {SCENARIOS[scenario]}")
         out.append("")
@@ -395,7 +397,7 @@ def _l1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
         "shmbus/peer p99",
     )
     ours = summary.get(("L1", "", "shm"), {})
-    for peer in [*peers, "fifo", "sem"]:
+    for peer in [*peers, "shmll", "fifo", "sem"]:
         figures = summary.get(("L1", "", peer))
         if figures is None:
             continue
@@ -412,7 +414,8 @@ def _l1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
             "—" if peer == "shm" else _ratio(ours.get("p99_us"), figures.get("p99_us")),
         )
     return [
-        "Latency ratios below 1 mean shmbus is faster. Two reference rows, measured in the "
+        "Latency ratios below 1 mean shmbus is faster. The low_latency row is shmbus's opt-in "
+        "mode (its reader polls before it sleeps). Two reference rows, measured in the "
         "same run: the bare semaphore is the floor of a cross-process wake-up on this machine "
         "(blocking `sem_wait`, no event loop, no envelope); the FIFO row is shmbus's own "
         "wake-up mechanism alone, in asyncio, so shmbus minus FIFO is what its publish, "
@@ -549,6 +552,131 @@ def _z1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
             "capacity is the publisher's rate: a lower bound of what the subscriber can take."
         )
     return [" ".join(text), "", table.text()]
+
+
+def _figure(summary: dict[Key, dict[str, Any]], key: Key, name: str) -> float | None:
+    value = _number(summary.get(key, {}).get(name))
+    return None if value is None else float(value)
+
+
+def _check(ours: float | None, theirs: float | None, bound: float, *, at_most: bool) -> str:
+    """'2.41× → met' style verdict of ours/theirs against *bound*."""
+    if ours is None or theirs is None or theirs == 0:
+        return "not measured"
+    ratio = ours / theirs
+    met = ratio <= bound if at_most else ratio >= bound
+    return f"{ratio:.2f}× → {'met' if met else '**not met**'}"
+
+
+#: Why a target can be missed, from measurements (docs/bench/profile.md).
+_SHORTFALLS = {
+    "T1": "A shmbus subscriber keeps up with its publisher (loss 0, about a quarter of "
+    "NATS's CPU per event), so T1 measures the *publisher*: one `publish()` costs "
+    "about 4 µs of Python (envelope encoding 1.5 µs, ring append 1.1 µs, writer lock "
+    "0.4 µs, checksum and bookkeeping; see P1 and `docs/bench/profile.md`), while NATS's "
+    "and ZeroMQ's subscribers are their bottleneck.",
+    "P1": "A NATS or ZeroMQ publish only appends bytes to a client-side buffer; the "
+    "network write and the server's work happen later, elsewhere. A shmbus publish "
+    "returns with the event committed into the ring, visible to every subscriber, "
+    "under a cross-process lock: the whole delivery, not a hand-off. Both encode the "
+    "same envelope (1.5 µs of the call).",
+    "L1": "The floor here is the wake-up of an asyncio event loop, not of a process: the "
+    "FIFO reference row (the mechanism alone, no ring or envelope) already costs 2-3× "
+    "the bare semaphore, which wakes a blocked thread with no event loop. shmbus adds "
+    "its publish, one ring read, one decode and one task switch on top.",
+    "T2pub": "Eight subscriber processes and a publisher share two cores: the publisher "
+    "is descheduled, and sleeping readers cost it one FIFO write each.",
+}
+
+
+def _targets(summary: dict[Key, dict[str, Any]]) -> list[str]:
+    """The performance issue's targets, each checked against this run."""
+    rows = _Table("target", "measured in this run", "verdict", text_columns=3)
+    shm_t1 = _figure(summary, ("T1", "", "shm"), "delivered_per_s")
+    missed: list[str] = []
+
+    def add(target: str, measured: str, verdict: str, why: str | None = None) -> None:
+        rows.row(target, measured, verdict)
+        if "not met" in verdict and why and why not in missed:
+            missed.append(why)
+
+    for peer, label in (("nats", "NATS"), ("zmq", "ZeroMQ")):
+        theirs = _figure(summary, ("T1", "", peer), "delivered_per_s")
+        add(
+            f"T1 delivered/s ≥ 4× {label}",
+            f"{_fmt(shm_t1)} vs {_fmt(theirs)}",
+            _check(shm_t1, theirs, 4.0, at_most=False),
+            _SHORTFALLS["T1"],
+        )
+    z1 = summary.get(("Z1", "", "shm"), {})
+    if z1:
+        loss = z1.get("loss_pct")
+        add(
+            "zero loss paced at 80% of capacity",
+            f"loss {_fmt(loss, 3)} %",
+            "met" if loss == 0 else "**not met**",
+        )
+    t2 = _figure(summary, ("T2", "fanout=4", "shm"), "delivered_per_s")
+    for peer, label in (("nats", "NATS"), ("zmq", "ZeroMQ")):
+        theirs = _figure(summary, ("T2", "fanout=4", peer), "delivered_per_s")
+        add(
+            f"T2 aggregate delivered/s at 4 subscribers ≥ 3.5× {label}",
+            f"{_fmt(t2)} vs {_fmt(theirs)}",
+            _check(t2, theirs, 3.5, at_most=False),
+            _SHORTFALLS["T1"],
+        )
+    pub1 = _figure(summary, ("T2", "fanout=1", "shm"), "published_per_s")
+    widest = max(
+        (int(k[1].split("=")[1]) for k in summary if k[0] == "T2" and k[2] == "shm"), default=1
+    )
+    pub_n = _figure(summary, ("T2", f"fanout={widest}", "shm"), "published_per_s")
+    if widest > 1:
+        add(
+            f"published/s at {widest} subscribers ≥ 0.8× at 1",
+            f"{_fmt(pub_n)} vs {_fmt(pub1)}",
+            _check(pub_n, pub1, 0.8, at_most=False),
+            _SHORTFALLS["T2pub"],
+        )
+    sem = summary.get(("L1", "", "sem"), {})
+    shm_l1 = summary.get(("L1", "", "shm"), {})
+    ll = summary.get(("L1", "", "shmll"), {})
+    for name, bound in (("p50_us", 1.5), ("p99_us", 2.0)):
+        add(
+            f"L1 default mode {name[:-3]} ≤ {bound}× the bare semaphore",
+            f"{_fmt(shm_l1.get(name), 1)} µs vs {_fmt(sem.get(name), 1)} µs",
+            _check(shm_l1.get(name), sem.get(name), bound, at_most=True),
+            _SHORTFALLS["L1"],
+        )
+    for name, limit in (("p50_us", 15.0), ("p99_us", 50.0)):
+        value = ll.get(name)
+        add(
+            f"L1 low-latency mode {name[:-3]} ≤ {limit:g} µs",
+            f"{_fmt(value, 1)} µs",
+            "not measured" if value is None else ("met" if value <= limit else "**not met**"),
+            _SHORTFALLS["L1"],
+        )
+    publish = _figure(summary, ("P1", "publish", "shm"), "calls_per_s")
+    nats = _figure(summary, ("P1", "publish", "nats"), "calls_per_s")
+    add(
+        "P1 `publish()` calls/s ≥ 2× NATS's",
+        f"{_fmt(publish)} vs {_fmt(nats)}",
+        _check(publish, nats, 2.0, at_most=False),
+        _SHORTFALLS["P1"],
+    )
+    out = [
+        "## The targets",
+        "",
+        "Each target of the performance issue, checked against the figures of this run "
+        "(ratios from runs interleaved in time).",
+        "",
+        rows.text(),
+        "",
+    ]
+    if missed:
+        out += ["Why the targets not met are missed, from measurements:", ""]
+        out += [f"- {why}" for why in missed]
+        out.append("")
+    return out
 
 
 _SECTIONS = {"T1": _t1, "T2": _t2, "T3": _t3, "L1": _l1, "S1": _s1, "P1": _p1, "Z1": _z1}

@@ -312,7 +312,7 @@ class Bench:
             tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmbus-bench-"))
             env = Env(tmpdir=tmpdir)
             drivers: dict[str, Driver] = {}
-            for name in [*self.peers, "fifo", "sem", "loop"]:
+            for name in [*self.peers, "shmll", "fifo", "sem", "loop"]:
                 reason = _unavailable(name)
                 if reason is None:
                     server = driver_class(name).server

@@ -113,6 +113,13 @@ PEERS: Final = {
 
 #: Rows that are measured for reference, not peers one can choose.
 REFERENCE_PEERS: Final = {
+    "shmll": PeerInfo(
+        "shmbus, low_latency=True (opt-in mode)",
+        "asyncio",
+        "asyncio",
+        "as shmbus, but the subscriber's bus is `ShmBus(name, low_latency=True)`: its "
+        "reader polls the ring for an adaptive window before it sleeps",
+    ),
     "sem": PeerInfo(
         "bare POSIX semaphore (reference)",
         "blocking",
@@ -306,7 +313,7 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
     if scenario == "L1":
         return [
             (
-                [*peers, "fifo", "sem"],
+                [*peers, *(["shmll"] if "shm" in peers else []), "fifo", "sem"],
                 replace(base, rate=LATENCY_RATE, latency=True, duration=s.latency_s),
             )
         ]

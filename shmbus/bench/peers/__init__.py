@@ -76,6 +76,7 @@ class Driver(abc.ABC):
 
 _MODULES = {
     "shm": "shm_peer",
+    "shmll": "shm_peer",
     "nats": "nats_peer",
     "zmq": "zmq_peer",
     "mpq": "queue_peers",

@@ -56,6 +56,15 @@ class ShmDriver(Driver):
         asyncio.run(_subscriber(conn, spec, str(resources)))
 
 
+class ShmLowLatencyDriver(ShmDriver):
+    """shmbus with the subscriber's reader in the opt-in low-latency mode."""
+
+    name = "shmll"
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(conn, spec, str(resources), low_latency=True))
+
+
 async def _publisher(conn: Connection, spec: RunSpec, name: str) -> None:
     async with ShmBus(name) as bus:
 
@@ -76,10 +85,12 @@ async def _publisher(conn: Connection, spec: RunSpec, name: str) -> None:
             link.close()
 
 
-async def _subscriber(conn: Connection, spec: RunSpec, name: str) -> None:
+async def _subscriber(
+    conn: Connection, spec: RunSpec, name: str, *, low_latency: bool = False
+) -> None:
     link = AsyncLink(conn)
     try:
-        async with ShmBus(name) as bus, bus.subscribe(PATTERN) as sub:
+        async with ShmBus(name, low_latency=low_latency) as bus, bus.subscribe(PATTERN) as sub:
 
             async def consume(record: Recorder) -> None:
                 async for event in sub:
@@ -94,4 +105,4 @@ async def _subscriber(conn: Connection, spec: RunSpec, name: str) -> None:
         link.close()
 
 
-DRIVERS: dict[str, type[Driver]] = {"shm": ShmDriver}
+DRIVERS: dict[str, type[Driver]] = {"shm": ShmDriver, "shmll": ShmLowLatencyDriver}
