@@ -108,13 +108,16 @@ ConnectionListener = Callable[[bool], None]
 class _Route:
     """One shmbus subscription and the NATS subscription that feeds it."""
 
-    __slots__ = ("qsub", "nats_sub", "task", "retired")
+    __slots__ = ("qsub", "nats_sub", "task", "retired", "after_queued")
 
     def __init__(self, qsub: QueueSubscription) -> None:
         self.qsub = qsub
         self.nats_sub: NatsSubscription | None = None
         self.task: asyncio.Task[None] | None = None
         self.retired = False
+        #: Envelopes queued before this subscription was made: its SUB goes
+        #: out after them, so it does not receive what was published before.
+        self.after_queued = 0
 
 
 class NatsBus(BaseBus):
@@ -191,7 +194,15 @@ class NatsBus(BaseBus):
         self._routes: dict[QueueSubscription, _Route] = {}
         self._pending_subs: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
-        self._outbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        # Each queued envelope with the subscriptions that were on their way
+        # when it was published: it goes out after those, not after later ones
+        # (a subscription made after a publish must not receive it).
+        self._outbox: collections.deque[tuple[str, bytes, frozenset[asyncio.Task[None]]]] = (
+            collections.deque()
+        )
+        self._queued = 0  # envelopes ever put in the outbox
+        self._sent = 0  # envelopes ever taken out of it (sent or counted failed)
+        self._sent_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._listeners: list[ConnectionListener] = []
         self._last_error: BaseException | None = None
@@ -358,6 +369,7 @@ class NatsBus(BaseBus):
             task.cancel()
         if self._drainer is not None:
             self._drainer.cancel()
+        self._wake_sent_waiters(everyone=True)
         with contextlib.suppress(Exception):
             await nc.close()
         self._notify(False)
@@ -491,7 +503,8 @@ class NatsBus(BaseBus):
         if len(self._outbox) >= OUTBOX_LIMIT:
             self._count_error(topic, f"{OUTBOX_LIMIT} events are already waiting to be sent")
             return
-        self._outbox.append((topic, data))
+        self._outbox.append((topic, data, frozenset(self._pending_subs)))
+        self._queued += 1
         if self._drainer is None or self._drainer.done():
             assert self._loop is not None
             self._drainer = self._loop.create_task(self._drain())
@@ -499,20 +512,38 @@ class NatsBus(BaseBus):
     async def _drain(self) -> None:
         outbox = self._outbox
         while outbox:
-            if self._pending_subs:
-                await asyncio.wait(set(self._pending_subs))
-            topic, data = outbox.popleft()
-            await self._send(topic, data)
+            topic, data, before = outbox[0]
+            waiting = {task for task in before if not task.done()}
+            if waiting:
+                await asyncio.wait(waiting)
+            outbox.popleft()
+            await self._send(topic, data, ())
+            self._sent += 1
+            self._wake_sent_waiters()
 
-    async def _send(self, topic: str, data: bytes) -> None:
-        """On the bus loop: hand one envelope to the client."""
+    def _wake_sent_waiters(self, everyone: bool = False) -> None:
+        keep = []
+        for target, future in self._sent_waiters:
+            if everyone or self._sent >= target:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((target, future))
+        self._sent_waiters = keep
+
+    async def _send(
+        self, topic: str, data: bytes, after: Iterable[asyncio.Task[None]] | None = None
+    ) -> None:
+        """On the bus loop: hand one envelope to the client, after the NATS
+        subscriptions *after* (default: those on their way now)."""
         nc = self._nc
         if nc is None or not nc.is_connected:
             self._count_error(topic, "not connected to NATS")
             return
-        if self._pending_subs:
+        waiting = {task for task in (self._pending_subs if after is None else after)}
+        if waiting:
             # SUBs of this instance go out before PUBs that follow them.
-            await asyncio.wait(set(self._pending_subs))
+            await asyncio.wait(waiting)
         try:
             await nc.publish(topic, data)
         except Exception as exc:
@@ -590,14 +621,21 @@ class NatsBus(BaseBus):
         if route.retired or route.task is not None or self._state is not _OPEN:
             return
         assert self._loop is not None
+        route.after_queued = self._queued
         task = self._loop.create_task(self._subscribe_nats(route))
         route.task = task
         self._pending_subs.add(task)
         task.add_done_callback(self._pending_subs.discard)
 
     async def _subscribe_nats(self, route: _Route) -> None:
+        if self._sent < route.after_queued:
+            assert self._loop is not None
+            ready = self._loop.create_future()
+            self._sent_waiters.append((route.after_queued, ready))
+            await ready
         nc = self._nc
-        assert nc is not None
+        if nc is None:
+            return
         callback = functools.partial(self._on_message, route.qsub)
         try:
             nats_sub = await nc.subscribe(route.qsub.pattern, cb=callback)

@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -40,12 +41,27 @@ def bus_name(request: pytest.FixtureRequest) -> str:
     return new_bus_name(label.replace("_", "-"))
 
 
-@pytest.fixture(params=["shm", "memory"])
+@pytest.fixture(scope="session")
+def contract_nats_server() -> Iterator[Any]:
+    """One real nats-server (127.0.0.1, random port) for the contract tests."""
+    from nats_server import NatsServer
+
+    # The same limit on an event as the other transports' test buses.
+    with NatsServer(max_payload=SMALL_RING["max_event_size"]) as server:
+        yield server
+
+
+@pytest.fixture(params=["shm", "memory", "nats"])
 async def bus(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterator[BaseBus]:
     """A connected bus of each transport that really delivers events."""
     instance: BaseBus
     if request.param == "shm":
         instance = ShmBus(bus_name, **SMALL_RING)
+    elif request.param == "nats":
+        from shmbus.nats import NatsBus
+
+        server = request.getfixturevalue("contract_nats_server")
+        instance = NatsBus(server.url, connect_timeout=5, reconnect_time_wait=0.1)
     else:
         instance = MemoryBus(max_event_size=SMALL_RING["max_event_size"])
     await instance.connect()
