@@ -55,12 +55,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final, TextIO
 
-from . import ofd
 from .contract import matches
 from .delivery import QueueSubscription
-from .errors import ShmBusError
-from .layout import DEFAULT_CAPACITY, LOCK_ATTACH
-from .segment import SHM_DIR, remove_resources, resource_paths, validate_bus_name
+from .errors import BusInUseError, ShmBusError
+from .layout import DEFAULT_CAPACITY
+from .leftovers import cleanup
+from .pipelink import PipeLink
+from .segment import SHM_DIR, validate_bus_name
 from .shm import ShmBus
 
 __all__ = ["DEFAULT_RATE", "PATTERNS", "add_arguments", "main", "remove_if_abandoned"]
@@ -92,7 +93,6 @@ _POLL: Final = 0.02
 #: children's reports for that second are in.
 _RENDER_DELAY: Final = 0.15
 
-Message = tuple[str, dict[str, Any]]
 
 
 # ─── Arguments ───────────────────────────────────────────────────────────────
@@ -178,49 +178,6 @@ def _build_parser() -> argparse.ArgumentParser:
 # ─── Child side ──────────────────────────────────────────────────────────────
 
 
-class _ParentLink:
-    """A child's end of its pipe, read on the child's event loop.
-
-    Messages from the parent land in :attr:`messages`; the parent going away
-    (EOF) arrives as an ``("eof", {})`` message.
-    """
-
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        self.conn = conn
-        self.loop = loop
-        self.messages: asyncio.Queue[Message] = asyncio.Queue()
-        self.gone = False
-        self._fd = conn.fileno()
-        loop.add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            while self.conn.poll():
-                self.messages.put_nowait(self.conn.recv())
-        except (EOFError, OSError):
-            self._lost()
-
-    def _lost(self) -> None:
-        if not self.gone:
-            self.gone = True
-            self.loop.remove_reader(self._fd)
-            self.messages.put_nowait(("eof", {}))
-
-    def send(self, kind: str, data: dict[str, Any]) -> None:
-        if self.gone:
-            return
-        try:
-            self.conn.send((kind, data))
-        except OSError:  # the parent is gone; its EOF will stop us
-            log.debug("cannot send %r to the parent", kind)
-
-    def close(self) -> None:
-        if not self.gone:
-            self.gone = True
-            self.loop.remove_reader(self._fd)
-        self.conn.close()
-
-
 def _child_setup() -> None:
     # Ctrl-C reaches the whole process group; stopping is the parent's call.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -242,7 +199,7 @@ def publisher_process(conn: Connection, config: dict[str, Any]) -> None:
 
 
 async def _publisher(conn: Connection, config: dict[str, Any]) -> None:
-    link = _ParentLink(conn, asyncio.get_running_loop())
+    link = PipeLink(conn, asyncio.get_running_loop())
     try:
         bus = _bus_for(config)
         async with bus:
@@ -275,7 +232,7 @@ async def _publisher(conn: Connection, config: dict[str, Any]) -> None:
 
 
 async def _publish_until(
-    bus: ShmBus, rate: float, stop: asyncio.Event, link: _ParentLink
+    bus: ShmBus, rate: float, stop: asyncio.Event, link: PipeLink
 ) -> tuple[list[int], float]:
     """Publish the workload until *stop* is set; return (per-topic counts, seconds)."""
     publish = bus.publish_nowait
@@ -409,7 +366,7 @@ def subscriber_process(conn: Connection, config: dict[str, Any]) -> None:
 
 
 async def _subscriber(conn: Connection, config: dict[str, Any]) -> None:
-    link = _ParentLink(conn, asyncio.get_running_loop())
+    link = PipeLink(conn, asyncio.get_running_loop())
     state = _Receiver()
     sketch = _LatencySketch()
 
@@ -512,32 +469,20 @@ async def _drain(sub: QueueSubscription, state: _Receiver, expected: int) -> boo
 
 
 def remove_if_abandoned(name: str) -> bool:
-    """Remove bus *name*'s files from /dev/shm if no live instance is attached.
-
-    Takes the bus's attach lock exclusively first, as
-    :func:`~shmbus.segment.remove_resources` requires, so a bus that other
-    live processes still use is left alone. Returns False only if files of
-    an abandoned bus remain.
-    """
-    if not resource_paths(name):
+    """Remove bus *name*'s files from /dev/shm if no live instance is attached
+    (:func:`shmbus.cleanup`, which leaves a live bus alone). Returns False only
+    if files of an abandoned bus remain."""
+    try:
+        removed = cleanup(name)
+    except BusInUseError:
+        log.info("bus %r: still attached by other live processes; left in place", name)
         return True
-    try:
-        fd = os.open(f"{SHM_DIR}/shmbus.{name}", os.O_RDWR)
-    except FileNotFoundError:
-        fd = -1  # a semaphore or FIFO without its segment: nobody can be attached
-    except OSError as exc:
-        log.warning("bus %r: cannot open its segment to check it: %s", name, exc)
+    except (OSError, ShmBusError) as exc:
+        log.warning("bus %r: cannot remove the files left behind: %s", name, exc)
         return False
-    try:
-        if fd >= 0 and not ofd.try_lock(fd, LOCK_ATTACH, exclusive=True):
-            log.info("bus %r: still attached by other live processes; left in place", name)
-            return True
-        remove_resources(name)
+    if removed:
         log.info("bus %r: removed files left behind", name)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    return not resource_paths(name)
+    return True
 
 
 class _ChildFailed(Exception):

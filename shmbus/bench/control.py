@@ -35,6 +35,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from ..pipelink import Message, PipeLink
+
 __all__ = [
     "AsyncLink",
     "BlockingLink",
@@ -47,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger("shmbus.bench")
 
-Message = tuple[str, dict[str, Any]]
 
 _MP = multiprocessing.get_context("fork")
 
@@ -106,37 +107,8 @@ class BlockingLink:
                 return
 
 
-class AsyncLink:
+class AsyncLink(PipeLink):
     """A child's end of its pipe, watched by the running event loop."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.loop = asyncio.get_running_loop()
-        self.messages: asyncio.Queue[Message] = asyncio.Queue()
-        self.gone = False
-        self._fd = conn.fileno()
-        self.loop.add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            while self.conn.poll():
-                self.messages.put_nowait(self.conn.recv())
-        except (EOFError, OSError):
-            self._lost()
-
-    def _lost(self) -> None:
-        if not self.gone:
-            self.gone = True
-            self.loop.remove_reader(self._fd)
-            self.messages.put_nowait(("eof", {}))
-
-    def send(self, kind: str, data: dict[str, Any] | None = None) -> None:
-        if self.gone:
-            return
-        try:
-            self.conn.send((kind, data or {}))
-        except OSError:
-            self._lost()
 
     async def wait_start(self) -> bool:
         while True:
