@@ -27,8 +27,6 @@ from multiprocessing.connection import Connection
 from queue import Empty
 from typing import Any
 
-import faster_fifo
-
 from ...codec import decode_envelope, encode_envelope
 from ..control import BlockingLink
 from ..harness import blocking_publisher, blocking_subscriber
@@ -116,7 +114,17 @@ class MpQueueDriver(_QueueDriver):
 class FasterFifoDriver(_QueueDriver):
     name = "ff"
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import faster_fifo  # noqa: F401 - the bench extra; multiprocessing.Queue needs none
+        except ImportError:
+            return "Python package faster_fifo is not installed (pip install 'shmbus[bench]')"
+        return None
+
     def prepare(self, spec: RunSpec) -> list[Any]:
+        import faster_fifo
+
         return [
             faster_fifo.Queue(max_size_bytes=FASTER_FIFO_BYTES) for _ in range(spec.subscribers)
         ]
