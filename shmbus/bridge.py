@@ -206,10 +206,15 @@ class Bridge:
             if not self.nats.connected:
                 self._error("export", event, "NATS is not connected")
                 continue
+            failures = self.nats.stats().publish_errors
             try:
                 await self.nats.publish_event(event)
             except (TypeError, ValueError) as exc:
                 self._error("export", event, str(exc))
+                continue
+            if self.nats.stats().publish_errors != failures:
+                # NatsBus counts a transport failure instead of raising it.
+                self._error("export", event, "NATS did not take it")
                 continue
             counts["exported"] += 1
 
@@ -317,8 +322,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(_serve(bridge, args.stats_interval))
-    except Exception:
-        log.exception("bridge failed")
+    except Exception as exc:
+        # One line, as every shmbus command; the traceback at DEBUG level.
+        log.error("bridge failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
     return 0
 
@@ -332,9 +338,11 @@ def _build(args: argparse.Namespace) -> Bridge:
     if "://" in bus:
         shm = get_bus(bus, queue_size=args.queue_size)
     else:
-        shm = ShmBus(bus, queue_size=args.queue_size)
+        shm = ShmBus.for_existing(bus, queue_size=args.queue_size)
     if not isinstance(shm, ShmBus):
         raise ValueError(f"--bus must name a shm bus (shm://NAME), got {bus!r}")
+    if not args.nats.startswith("nats://"):
+        raise ValueError(f"--nats must be a nats:// URL, got {args.nats!r}")
     # no_echo: the server never sends the bridge its own exports back.
     nats = get_bus(args.nats, queue_size=args.queue_size, no_echo=True, name="shmbus-bridge")
     if not isinstance(nats, NatsBus):

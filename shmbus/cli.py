@@ -47,7 +47,6 @@ from typing import Any, NoReturn
 
 from .contract import Event, validate_pattern, validate_topic
 from .errors import ShmBusError
-from .layout import DEFAULT_CAPACITY, DEFAULT_MAX_EVENT_SIZE
 from .segment import validate_bus_name
 
 __all__ = ["build_parser", "main"]
@@ -565,18 +564,9 @@ def _publish(bus: Any, topic: str, payload: dict[str, Any], event_type: str, wha
 
 def _bus_for(name: str) -> Any:
     """A ShmBus on *name* with the geometry of the existing bus, if any."""
-    from .inspect import read_bus
     from .shm import ShmBus
 
-    capacity, max_event_size = DEFAULT_CAPACITY, DEFAULT_MAX_EVENT_SIZE
-    try:
-        info = read_bus(name)
-        capacity, max_event_size = info.capacity, info.max_event_size
-    except FileNotFoundError:
-        pass
-    except (ShmBusError, OSError) as exc:
-        log.debug("bus %r: cannot read its geometry (%s); using the defaults", name, exc)
-    return ShmBus(name, capacity=capacity, max_event_size=max_event_size)
+    return ShmBus.for_existing(name)
 
 
 # ─── sub ─────────────────────────────────────────────────────────────────────

@@ -231,8 +231,12 @@ class FallbackBus(BaseBus):
                 return
             self._state = _CLOSED
             merged = list(self._merged.values())
-        if self._retry is not None:
-            self._retry.cancel()
+        retry = self._retry
+        if retry is not None and not retry.done():
+            retry.cancel()
+            # Wait for it to unwind: a connect cut short must not outlive us.
+            if retry.get_loop() is asyncio.get_running_loop():
+                await asyncio.gather(retry, return_exceptions=True)
         for entry in merged:
             entry.out.close_from_transport()
         try:

@@ -295,6 +295,11 @@ class NatsBus(BaseBus):
                 ),
                 timeout=self.connect_timeout,
             )
+        except asyncio.CancelledError:
+            # Cancelled mid-connect (a FallbackBus closing): leave no socket.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(nc.close())
+            raise
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from .codec import encode_envelope
 from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .delivery import QueueSubscription
-from .errors import BusClosedError, ForkedBusError
+from .errors import BusClosedError, ForkedBusError, ShmBusError
 from .layout import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_EVENT_SIZE,
@@ -150,6 +150,25 @@ class ShmBus(BaseBus):
         self._give_up_after = max(5.0, 5 * self.lock_timeout)
         self._subscriptions: set[QueueSubscription] = set()
         _live_instances.add(self)
+
+    @classmethod
+    def for_existing(cls, name: str, **options: Any) -> ShmBus:
+        """An unconnected bus on *name* with the ring geometry (capacity and
+        max_event_size) of the bus that exists under that name, or the
+        defaults if there is none: for tools that join whatever bus is there
+        (the CLI, the bridge). Other *options* go to the constructor."""
+        from .inspect import read_bus  # the read-only view; only tools need it
+
+        try:
+            info = read_bus(name)
+        except FileNotFoundError:
+            pass
+        except (ShmBusError, OSError) as exc:
+            log.debug("bus %r: cannot read its geometry (%s); using the defaults", name, exc)
+        else:
+            options.setdefault("capacity", info.capacity)
+            options.setdefault("max_event_size", info.max_event_size)
+        return cls(name, **options)
 
     def __repr__(self) -> str:
         slot = self._segment.slot if self._segment is not None else None

@@ -240,7 +240,17 @@ def _make_nats(url: str, hosts: str, query: str, options: dict[str, Any]) -> Nat
     for host in hosts.split(","):
         if not host.strip():
             raise ValueError(f"nats:// URL {url!r} has an empty server in {hosts!r}")
-        servers.append(f"nats://{host.strip()}")
+        server = f"nats://{host.strip()}"
+        try:
+            port = urlsplit(server).port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(
+                f"nats:// URL {url!r} has server {host.strip()!r} with a port that is not "
+                "a number from 1 to 65535"
+            )
+        servers.append(server)
     parsed = _parse_query(url, "nats", query, _NATS_URL_OPTIONS)
     valid_keywords = set(NATS_CONNECT_OPTIONS) | {"queue_size", "name", "connect_timeout"}
     _check_keywords("nats", options, dict.fromkeys(valid_keywords))

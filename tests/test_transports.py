@@ -1017,3 +1017,22 @@ async def test_shm_a_new_loop_may_subscribe_once_the_readers_loop_has_closed(bus
         assert await asyncio.to_thread(run_once, 2) == 2
     finally:
         await instance.close()
+
+
+async def test_shm_for_existing_joins_a_bus_with_its_own_ring_geometry(bus_name):
+    """Tools (CLI, bridge) join whatever bus exists: for_existing() takes the
+    live bus's capacity and max_event_size instead of the defaults, which
+    would be refused as incompatible."""
+    async with ShmBus(bus_name, **SMALL_RING) as owner:
+        joiner = ShmBus.for_existing(bus_name, queue_size=7)
+        async with joiner:
+            assert joiner.queue_size == 7
+            sub = owner.subscribe("x.*")
+            await joiner.publish("x.y", {"n": 1})
+            assert (await asyncio.wait_for(sub.__anext__(), 5)).payload == {"n": 1}
+
+
+def test_shm_for_existing_uses_the_defaults_when_no_bus_exists(bus_name):
+    fresh = ShmBus.for_existing(bus_name)
+    assert fresh.max_event_size == ShmBus(bus_name).max_event_size
+    assert resource_paths(bus_name) == []

@@ -123,3 +123,9 @@ def test_fallback_that_is_not_shm_raises_value_error() -> None:
 def test_url_that_is_not_a_string_raises_type_error() -> None:
     with pytest.raises(TypeError, match="must be a str"):
         get_bus(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["nats://127.0.0.1:abc", "nats://h:0", "nats://h:99999"])
+def test_a_nats_url_with_a_bad_port_is_a_value_error_naming_it(url: str) -> None:
+    with pytest.raises(ValueError, match="port"):
+        get_bus(url)
