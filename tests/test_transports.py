@@ -8,6 +8,7 @@ names, sizes and files in /dev/shm; NullBus) comes after the shared tests.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from shmbus import (
     IncompatibleSegmentError,
     MemoryBus,
     NullBus,
+    SegmentSpaceError,
     ShmBus,
     Subscription,
 )
@@ -1036,3 +1038,16 @@ def test_shm_for_existing_uses_the_defaults_when_no_bus_exists(bus_name):
     fresh = ShmBus.for_existing(bus_name)
     assert fresh.max_event_size == ShmBus(bus_name).max_event_size
     assert resource_paths(bus_name) == []
+
+
+async def test_shm_a_ring_larger_than_dev_shm_is_a_clear_error_at_connect(bus_name):
+    """The segment's memory is reserved when it is created, so a /dev/shm too
+    small for it is a SegmentSpaceError at connect() that names both sizes
+    (never a SIGBUS later), and nothing is left behind."""
+    stat = os.statvfs("/dev/shm")
+    too_big = (stat.f_blocks * stat.f_frsize + (1 << 30)) // 8 * 8
+    with pytest.raises(SegmentSpaceError, match=r"needs \d+ bytes in /dev/shm but only \d+"):
+        await ShmBus(bus_name, capacity=too_big).connect()
+    assert resource_paths(bus_name) == []
+    async with ShmBus(bus_name, **SMALL_RING) as usable:  # the name is not spoiled
+        await usable.publish("still.works", {})
