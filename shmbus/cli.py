@@ -47,7 +47,7 @@ from typing import Any, NoReturn
 
 from .contract import Event, validate_pattern, validate_topic
 from .errors import ShmBusError
-from .segment import validate_bus_name
+from .shmfiles import validate_bus_name
 
 __all__ = ["build_parser", "main"]
 
@@ -709,14 +709,19 @@ def _print_stat(info: Any, rate: float | None, as_json: bool, *, clear: bool) ->
     rate_text = f" ({rate:.1f}/s)" if rate is not None else ""
     _out(
         f"bus {info.name}: {'live' if info.live else 'dead (no process attached)'}, "
-        f"layout v{info.layout_version}, segment {_size(info.segment_size)}, "
-        f"ring {_size(info.capacity)}, max event {_size(info.max_event_size)}"
+        f"layout v{info.layout_version}, files {_size(info.segment_size)}, "
+        f"default ring {_size(info.capacity)}, max event {_size(info.max_event_size)}"
     )
     _out(
-        f"published {info.published}{rate_text}, next seq {info.next_seq}, "
-        f"fill {info.fill * 100:.1f}%, lock recoveries {info.lock_recoveries}, "
-        f"torn records {info.torn_records}"
+        f"published {info.published}{rate_text} in {len(info.rings)} ring(s), "
+        f"fullest ring {info.fill * 100:.1f}%"
     )
+    for ring in info.rings:
+        _out(
+            f"  ring {ring.entry}.{ring.gen} {ring.state:<8} writer pid {ring.writer_pid:<8} "
+            f"{_size(ring.capacity)}, {ring.published} events, fill {ring.fill * 100:.1f}%"
+            + (f" ({ring.problem})" if ring.problem else "")
+        )
     if not info.instances:
         _out("no instances")
         return
@@ -725,7 +730,7 @@ def _print_stat(info: Any, rate: float | None, as_json: bool, *, clear: bool) ->
         "PID",
         "STATE",
         "SUBS",
-        "LAG",
+        "LAG_BYTES",
         "DELIVERED",
         "DROPPED",
         "CORRUPT",

@@ -61,8 +61,8 @@ from .errors import BusInUseError, ShmBusError
 from .layout import DEFAULT_CAPACITY
 from .leftovers import cleanup
 from .pipelink import PipeLink
-from .segment import SHM_DIR, validate_bus_name
 from .shm import ShmBus
+from .shmfiles import SHM_DIR, validate_bus_name
 
 __all__ = ["DEFAULT_RATE", "PATTERNS", "add_arguments", "main", "remove_if_abandoned"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "BusClosedError",
     "BusInUseError",
+    "ForeignFileError",
     "ForkedBusError",
     "IncompatibleSegmentError",
     "NoFreeSlotError",
@@ -45,6 +46,13 @@ class ForkedBusError(ShmBusError, RuntimeError):
     would corrupt the parent's state. Create and connect a new bus in the
     child instead.
     """
+
+
+class ForeignFileError(ShmBusError, PermissionError):
+    """A file with one of the bus's names must not be used: another user owns
+    it (and it is not the bus's group's), it is a symlink or not the type it
+    should be, or its permission bits are broader than the bus's mode. The
+    message names the file and its owner."""
 
 
 class SegmentError(ShmBusError):

@@ -454,7 +454,6 @@ class FallbackBus(BaseBus):
                 corrupt=nats_stats.corrupt + shm_stats.corrupt,
                 lapped=shm_stats.lapped,
                 publish_errors=nats_stats.publish_errors + shm_stats.publish_errors,
-                lock_recoveries=shm_stats.lock_recoveries,
                 subscriptions=len(live),
             )
 

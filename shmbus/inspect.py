@@ -2,17 +2,16 @@
 
 Owns
 ----
-How a bus's header and instance slots are read from outside the bus: the
-scan of ``/dev/shm`` for segments (:func:`list_buses`), the decoding of one
-segment into a :class:`BusInfo` (:func:`read_bus`), and the rule that says
-whether a bus or an instance is alive.
+How a bus's segment, its instance slots and its rings are read from outside
+the bus: the scan of ``/dev/shm`` for segments (:func:`list_buses`), the
+decoding of one bus into a :class:`BusInfo` (:func:`read_bus`), and the rule
+that says whether a bus, an instance or a ring's writer is alive.
 
 Invariants
 ----------
-* Inspecting never changes a bus. The segment is opened ``O_RDONLY`` and only
-  its header (identity, writer state, sleep flags and slots:
-  :data:`~shmbus.layout.HEADER_SIZE` bytes) is mapped ``PROT_READ``, after
-  ``fstat`` showed the file is at least that long.
+* Inspecting never changes a bus. Files are opened ``O_RDONLY | O_NOFOLLOW``
+  and mapped ``PROT_READ``, after ``fstat`` showed the segment has its full
+  size and each ring file is a regular file.
 * Inspecting takes no lock. In particular it never takes ``LOCK_ATTACH``: a
   shared attach lock held by an inspector would make the last real instance
   believe others are attached, and it would then leave the bus's files
@@ -21,17 +20,18 @@ Invariants
 * A bus is *live* iff some open file description holds ``LOCK_ATTACH``. An
   instance is *alive* iff its slot byte (``LOCK_SLOT_BASE + slot``) is held
   by some open file description **and** the process recorded in the slot
-  (pid and start time) still runs. Locks die with their holder, so a
+  (pid and start time) still runs. A ring's writer is alive iff its entry is
+  LIVE and its ring lock byte is held. Locks die with their holder, so a
   crashed process is never reported alive.
-* What is read is a snapshot taken without the writer lock: counters can be
-  a few events apart from each other, never invented. ``lag_bytes`` is
-  clamped at 0 for that reason.
+* What is read is a snapshot taken without any lock: counters can be a few
+  events apart from each other, never invented.
 * A segment that no shmbus process could have written (wrong magic, size or
   geometry) raises :class:`~shmbus.errors.SegmentCorruptError`; one made by
   another layout version raises
   :class:`~shmbus.errors.IncompatibleSegmentError`. Both messages name the
   bus and the bad value. A bus that is being created or reset right now is
-  waited for, briefly.
+  waited for, briefly. A ring file that cannot be read is reported with its
+  error in :attr:`RingInfo.problem`, not raised.
 """
 
 from __future__ import annotations
@@ -48,21 +48,28 @@ from dataclasses import dataclass
 from . import ofd, procs
 from .errors import IncompatibleSegmentError, SegmentCorruptError, SegmentError
 from .layout import (
-    HEADER_SIZE,
+    BUS_SEGMENT_SIZE,
+    ENTRY_CAPACITY,
+    ENTRY_FREE,
+    ENTRY_GEN,
+    ENTRY_INSTALLING,
+    ENTRY_LIVE,
+    ENTRY_RECLAIMING,
+    ENTRY_RETIRED,
+    ENTRY_RING_ID,
+    ENTRY_STATE,
+    ENTRY_WRITER_PID,
+    ENTRY_WRITER_SLOT,
     LAYOUT_VERSION,
     LOCK_ATTACH,
+    LOCK_RING_BASE,
     LOCK_SLOT_BASE,
     MAGIC,
+    MAX_RINGS,
     MAX_SLOTS,
-    OFF_HEAD,
-    OFF_LOCK_RECOVERIES,
-    OFF_NEXT_SEQ,
-    OFF_PUBLISHED,
-    OFF_RECLAIM_CORRUPT,
-    OFF_TORN_RECORDS,
-    OFF_WRITE_CURSOR,
-    RING_OFFSET,
+    RING_MAGIC,
     SEGMENT_READY,
+    SLOT_BACKLOG,
     SLOT_COMMAND,
     SLOT_COMMAND_SIZE,
     SLOT_CORRUPT,
@@ -71,16 +78,31 @@ from .layout import (
     SLOT_LAPPED,
     SLOT_PID,
     SLOT_PUBLISHED,
-    SLOT_READ_CURSOR,
+    SLOT_RING,
     SLOT_START,
     SLOT_SUBSCRIPTIONS,
+    W_HEAD,
+    W_NEXT_SEQ,
+    W_RECLAIM_CORRUPT,
+    W_WRITE_CURSOR,
+    entry_word,
     read_identity,
-    segment_size,
+    read_layout_version,
+    read_ring_identity,
+    ring_file_size,
     slot_offset,
 )
-from .segment import SHM_DIR, validate_bus_name
+from .shmfiles import SHM_DIR, ring_path, validate_bus_name
 
-__all__ = ["BusInfo", "SlotInfo", "bus_names", "list_buses", "read_bus", "segment_path"]
+__all__ = [
+    "BusInfo",
+    "RingInfo",
+    "SlotInfo",
+    "bus_names",
+    "list_buses",
+    "read_bus",
+    "segment_path",
+]
 
 log = logging.getLogger("shmbus.inspect")
 
@@ -88,6 +110,13 @@ log = logging.getLogger("shmbus.inspect")
 BUSY_TIMEOUT = 1.0
 
 _SEGMENT_PREFIX = "shmbus."
+_STATE_NAMES = {
+    ENTRY_INSTALLING: "installing",
+    ENTRY_LIVE: "live",
+    ENTRY_RETIRED: "retired",
+    ENTRY_RECLAIMING: "reclaiming",
+}
+_MAGIC_PREFIX = MAGIC & 0x00FFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +131,8 @@ class SlotInfo:
     #: Owner's command line: read from ``/proc`` while the owner is alive,
     #: else the (truncated) copy kept in the slot.
     command: str
-    #: Where the instance's reader is in the ring (a byte position).
-    read_cursor: int
-    #: ``write_cursor - read_cursor`` for an instance with subscriptions,
-    #: clamped at 0; 0 for an instance that does not read (its cursor is stale).
+    #: Bytes committed in the rings the instance's reader follows that it has
+    #: not read yet (0 for an instance that does not read).
     lag_bytes: int
     #: Reader counters: events handed to subscriptions, events lost for them,
     #: unreadable records, sequence numbers skipped.
@@ -117,42 +144,66 @@ class SlotInfo:
     published: int
     #: Subscriptions open now (0: the instance does not read).
     subscriptions: int
+    #: Directory entry of the instance's own ring, or None if it has not published.
+    ring: int | None
     #: Slot byte locked by someone and the recorded process still runs.
     alive: bool
 
     @property
     def reader(self) -> bool:
-        """True if the instance has subscriptions, i.e. reads the ring."""
+        """True if the instance has subscriptions, i.e. reads the rings."""
         return self.subscriptions > 0
 
 
 @dataclass(frozen=True, slots=True)
+class RingInfo:
+    """One publisher's ring, as its directory entry and its file describe it."""
+
+    #: Directory entry and generation.
+    entry: int
+    gen: int
+    #: "live", "dead" (writer gone without closing), "retired" (writer closed,
+    #: the ring drains), "reclaiming" or "installing".
+    state: str
+    #: ``/dev/shm/shmbus.NAME:ring.<id>``.
+    path: str
+    #: Bytes of the ring and of its file.
+    capacity: int
+    file_size: int
+    #: The writing instance's slot and pid.
+    writer_slot: int
+    writer_pid: int
+    #: Events committed to the ring, and its positions (byte counts that only grow).
+    published: int
+    write_cursor: int
+    head: int
+    #: ``(write_cursor - head) / capacity``: the share of the ring holding records.
+    fill: float
+    #: Times its writer found an unreadable record while reclaiming space.
+    reclaim_corrupt: int
+    #: Why the ring file could not be read ('' if it could).
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class BusInfo:
-    """A snapshot of one bus: its segment header and its instances."""
+    """A snapshot of one bus: its segment, its instances and its rings."""
 
     name: str
     #: ``/dev/shm/shmbus.NAME``.
     path: str
-    #: Bytes of the segment file (header + ring).
+    #: Bytes of the segment file and of every ring file: the bus's memory.
     segment_size: int
-    #: Bytes of the ring.
+    #: Ring geometry instances adopt unless they choose their own.
     capacity: int
     max_event_size: int
     layout_version: int
     creator_pid: int
     created_ns: int
-    #: Ring positions (byte counts that only grow) and the next sequence number.
-    write_cursor: int
-    head: int
-    next_seq: int
-    #: Events committed to the ring since the segment was created.
+    #: Events committed to the rings that exist now.
     published: int
-    #: ``(write_cursor - head) / capacity``: the share of the ring holding records.
+    #: The fullest ring's fill (0.0 with no ring).
     fill: float
-    #: Writer locks taken over from dead holders.
-    lock_recoveries: int
-    #: Sequence numbers reserved by writers that died before committing.
-    torn_records: int
     #: Times a writer found an unreadable record while reclaiming space.
     reclaim_corrupt: int
     #: Someone holds ``LOCK_ATTACH``: at least one process is attached.
@@ -160,6 +211,8 @@ class BusInfo:
     #: Every slot with a recorded owner, alive or not (a crashed instance
     #: keeps its slot described until another instance claims it).
     instances: tuple[SlotInfo, ...]
+    #: Every ring the directory names.
+    rings: tuple[RingInfo, ...] = ()
 
     @property
     def live_instances(self) -> tuple[SlotInfo, ...]:
@@ -180,8 +233,7 @@ def bus_names() -> list[str]:
     """Names of the buses whose segment file exists in ``/dev/shm``, sorted.
 
     Only regular files named ``shmbus.NAME`` with a valid bus name count: the
-    wake-up FIFOs (``shmbus.NAME:wake.NNN``) and semaphores
-    (``sem.shmbus.NAME:lock``) do not.
+    ring files and wake-up FIFOs (``shmbus.NAME:...``) do not.
     """
     names = []
     try:
@@ -258,6 +310,10 @@ def read_bus(name: str, *, timeout: float = BUSY_TIMEOUT) -> BusInfo:
             raise PermissionError(
                 errno.EACCES, f"no permission to read bus {name!r} ({path})"
             ) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SegmentCorruptError(f"bus {name!r}: {path} is a symbolic link") from None
+            raise
         try:
             info = _read_open_segment(name, path, fd, attempt)
         finally:
@@ -288,28 +344,23 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
     if ofd.holds_conflicting(fd, LOCK_ATTACH, exclusive=False):
         return None
     size = st.st_size
-    if size < HEADER_SIZE:
-        _check_version_prefix(name, fd, size)
-        if attempt == 0:
-            return None
-        raise SegmentCorruptError(
-            f"bus {name!r} has a truncated segment: {path} is {size} bytes, smaller than "
-            f"its {HEADER_SIZE}-byte header (left by a process that died while creating it?)"
-        )
-    with mmap.mmap(fd, HEADER_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-        identity = read_identity(mm)
-        magic, version, state = identity.magic, identity.layout_version, identity.state
-        capacity, max_event_size = identity.capacity, identity.max_event_size
-        ring_offset, creator_pid, created_ns = (
-            identity.ring_offset,
-            identity.creator_pid,
-            identity.created_ns,
-        )
-        if magic == MAGIC and version != LAYOUT_VERSION:
+    if size >= 12:
+        magic, version = read_layout_version(os.pread(fd, 12, 0))
+        if magic & 0x00FFFFFFFFFFFFFF == _MAGIC_PREFIX and version != LAYOUT_VERSION:
             raise IncompatibleSegmentError(
                 f"bus {name!r} uses segment layout version {version}; this shmbus reads "
                 f"layout version {LAYOUT_VERSION}"
             )
+    if size != BUS_SEGMENT_SIZE:
+        if size < BUS_SEGMENT_SIZE and attempt == 0:
+            return None
+        raise SegmentCorruptError(
+            f"bus {name!r} has a damaged segment: {path} is {size} bytes, not "
+            f"{BUS_SEGMENT_SIZE} (left by a process that died while creating it?)"
+        )
+    with mmap.mmap(fd, BUS_SEGMENT_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+        identity = read_identity(mm)
+        magic, state = identity.magic, identity.state
         if magic != MAGIC or state != SEGMENT_READY:
             if attempt == 0 and magic == 0:
                 return None
@@ -322,71 +373,104 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
                 f"bus {name!r} has an unfinished segment header (state word {state:#x}, "
                 f"expected {SEGMENT_READY:#x}); its creator died while initialising it"
             )
-        if ring_offset != RING_OFFSET or capacity <= 0 or size != segment_size(capacity):
-            raise SegmentCorruptError(
-                f"bus {name!r} has a corrupted header: capacity {capacity}, ring offset "
-                f"{ring_offset} (expected {RING_OFFSET}) and file size {size} do not agree"
-            )
         words = memoryview(mm).cast("Q")  # aligned 8-byte loads, as the writers store
         try:
-            write_cursor = int(words[OFF_WRITE_CURSOR // 8])
-            head = int(words[OFF_HEAD // 8])
-            next_seq = int(words[OFF_NEXT_SEQ // 8])
-            published = int(words[OFF_PUBLISHED // 8])
-            lock_recoveries = int(words[OFF_LOCK_RECOVERIES // 8])
-            torn_records = int(words[OFF_TORN_RECORDS // 8])
-            reclaim_corrupt = int(words[OFF_RECLAIM_CORRUPT // 8])
-            # An exclusive request conflicts with any holder, shared or not.
             live = ofd.holds_conflicting(fd, LOCK_ATTACH, exclusive=True)
             instances = tuple(
                 slot
                 for index in range(MAX_SLOTS)
-                if (slot := _read_slot(mm, words, fd, index, write_cursor)) is not None
+                if (slot := _read_slot(mm, words, fd, index)) is not None
+            )
+            rings = tuple(
+                ring
+                for entry in range(MAX_RINGS)
+                if (ring := _read_ring(name, words, fd, entry)) is not None
             )
         finally:
             words.release()  # before the mapping closes
-    used = max(0, write_cursor - head)
     return BusInfo(
         name=name,
         path=path,
-        segment_size=size,
-        capacity=capacity,
-        max_event_size=max_event_size,
-        layout_version=version,
-        creator_pid=creator_pid,
-        created_ns=created_ns,
-        write_cursor=write_cursor,
-        head=head,
-        next_seq=next_seq,
-        published=published,
-        fill=min(1.0, used / capacity),
-        lock_recoveries=lock_recoveries,
-        torn_records=torn_records,
-        reclaim_corrupt=reclaim_corrupt,
+        segment_size=size + sum(ring.file_size for ring in rings),
+        capacity=identity.capacity,
+        max_event_size=identity.max_event_size,
+        layout_version=identity.layout_version,
+        creator_pid=identity.creator_pid,
+        created_ns=identity.created_ns,
+        published=sum(ring.published for ring in rings),
+        fill=max((ring.fill for ring in rings), default=0.0),
+        reclaim_corrupt=sum(ring.reclaim_corrupt for ring in rings),
         live=live,
         instances=instances,
+        rings=rings,
     )
 
 
-def _check_version_prefix(name: str, fd: int, size: int) -> None:
-    """Tell a short segment of another layout version from a truncated one."""
-    if size < 12:
-        return
-    prefix = os.pread(fd, 12, 0)
-    if len(prefix) < 12:
-        return
-    magic = int.from_bytes(prefix[:8], "little")
-    version = int.from_bytes(prefix[8:12], "little")
-    if magic == MAGIC and version != LAYOUT_VERSION:
-        raise IncompatibleSegmentError(
-            f"bus {name!r} uses segment layout version {version}; this shmbus reads "
-            f"layout version {LAYOUT_VERSION}"
+def _read_ring(name: str, words: memoryview, fd: int, entry: int) -> RingInfo | None:
+    def field(offset: int) -> int:
+        return int(words[entry_word(entry, offset)])
+
+    state = field(ENTRY_STATE)
+    if state == ENTRY_FREE:
+        return None
+    state_name = _STATE_NAMES.get(state, f"unknown ({state})")
+    if state == ENTRY_LIVE and not ofd.holds_conflicting(fd, LOCK_RING_BASE + entry):
+        state_name = "dead"
+    path = ring_path(name, field(ENTRY_RING_ID))
+    capacity = field(ENTRY_CAPACITY)
+
+    def info(
+        file_size: int = 0,
+        published: int = 0,
+        write_cursor: int = 0,
+        head: int = 0,
+        reclaim_corrupt: int = 0,
+        problem: str = "",
+    ) -> RingInfo:
+        used = max(0, write_cursor - head)
+        return RingInfo(
+            entry=entry,
+            gen=field(ENTRY_GEN),
+            state=state_name,
+            path=path,
+            capacity=capacity,
+            file_size=file_size,
+            writer_slot=field(ENTRY_WRITER_SLOT),
+            writer_pid=field(ENTRY_WRITER_PID),
+            published=published,
+            write_cursor=write_cursor,
+            head=head,
+            fill=min(1.0, used / capacity) if capacity else 0.0,
+            reclaim_corrupt=reclaim_corrupt,
+            problem=problem,
         )
 
+    try:
+        ring_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return info(problem=str(exc))
+    try:
+        st = os.fstat(ring_fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != ring_file_size(capacity):
+            return info(problem=f"{path} is not a ring file of {capacity} bytes")
+        with mmap.mmap(ring_fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ) as ring_mm:
+            identity = read_ring_identity(ring_mm)
+            ring_words = memoryview(ring_mm).cast("Q")
+            try:
+                write_cursor = int(ring_words[W_WRITE_CURSOR])
+                head = int(ring_words[W_HEAD])
+                published = int(ring_words[W_NEXT_SEQ])
+                reclaim_corrupt = int(ring_words[W_RECLAIM_CORRUPT])
+            finally:
+                ring_words.release()
+    finally:
+        os.close(ring_fd)
+    if identity.magic != RING_MAGIC:
+        return info(problem=f"{path} is not a shmbus ring (magic {identity.magic:#x})")
+    return info(st.st_size, published, write_cursor, head, reclaim_corrupt)
 
-def _read_slot(
-    mm: mmap.mmap, words: memoryview, fd: int, index: int, write_cursor: int
-) -> SlotInfo | None:
+
+def _read_slot(mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInfo | None:
     base = slot_offset(index)
 
     def word(field: int) -> int:
@@ -396,7 +480,6 @@ def _read_slot(
     if pid == 0:
         return None  # free, or being claimed (the pid is written last)
     start_ms = word(SLOT_START)
-    read_cursor = word(SLOT_READ_CURSOR)
     subscriptions = word(SLOT_SUBSCRIPTIONS)
     locked = ofd.holds_conflicting(fd, LOCK_SLOT_BASE + index, exclusive=True)
     alive = locked and procs.is_alive(pid, start_ms)
@@ -404,19 +487,19 @@ def _read_slot(
     text = command.split(b"\0", 1)[0].decode("utf-8", "replace")
     if alive:
         text = procs.command_line(pid) or text
-    lag = max(0, write_cursor - read_cursor) if subscriptions else 0
+    ring = word(SLOT_RING)
     return SlotInfo(
         slot=index,
         pid=pid,
         start_ms=start_ms,
         command=text,
-        read_cursor=read_cursor,
-        lag_bytes=lag,
+        lag_bytes=word(SLOT_BACKLOG) if subscriptions else 0,
         delivered=word(SLOT_DELIVERED),
         dropped=word(SLOT_DROPPED),
         corrupt=word(SLOT_CORRUPT),
         lapped=word(SLOT_LAPPED),
         published=word(SLOT_PUBLISHED),
         subscriptions=subscriptions,
+        ring=ring - 1 if ring else None,
         alive=alive,
     )

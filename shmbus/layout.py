@@ -1,37 +1,51 @@
-"""The shared-memory segment layout: every offset, size and magic number.
+"""The shared-memory layout: every offset, size and magic number of a bus.
 
-This module is the single place where the bytes of a segment are given
-meaning; ``docs/DESIGN.md`` draws the same picture. Change a layout and you
+This module is the single place where the bytes of a bus's files are given
+meaning; ``docs/DESIGN.md`` draws the same pictures. Change a layout and you
 must bump :data:`LAYOUT_VERSION`, because processes of different versions would
 otherwise read each other's bytes wrongly.
 
-Segment (all integers little-endian, every 8-byte field 8-byte aligned so that
-it is written by a single store)::
+A bus has one *bus segment* and one *ring file* per publishing instance
+(single writer per ring: no cross-process lock on the publish path). All
+integers are little-endian; every 8-byte field is 8-byte aligned, so that it
+is written by a single store.
 
-    0        HEADER: identity (written once at creation)
-    64       HEADER: writer state (changed only under the writer lock)
-    4096     SLEEP FLAGS: one byte per slot, 1 = that reader sleeps on its FIFO
+Bus segment ``shmbus.NAME``::
+
+    0        IDENTITY (written once, by the creator while it is alone)
+    4096     SLEEP FLAGS: one byte per slot, 1 = that slot's reader sleeps
+    4352     DIRECTORY FLAGS: one byte per slot, 1 = the directory changed
+             since that slot's reader last scanned it
     8192     SLOTS: MAX_SLOTS x SLOT_SIZE, one per attached bus instance
-    RING_OFFSET   RING: ``capacity`` bytes of records
+    OFF_ENTRIES   RING DIRECTORY: MAX_RINGS x ENTRY_SIZE, one per ring
+    OFF_SEEN      SEEN TABLE: MAX_SLOTS x MAX_RINGS words; word (s, e) is the
+                  newest generation of entry e that slot s's reader has mapped
+
+Ring file ``shmbus.NAME:ring.<ring id, 16 hex digits>``::
+
+    0        RING IDENTITY (written once, by its writer before registering it)
+    64       WRITER STATE (written only by the ring's writer)
+    4096     RING: ``capacity`` bytes of records
 
 Record (starts 8-byte aligned inside the ring, never wraps)::
 
     0  length    u32  whole record incl. header and alignment padding
     4  kind      u16  RECORD_EVENT or RECORD_PADDING
     6  topic_len u16
-    8  seq       u64  sequence number of the event (0 for padding)
+    8  seq       u64  the ring's sequence number of the event (0 for padding)
     16 body_len  u32  msgpack envelope length
     20 checksum  u32  crc32(topic + body) xor seq_mix(seq)
     24 topic bytes, then body bytes, then zero padding to 8 bytes
 
-File-lock bytes (Linux open-file-description locks on the segment's
+File-lock bytes (Linux open-file-description locks on the bus segment's
 descriptor; the kernel drops them when their holder dies):
 
 * byte :data:`LOCK_ATTACH` is held shared by every attached instance, and
-  exclusively by whoever initialises or removes the segment;
-* byte :data:`LOCK_TAKEOVER` arbitrates which waiter takes over the writer
-  lock from a dead holder;
-* byte ``LOCK_SLOT_BASE + i`` is held exclusively by the owner of slot ``i``.
+  exclusively by whoever initialises or removes the bus;
+* byte ``LOCK_SLOT_BASE + s`` is held exclusively by the owner of slot ``s``;
+* byte ``LOCK_RING_BASE + e`` is held exclusively by the writer of directory
+  entry ``e``'s ring for as long as it may write it, and briefly by whoever
+  installs or reclaims a ring there.
 """
 
 from __future__ import annotations
@@ -39,105 +53,190 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-# ─── Identity ────────────────────────────────────────────────────────────────
+# ─── Identity of the bus segment ─────────────────────────────────────────────
 
-MAGIC = int.from_bytes(b"SHMBUS\x00\x01", "little")
-LAYOUT_VERSION = 1
+MAGIC = int.from_bytes(b"SHMBUS\x00\x02", "little")
+#: Version 2: one ring per publishing instance (version 1 shared one ring
+#: under a writer lock).
+LAYOUT_VERSION = 2
 SEGMENT_READY = 0x52454459  # "READY": written last at initialisation
 
 OFF_MAGIC = 0  # u64
 OFF_LAYOUT_VERSION = 8  # u32
 OFF_STATE = 12  # u32, SEGMENT_READY once initialised
-OFF_CAPACITY = 16  # u64, ring bytes
-OFF_MAX_EVENT_SIZE = 24  # u64, largest envelope accepted
-OFF_RING_OFFSET = 32  # u64
-OFF_CREATOR_PID = 40  # u64
-OFF_CREATED_NS = 48  # u64, time.time_ns() at creation
-OFF_MODE = 56  # u32, permission bits of the bus's files
-OFF_GID = 60  # u32, group of the bus's files (NO_GROUP: the creator's)
-IDENTITY = struct.Struct("<QIIQQQQQII")  # magic .. gid, offsets 0..64
+OFF_CAPACITY = 16  # u64, ring bytes an instance uses unless it asks otherwise
+OFF_MAX_EVENT_SIZE = 24  # u64, largest envelope, unless an instance asks otherwise
+OFF_CREATOR_PID = 32  # u64
+OFF_CREATED_NS = 40  # u64, time.time_ns() at creation
+OFF_MODE = 48  # u32, permission bits of the bus's files
+OFF_GID = 52  # u32, group of the bus's files (NO_GROUP: the creator's)
+OFF_UID = 56  # u32, owner of the bus segment file (checked against fstat)
+IDENTITY = struct.Struct("<QIIQQQQIII4x")  # magic .. uid, offsets 0..64
 NO_GROUP = 0xFFFFFFFF
 
 
 class Identity(NamedTuple):
-    """The identity words of a segment header, as :func:`read_identity` finds them."""
+    """The identity words of a bus segment, as :func:`read_identity` finds them."""
 
     magic: int
     layout_version: int
     state: int
     capacity: int
     max_event_size: int
-    ring_offset: int
     creator_pid: int
     created_ns: int
     mode: int
     gid: int
+    uid: int
 
 
 def read_identity(header: bytes | memoryview | object) -> Identity:
-    """Decode the identity words at the start of a mapped segment header."""
+    """Decode the identity words at the start of a mapped bus segment."""
     return Identity._make(IDENTITY.unpack_from(header, 0))  # type: ignore[arg-type]
 
-# ─── Writer state (mutated only by the writer-lock holder) ───────────────────
 
-OFF_WRITE_CURSOR = 64  # u64, bytes ever committed: the commit point
-OFF_HEAD = 72  # u64, position of the oldest record not yet reclaimed
-OFF_NEXT_SEQ = 80  # u64, sequence number the next record will take
-OFF_LOCK_PID = 88  # u64, writer-lock holder's pid (0 = none recorded)
-OFF_LOCK_START = 96  # u64, holder's process start time, ms since the epoch
-OFF_LOCK_EPOCH = 104  # u64, bumped by every acquisition and takeover
-OFF_LOCK_RECOVERIES = 112  # u64, takeovers from dead holders
-OFF_TORN_RECORDS = 120  # u64, sequence numbers reserved by writers that died
-OFF_PUBLISHED = 128  # u64, records committed
-OFF_RECLAIM_CORRUPT = 136  # u64, times reclaim found an unreadable record
-OFF_LOCK_SLOT = 144  # u64, writer-lock holder's instance slot
-OFF_LAST_RECORD = 152  # u64, start position of the last committed record
-OFF_ORPHAN_EPOCH = 160  # u64, lock epoch + 1 when a slot was reclaimed with its intent set
+def read_layout_version(header: bytes | memoryview | object) -> tuple[int, int]:
+    """(magic, layout version) of a bus segment of any layout version: both
+    versions keep them at offsets 0 and 8."""
+    magic, version = struct.unpack_from("<QI", header, 0)  # type: ignore[arg-type]
+    return int(magic), int(version)
 
-U64 = struct.Struct("<Q")
 
-# Shared words are written through a ``memoryview.cast("Q")`` of the segment,
-# indexed by these word numbers, never with ``struct.pack_into``: CPython's
-# pack_into zeroes the target bytes before it writes the value, so another
-# process could read a transient 0 from a cursor. A memoryview item store is
-# a single aligned 8-byte store.
-W_WRITE_CURSOR = OFF_WRITE_CURSOR // 8
-W_HEAD = OFF_HEAD // 8
-W_NEXT_SEQ = OFF_NEXT_SEQ // 8
-W_LOCK_PID = OFF_LOCK_PID // 8
-W_LOCK_START = OFF_LOCK_START // 8
-W_LOCK_EPOCH = OFF_LOCK_EPOCH // 8
-W_LOCK_RECOVERIES = OFF_LOCK_RECOVERIES // 8
-W_TORN_RECORDS = OFF_TORN_RECORDS // 8
-W_PUBLISHED = OFF_PUBLISHED // 8
-W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
-W_LOCK_SLOT = OFF_LOCK_SLOT // 8
-W_LAST_RECORD = OFF_LAST_RECORD // 8
-W_ORPHAN_EPOCH = OFF_ORPHAN_EPOCH // 8
+# ─── Flags, slots, directory, seen table ─────────────────────────────────────
 
-# ─── Reader slots ────────────────────────────────────────────────────────────
+MAX_SLOTS = 128
+MAX_RINGS = 128
 
-MAX_SLOTS = 256
 OFF_SLEEP_FLAGS = 4096  # MAX_SLOTS bytes
+OFF_DIRECTORY_FLAGS = 4352  # MAX_SLOTS bytes
 OFF_SLOTS = 8192
 SLOT_SIZE = 128
 
-# Fields inside a slot (offsets relative to the slot's start).
+# Fields inside a slot (offsets relative to the slot's start); all written by
+# the slot's owner only.
 SLOT_PID = 0  # u64, owner's pid (0 = free)
 SLOT_START = 8  # u64, owner's process start time, ms since the epoch
-SLOT_READ_CURSOR = 16  # u64, where the owner's reader is in the ring
+SLOT_BACKLOG = 16  # u64, bytes committed in followed rings that the reader has not read
 SLOT_DELIVERED = 24  # u64
 SLOT_DROPPED = 32  # u64
 SLOT_CORRUPT = 40  # u64
 SLOT_LAPPED = 48  # u64
 SLOT_PUBLISHED = 56  # u64, events this instance published
 SLOT_SUBSCRIPTIONS = 64  # u64, open subscriptions (0 = not reading)
-SLOT_LOCK_INTENT = 72  # u64, 1 from before acquiring the writer lock to after releasing it
-SLOT_COMMAND = 80  # 48 bytes, NUL-padded start of the owner's command line
-SLOT_COMMAND_SIZE = 48
+SLOT_RING = 72  # u64, directory entry + 1 of the instance's own ring (0 = none yet)
+SLOT_WAKE_ID = 80  # u64, random id naming the slot's wake-up FIFO (0 = none)
+SLOT_COMMAND = 88  # 40 bytes, NUL-padded start of the owner's command line
+SLOT_COMMAND_SIZE = 40
 
-HEADER_SIZE = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
-RING_OFFSET = HEADER_SIZE
+OFF_ENTRIES = OFF_SLOTS + MAX_SLOTS * SLOT_SIZE
+ENTRY_SIZE = 64
+
+# Fields of a directory entry; written only by the holder of the entry's
+# ring lock byte (its writer, or whoever installs or reclaims a ring there).
+ENTRY_STATE = 0  # u64, one of the ENTRY_* states below
+ENTRY_GEN = 8  # u64, generation: +1 for every ring installed here
+ENTRY_RING_ID = 16  # u64, random id naming the ring file
+ENTRY_CAPACITY = 24  # u64, ring bytes (also in the ring file's identity)
+ENTRY_WRITER_SLOT = 32  # u64, slot of the writing instance
+ENTRY_WRITER_PID = 40  # u64
+ENTRY_WRITER_START = 48  # u64
+
+ENTRY_FREE = 0  # no ring file
+ENTRY_INSTALLING = 1  # a writer is creating its ring file; readers skip it
+ENTRY_LIVE = 2  # a writer may append (dead if its ring lock byte is free)
+ENTRY_RETIRED = 3  # its writer closed: the ring only drains now
+ENTRY_RECLAIMING = 4  # being removed; readers that still need it have mapped it
+
+OFF_SEEN = OFF_ENTRIES + MAX_RINGS * ENTRY_SIZE
+BUS_SEGMENT_SIZE = OFF_SEEN + MAX_SLOTS * MAX_RINGS * 8
+
+U64 = struct.Struct("<Q")
+
+# Shared words are written through a ``memoryview.cast("Q")`` of a mapping,
+# indexed by word numbers, never with ``struct.pack_into``: CPython's
+# pack_into zeroes the target bytes before it writes the value, so another
+# process could read a transient 0 from a cursor. A memoryview item store is
+# a single aligned 8-byte store.
+
+
+def slot_offset(slot: int) -> int:
+    """Offset of slot number *slot* in the bus segment."""
+    return OFF_SLOTS + slot * SLOT_SIZE
+
+
+def slot_word(slot: int, field: int) -> int:
+    """Word number of 8-byte *field* (a ``SLOT_*`` offset) of slot *slot*."""
+    return (OFF_SLOTS + slot * SLOT_SIZE + field) // 8
+
+
+def entry_word(entry: int, field: int) -> int:
+    """Word number of 8-byte *field* (an ``ENTRY_*`` offset) of directory entry *entry*."""
+    return (OFF_ENTRIES + entry * ENTRY_SIZE + field) // 8
+
+
+def seen_word(slot: int, entry: int) -> int:
+    """Word number of the seen-table cell of reader *slot* and directory *entry*."""
+    return OFF_SEEN // 8 + slot * MAX_RINGS + entry
+
+
+# ─── Ring files ──────────────────────────────────────────────────────────────
+
+RING_MAGIC = int.from_bytes(b"SHMRING\x02", "little")
+
+OFF_RING_MAGIC = 0  # u64
+OFF_RING_LAYOUT_VERSION = 8  # u32
+OFF_RING_ENTRY = 12  # u32, its directory entry
+OFF_RING_ID = 16  # u64, equals the entry's ring id and the file name's
+OFF_RING_GEN = 24  # u64, equals the entry's generation when it was installed
+OFF_RING_CAPACITY = 32  # u64
+OFF_RING_MAX_EVENT_SIZE = 40  # u64, largest body its writer appends
+OFF_RING_WRITER_PID = 48  # u64
+OFF_RING_WRITER_START = 56  # u64
+RING_IDENTITY = struct.Struct("<QIIQQQQQQ")  # offsets 0..64
+
+
+class RingIdentity(NamedTuple):
+    """The identity words of a ring file."""
+
+    magic: int
+    layout_version: int
+    entry: int
+    ring_id: int
+    gen: int
+    capacity: int
+    max_event_size: int
+    writer_pid: int
+    writer_start: int
+
+
+def read_ring_identity(header: bytes | memoryview | object) -> RingIdentity:
+    """Decode the identity words at the start of a mapped ring file."""
+    return RingIdentity._make(RING_IDENTITY.unpack_from(header, 0))  # type: ignore[arg-type]
+
+
+# Writer state: written only by the ring's writer.
+OFF_WRITE_CURSOR = 64  # u64, bytes ever committed: the commit point
+OFF_HEAD = 72  # u64, position of the oldest record not yet reclaimed
+OFF_NEXT_SEQ = 80  # u64, records committed (= sequence number of the next one)
+OFF_LAST_RECORD = 88  # u64, start of the last committed record (NO_RECORD: none yet)
+OFF_RECLAIM_CORRUPT = 96  # u64, times reclaim found an unreadable record
+OFF_CLOSED = 104  # u64, 1 once the writer has closed (it never appends again)
+
+W_WRITE_CURSOR = OFF_WRITE_CURSOR // 8
+W_HEAD = OFF_HEAD // 8
+W_NEXT_SEQ = OFF_NEXT_SEQ // 8
+W_LAST_RECORD = OFF_LAST_RECORD // 8
+W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
+W_CLOSED = OFF_CLOSED // 8
+
+NO_RECORD = 0xFFFFFFFFFFFFFFFF
+RING_OFFSET = 4096
+
+
+def ring_file_size(capacity: int) -> int:
+    """Bytes of a ring file whose ring holds *capacity* bytes."""
+    return RING_OFFSET + capacity
+
 
 # ─── Records ─────────────────────────────────────────────────────────────────
 
@@ -150,12 +249,14 @@ RECORD_PADDING = 2
 # ─── File-lock bytes ─────────────────────────────────────────────────────────
 
 LOCK_ATTACH = 0
-LOCK_TAKEOVER = 1
 LOCK_SLOT_BASE = 1024
+LOCK_RING_BASE = 2048
 
 # ─── Sizes ───────────────────────────────────────────────────────────────────
 
-DEFAULT_CAPACITY = 16 * 1024 * 1024
+#: Ring bytes per publishing instance by default: 16 publishers fit Docker's
+#: default 64 MiB /dev/shm with room to spare (see docs/DESIGN.md).
+DEFAULT_CAPACITY = 3 * 1024 * 1024
 DEFAULT_MAX_EVENT_SIZE = 1_048_576
 MIN_MAX_EVENT_SIZE = 256
 #: Record lengths are u32: the largest event must leave room for its header.
@@ -183,21 +284,6 @@ def min_capacity(max_event_size: int) -> int:
     return 2 * max_record_size(max_event_size) + RECORD_ALIGN
 
 
-def segment_size(capacity: int) -> int:
-    """Bytes of a segment whose ring holds *capacity* bytes."""
-    return RING_OFFSET + capacity
-
-
 def seq_mix(seq: int) -> int:
     """Spread *seq* over 32 bits so a checksum binds the record to its sequence."""
     return ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
-
-
-def slot_offset(slot: int) -> int:
-    """Offset of slot number *slot* in the segment."""
-    return OFF_SLOTS + slot * SLOT_SIZE
-
-
-def slot_word(slot: int, field: int) -> int:
-    """Word number of 8-byte *field* (a ``SLOT_*`` offset) of slot *slot*."""
-    return (OFF_SLOTS + slot * SLOT_SIZE + field) // 8

@@ -1,10 +1,11 @@
 """Removing the files of buses that no process uses any more.
 
 A bus's last instance removes its files when it closes; a bus whose every
-process crashed leaves them in ``/dev/shm`` (the segment, reserved memory
-included, the writer semaphore ``sem.shmbus.NAME:lock`` and the wake-up FIFOs
-``shmbus.NAME:wake.NNN``). A new instance on that name resets them, so they
-are harmless, but they hold memory: :func:`cleanup` removes them.
+process crashed leaves them in ``/dev/shm`` (the segment, the publishers'
+ring files ``shmbus.NAME:ring.<id>`` with their reserved memory, and the
+wake-up FIFOs ``shmbus.NAME:wake.<id>``). A new instance on that name resets
+them, so they are harmless, but they hold memory: :func:`cleanup` removes
+them.
 
 Owns
 ----
@@ -18,13 +19,13 @@ Invariants
   it shared) and which makes every newcomer wait, then start over on a fresh
   segment. So a bus that is live, or comes alive during the cleanup, is never
   removed (unless ``force=True``) and no newcomer ends up on removed files.
-* Orphans (a semaphore or FIFOs whose segment file is gone) are removed under
+* Orphans (rings or FIFOs whose segment file is gone) are removed under
   the same lock: the cleaner creates the segment name itself (an empty file,
   removed with the orphans) so that a newcomer cannot create the bus's
   resources between the check and the removal.
 * ``force=True`` removes the files of a live bus regardless. Its processes
-  keep working on their mappings (their semaphore handle stays valid; a
-  reader whose FIFO was removed is woken by its polling timer instead) until
+  keep working on their mappings (a reader whose FIFO was removed is woken by
+  its polling timer instead) until
   they close, but they are cut off from processes that connect afterwards,
   which create a fresh bus under the same name.
 * The library does not print: callers get the removed paths (and, from
@@ -39,13 +40,12 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import posix_ipc
-
 from . import ofd
 from .errors import BusInUseError, ShmBusError
 from .inspect import read_bus
 from .layout import LOCK_ATTACH
-from .segment import SHM_DIR, remove_resources, resource_paths, still_linked, validate_bus_name
+from .segment import remove_bus_files, still_linked
+from .shmfiles import SHM_DIR, bus_file_paths, validate_bus_name
 
 __all__ = ["BusInUseError", "CleanupReport", "cleanup", "cleanup_report", "leftover_names"]
 
@@ -53,8 +53,7 @@ log = logging.getLogger("shmbus.leftovers")
 
 _RESOURCE = re.compile(
     r"shmbus\.(?P<seg>[A-Za-z0-9_.-]+)"
-    r"|sem\.shmbus\.(?P<sem>[A-Za-z0-9_.-]+):lock"
-    r"|shmbus\.(?P<fifo>[A-Za-z0-9_.-]+):wake\.[0-9]{3}"
+    r"|shmbus\.(?P<file>[A-Za-z0-9_.-]+):(?:ring|wake)\.[0-9a-f]{16}"
 )
 _ATTEMPTS = 5
 
@@ -108,7 +107,7 @@ def cleanup_report(
     for bus in names:
         try:
             report.removed.extend(_clean_one(bus, force=force))
-        except (BusInUseError, OSError, posix_ipc.Error) as exc:
+        except (BusInUseError, OSError) as exc:
             if strict and name is not None:
                 raise
             report.skipped[bus] = str(exc)
@@ -117,8 +116,8 @@ def cleanup_report(
 
 
 def leftover_names() -> list[str]:
-    """Names of the buses that have any file in ``/dev/shm`` (segment,
-    semaphore or FIFO), sorted."""
+    """Names of the buses that have any file in ``/dev/shm`` (segment, ring
+    or FIFO), sorted."""
     names = set()
     try:
         entries = os.listdir(SHM_DIR)
@@ -128,7 +127,7 @@ def leftover_names() -> list[str]:
         match = _RESOURCE.fullmatch(entry)
         if match is None:
             continue
-        bus = match.group("seg") or match.group("sem") or match.group("fifo")
+        bus = match.group("seg") or match.group("file")
         try:
             names.add(validate_bus_name(bus))
         except (TypeError, ValueError):
@@ -139,7 +138,7 @@ def leftover_names() -> list[str]:
 def _clean_one(name: str, *, force: bool) -> list[str]:
     path = f"{SHM_DIR}/shmbus.{name}"
     for _ in range(_ATTEMPTS):
-        if not resource_paths(name):
+        if not bus_file_paths(name):
             return []
         fd, created = _open_or_create(path, name)
         try:
@@ -176,15 +175,9 @@ def _open_or_create(path: str, name: str) -> tuple[int, bool]:
 
 
 def _remove(name: str, path: str, *, created: bool, live: bool) -> list[str]:
-    paths = [p for p in resource_paths(name) if not (created and p == path)]
     if live:
         log.warning("bus %r is live; removing its files anyway (force)", name)
-    try:
-        remove_resources(name)
-    except posix_ipc.PermissionsError:
-        raise PermissionError(
-            errno.EPERM, f"no permission to remove the writer semaphore of bus {name!r}"
-        ) from None
+    paths = [p for p in remove_bus_files(name) if not (created and p == path)]
     if paths:
         log.info("bus %r: removed %s", name, ", ".join(paths))
     return paths

@@ -67,13 +67,19 @@ class BusCollector(Collector):
             "shmbus_bus_live", "1 if a process is attached to the bus", labels=_BUS
         )
         segment = GaugeMetricFamily(
-            "shmbus_segment_size_bytes", "Size of the bus's segment file", labels=_BUS
+            "shmbus_segment_size_bytes",
+            "Bytes of the bus's files in /dev/shm (segment and rings)",
+            labels=_BUS,
         )
         capacity = GaugeMetricFamily(
-            "shmbus_ring_capacity_bytes", "Size of the bus's ring", labels=_BUS
+            "shmbus_ring_capacity_bytes",
+            "Ring size instances use unless they choose their own",
+            labels=_BUS,
         )
         fill = GaugeMetricFamily(
-            "shmbus_ring_fill_ratio", "Share of the ring holding records (0..1)", labels=_BUS
+            "shmbus_ring_fill_ratio",
+            "Share of the fullest ring holding records (0..1)",
+            labels=_BUS,
         )
         instances = GaugeMetricFamily(
             "shmbus_instances", "Live bus instances attached", labels=_BUS
@@ -81,16 +87,13 @@ class BusCollector(Collector):
         readers = GaugeMetricFamily(
             "shmbus_readers", "Live instances with subscriptions", labels=_BUS
         )
-        published = CounterMetricFamily(
-            "shmbus_published", "Events committed to the ring", labels=_BUS
-        )
-        recoveries = CounterMetricFamily(
-            "shmbus_lock_recoveries", "Writer locks taken over from dead holders", labels=_BUS
-        )
-        torn = CounterMetricFamily(
-            "shmbus_torn_records",
-            "Events lost because their writer died mid-record",
+        published = GaugeMetricFamily(
+            "shmbus_ring_events",
+            "Events committed to the rings that exist now (a ring's go when it is reclaimed)",
             labels=_BUS,
+        )
+        rings = GaugeMetricFamily(
+            "shmbus_rings", "Publisher rings of the bus, by state", labels=[*_BUS, "state"]
         )
         i_published = CounterMetricFamily(
             "shmbus_instance_published", "Events the instance published", labels=_INSTANCE
@@ -125,7 +128,6 @@ class BusCollector(Collector):
         )
         for info in buses:
             bus = [info.name]
-            created = info.created_ns / 1e9
             readable.add_metric(bus, 1)
             live.add_metric(bus, 1 if info.live else 0)
             segment.add_metric(bus, info.segment_size)
@@ -133,9 +135,12 @@ class BusCollector(Collector):
             fill.add_metric(bus, info.fill)
             instances.add_metric(bus, len(info.live_instances))
             readers.add_metric(bus, info.readers)
-            published.add_metric(bus, info.published, created=created)
-            recoveries.add_metric(bus, info.lock_recoveries, created=created)
-            torn.add_metric(bus, info.torn_records, created=created)
+            published.add_metric(bus, info.published)
+            states: dict[str, int] = {}
+            for ring in info.rings:
+                states[ring.state] = states.get(ring.state, 0) + 1
+            for state, count in sorted(states.items()):
+                rings.add_metric([info.name, state], count)
             for slot in info.live_instances:
                 labels = [info.name, str(slot.slot), str(slot.pid)]
                 i_published.add_metric(labels, slot.published)
@@ -156,8 +161,7 @@ class BusCollector(Collector):
             instances,
             readers,
             published,
-            recoveries,
-            torn,
+            rings,
             i_published,
             i_delivered,
             i_dropped,

@@ -1,37 +1,46 @@
-"""The reader: one per bus instance with subscriptions, following the ring
-on that instance's event loop and routing records to its subscriptions.
+"""The reader: one per bus instance with subscriptions, following every
+publisher's ring on that instance's event loop and routing records to its
+subscriptions.
 
 Owns
 ----
-The instance's position in the ring, the topic-to-subscriptions route cache,
-the wake-up FIFO of the instance's slot, and the per-slot reader counters in
-shared memory (what ``shmbus stat`` shows).
+The instance's followed rings (a :class:`~shmbus.ring.RingReader` each, with
+the per-subscription start points), the topic-to-subscriptions route cache,
+the instance's wake-up FIFO, its row of the directory's seen table, and the
+per-slot reader counters in shared memory (what ``shmbus stat`` shows).
 
 Invariants
 ----------
 * Runs only on its home event loop (the loop that was running when the first
-  subscription was made); it never blocks it: each step reads at most
-  ``BATCH`` records and then yields.
-* A topic is checked against the subscriptions before the body is even
-  copied, and decoded once per process however many subscriptions match.
-* A subscription receives exactly the records whose sequence number is at or
-  after its ``start_seq`` (the ring's next sequence number when it was made),
-  so it sees everything published after ``subscribe()`` returned and nothing
-  from before.
+  subscription was made); it never blocks it and never waits for another
+  process: each step reads at most ``BATCH`` records per ring and yields.
+* Rings are found through the directory (:mod:`shmbus.directory`, whose
+  reader rules this module follows): one flag byte checked per step, a scan
+  only when it is set. A ring is followed until its writer is gone and it is
+  drained, then its mapping is dropped.
+* A subscription receives, from each ring, exactly the records whose
+  sequence number is at or after its start point in that ring: the ring's
+  next sequence number when the subscription was made, or 0 for a ring found
+  after it was made. So it sees everything published after ``subscribe()``
+  returned and nothing from before.
+* Order: the records of one ring (one publishing instance) are delivered in
+  the order they were published. Rings are read one after the other, up to
+  ``BATCH`` records each, starting each step with the ring after the one the
+  previous step started with: events of different publishers interleave in
+  batches, with no order promised between them.
 * Every record a subscription should have had but did not get is counted on
-  it: sequence gaps (lapped reader, dead writer, corrupt run) counted whole
-  for every subscription open across them, and corrupt records it matched.
+  it: sequence gaps (lapped reader, corrupt run) counted whole for every
+  subscription open across them, and corrupt records it matched.
 * Low-latency mode (opt-in): before sleeping, the reader keeps polling the
-  ring from the event loop (one poll per loop iteration, so other tasks still
+  rings from the event loop (one poll per loop iteration, so other tasks still
   run) for an adaptive window: twice the recent idle gap between records,
   between ``SPIN_MIN`` and ``SPIN_MAX``, and only ``SPIN_MIN`` when gaps are
-  longer than ``SPIN_MAX`` (spinning would not catch them). An idle reader
-  stops spinning after the window, so its idle cost is that of default mode.
-* Sleep: only when the ring holds nothing unread, by the protocol in
-  :mod:`shmbus.wakeup`. Two timers insure against a lost wake-up, which the
-  protocol's barriers rule out: a one-shot re-check ``IDLE_RECHECK`` after
-  going idle (the only moment a wake-up could race with falling asleep) and
-  a ``HEARTBEAT`` poll, cheap enough to leave running on idle readers.
+  longer than ``SPIN_MAX``.
+* Sleep: only when no ring holds anything unread, by the protocol in
+  :mod:`shmbus.wakeup`. Two timers insure against a lost wake-up (a
+  publisher killed between its commit and its wake-up): a one-shot re-check
+  ``IDLE_RECHECK`` after going idle and a ``HEARTBEAT`` poll, which also
+  notices rings whose writer died.
 """
 
 from __future__ import annotations
@@ -40,34 +49,42 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
+from . import directory
 from .codec import EnvelopeDecodeError, decode_envelope
 from .contract import Event, validate_topic
 from .delivery import QueueSubscription
+from .errors import ShmBusError
 from .layout import (
+    ENTRY_LIVE,
+    OFF_DIRECTORY_FLAGS,
     OFF_SLEEP_FLAGS,
+    RING_OFFSET,
+    SLOT_BACKLOG,
     SLOT_CORRUPT,
     SLOT_DELIVERED,
     SLOT_DROPPED,
     SLOT_LAPPED,
-    SLOT_READ_CURSOR,
     SLOT_SUBSCRIPTIONS,
-    W_WRITE_CURSOR,
+    W_NEXT_SEQ,
+    seen_word,
     slot_word,
 )
-from .ring import RingBatch, RingReader
+from .ordering import full_fence
+from .ring import UNKNOWN_SEQ, RingBatch, RingReader
 from .segment import Segment
-from .wakeup import WakeChannel, full_barrier
+from .wakeup import WakeChannel
 
 __all__ = ["BusReader"]
 
 log = logging.getLogger("shmbus.reader")
 
-#: Records read per step before the loop gets control back.
+#: Records read per ring per step before the loop gets control back.
 BATCH: Final = 256
-#: Re-check this long after going idle, in seconds: bounds the delay a wake-up
-#: lost in the race with falling asleep could cause.
+#: Re-check this long after going idle, in seconds: bounds the delay a lost
+#: wake-up could cause.
 IDLE_RECHECK: Final = 0.002
 #: Poll this often regardless, in seconds (about 4 wake-ups/s per idle reader).
 HEARTBEAT: Final = 0.25
@@ -83,10 +100,46 @@ class _BadTopic:
 
 _BAD_TOPIC: Final = _BadTopic()
 _Route = tuple[str, tuple[QueueSubscription, ...]] | _BadTopic
+#: (entry, generation): one ring, for as long as it exists.
+RingKey = tuple[int, int]
+
+
+class _Followed:
+    """One ring this reader follows."""
+
+    __slots__ = ("key", "mapping", "ring", "starts", "newest_start", "own")
+
+    def __init__(
+        self, mapping: directory.RingMapping, cursor: int, next_seq: int, own: bool
+    ) -> None:
+        self.key: RingKey = (mapping.entry, mapping.gen)
+        self.mapping = mapping
+        self.ring: RingReader[_Route] = RingReader(
+            mapping.mm,
+            mapping.words,
+            RING_OFFSET,
+            mapping.capacity,
+            mapping.max_event_size,
+            cursor,
+            next_seq,
+        )
+        #: Start point of each subscription made while this ring was followed;
+        #: the others started before the ring was found, at 0.
+        self.starts: dict[QueueSubscription, int] = {}
+        self.newest_start = 0
+        #: True for the ring of this reader's own instance.
+        self.own = own
+
+    def start_point(self) -> int:
+        """The sequence number a subscription made now starts at."""
+        _, seq = self.ring.snapshot()
+        if seq == UNKNOWN_SEQ:
+            seq = int(self.mapping.words[W_NEXT_SEQ])
+        return seq
 
 
 class BusReader:
-    """Follows the ring for one bus instance on its home event loop.
+    """Follows every ring of the bus for one bus instance on its home loop.
 
     Parameters
     ----------
@@ -94,53 +147,45 @@ class BusReader:
         The instance's attachment (gives the mapping and the slot).
     loop:
         The home event loop.
-    cursor, next_seq:
-        Starting point, read under the writer lock (see
-        :class:`~shmbus.ring.RingReader`).
+    own_ring:
+        Returns the (entry, generation) of the instance's own ring while it
+        writes one, else None: that ring's writer is alive by definition.
     """
 
     def __init__(
         self,
         segment: Segment,
         loop: asyncio.AbstractEventLoop,
-        cursor: int,
-        next_seq: int,
+        own_ring: Callable[[], RingKey | None],
         *,
         low_latency: bool = False,
     ) -> None:
         self.loop = loop
+        self._segment = segment
         self._mm = segment.mm
-        self._max_event_size = segment.max_event_size
         self._words = segment.words
-        self._ring: RingReader[_Route] = RingReader(
-            segment.mm,
-            segment.words,
-            segment.ring_offset,
-            segment.capacity,
-            segment.max_event_size,
-            cursor,
-            next_seq,
-        )
-        self._subs: dict[QueueSubscription, int] = {}
-        self._newest_start = 0
+        self._own_ring = own_ring
+        self._rings: dict[RingKey, _Followed] = {}
+        self._order: list[_Followed] = []
+        self._first = 0
+        self._subs: set[QueueSubscription] = set()
         self._routes: dict[bytes, _Route | None] = {}
-        self._flag = OFF_SLEEP_FLAGS + segment.slot
         self._slot = segment.slot
-        self._channel = WakeChannel(segment.fifo_path(segment.slot), segment.mode, segment.gid)
+        self._flag = OFF_SLEEP_FLAGS + segment.slot
+        self._directory_flag = OFF_DIRECTORY_FLAGS + segment.slot
+        self._channel = WakeChannel(segment)
         self._scheduled = False
         self._stopped = False
         # Subscriptions may be added or removed from other threads (other
         # event loops); a step and those changes exclude each other.
         self._lock = threading.Lock()
-        # Low-latency mode: when the current spin started (None: not spinning
-        # or mode off), and the smoothed idle gap between records.
         self._spin_until: float | None = 0.0 if low_latency else None
         self._asleep = False
         self._idle_since = 0.0
         self._idle_gap = SPIN_MAX
         #: Records rejected as unreadable.
         self.corrupt = 0
-        #: Sequence numbers skipped (lapped reader, dead writer, corrupt run).
+        #: Sequence numbers skipped (lapped reader, corrupt run).
         self.lapped = 0
         #: Events handed to subscription queues.
         self.routed = 0
@@ -148,25 +193,42 @@ class BusReader:
         loop.add_reader(self._channel.fd, self._on_wake)
         self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
         self._recheck: asyncio.TimerHandle | None = None
-        self._write_counters()
-        self._schedule()
 
     # ─── Subscriptions ───
 
-    def add(self, sub: QueueSubscription, start_seq: int) -> None:
-        """Route records with sequence number >= *start_seq* to *sub*; from any thread."""
+    def add(self, sub: QueueSubscription) -> None:
+        """Route records published from now on to *sub*; from any thread."""
         with self._lock:
-            self._subs[sub] = start_seq
-            self._newest_start = max(self._newest_start, start_seq)
+            first = not self._subs
+            self._subs.add(sub)
             self._routes.clear()
             self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
+            if first:
+                full_fence()  # directory reader rule 1: the word before the scan
+                self._mm[self._directory_flag] = 0
+                self._scan(first=True)
+            else:
+                # Know every ring that exists now, so that each gets a start
+                # point and none of its history reaches the new subscription.
+                self._mm[self._directory_flag] = 0
+                full_fence()
+                self._scan(first=False)
+            for followed in self._order:
+                start = followed.start_point()
+                followed.starts[sub] = start
+                followed.newest_start = max(followed.newest_start, start)
+            self._write_counters()
+        self._schedule()
 
     def remove(self, sub: QueueSubscription) -> None:
         """Stop routing to *sub*; from any thread."""
         with self._lock:
-            if self._subs.pop(sub, None) is not None:
+            if sub in self._subs:
+                self._subs.discard(sub)
                 self._retired_dropped += sub.dropped
                 self._routes.clear()
+                for followed in self._order:
+                    followed.starts.pop(sub, None)
                 if not self._stopped:
                     self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
 
@@ -176,14 +238,18 @@ class BusReader:
             return list(self._subs)
 
     def stop(self) -> None:
-        """Stop following the ring (no more wake-ups for this slot)."""
+        """Stop following the rings (no more wake-ups for this slot)."""
         if self._stopped:
             return
         self._stopped = True
         self._mm[self._flag] = 0
         with self._lock:
             self._write_counters()
-        self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = 0
+            self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = 0
+            for followed in self._order:
+                followed.mapping.close()
+            self._rings.clear()
+            self._order.clear()
         self._heartbeat.cancel()
         if self._recheck is not None:
             self._recheck.cancel()
@@ -194,7 +260,70 @@ class BusReader:
     def abandon(self) -> None:
         """In a fork child: close our descriptor, touch nothing shared."""
         self._stopped = True
-        self._channel.close()
+        self._channel.close(unlink=False)
+
+    # ─── The directory ───
+
+    def _scan(self, *, first: bool) -> None:
+        """Follow the rings the directory names that this reader has not seen
+        (directory reader rules 1-4). The caller holds ``_lock``."""
+        segment = self._segment
+        words = self._words
+        views, stable = directory.scan(segment)
+        own = self._own_ring()
+        for view in views:
+            key = (view.entry, view.gen)
+            seen = seen_word(self._slot, view.entry)
+            if key in self._rings or words[seen] >= view.gen:
+                continue
+            if first and view.state != ENTRY_LIVE:
+                words[seen] = view.gen  # rule 1: retired before we subscribed
+                continue
+            try:
+                mapping = directory.map_ring(segment, view)
+            except (ShmBusError, OSError) as exc:
+                log.warning("bus %r: not reading ring %s: %s", segment.name, key, exc)
+                self.corrupt += 1
+                words[seen] = view.gen
+                continue
+            if mapping is None:
+                if not first:
+                    log.warning("bus %r: ring %s vanished before it was read", segment.name, key)
+                words[seen] = view.gen
+                continue
+            followed = _Followed(mapping, 0, 0, own == key)
+            if first:
+                followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
+            self._rings[key] = followed
+            self._order.append(followed)
+            words[seen] = view.gen  # rule 4: after the mapping exists
+        if not stable:
+            self._mm[self._directory_flag] = 1  # rule 3: look again next step
+
+    def _check_directory(self) -> None:
+        if self._mm[self._directory_flag]:
+            self._mm[self._directory_flag] = 0
+            full_fence()
+            self._scan(first=False)
+
+    def _drop_finished(self) -> None:
+        """Let go of rings whose writer is gone and that are drained (rule 5)."""
+        own = self._own_ring()
+        finished = []
+        for followed in self._order:
+            entry, gen = followed.key
+            if followed.key == own:
+                continue
+            if directory.writer_alive(self._segment, entry, gen):
+                continue
+            if not followed.ring.pending():
+                finished.append(followed)
+        for followed in finished:
+            del self._rings[followed.key]
+            self._order.remove(followed)
+            followed.mapping.close()
+        if finished:
+            directory.reclaim_dead(self._segment, own[0] if own else -1)
 
     # ─── Scheduling ───
 
@@ -202,6 +331,11 @@ class BusReader:
         if not self._scheduled and not self._stopped:
             self._scheduled = True
             self.loop.call_soon(self._step)
+
+    def _pending(self) -> bool:
+        if self._mm[self._directory_flag]:
+            return True
+        return any(followed.ring.pending() for followed in self._order)
 
     def _on_wake(self) -> None:
         # The FIFO is drained when the reader next goes idle, not here: the
@@ -220,7 +354,7 @@ class BusReader:
 
     def _on_recheck(self) -> None:
         self._recheck = None
-        if not self._scheduled and not self._stopped and self._ring.pending():
+        if not self._scheduled and not self._stopped and self._pending():
             self._asleep = False
             self._step()
 
@@ -228,7 +362,12 @@ class BusReader:
         if self._stopped:
             return
         self._heartbeat = self.loop.call_later(HEARTBEAT, self._on_heartbeat)
-        if not self._scheduled and self._ring.pending():
+        with self._lock:
+            try:
+                self._drop_finished()
+            except Exception:  # never let bad shared memory kill the loop's callback
+                log.exception("reader failed to check its rings' writers")
+        if not self._scheduled and self._pending():
             self._asleep = False
             self._step()
 
@@ -237,35 +376,51 @@ class BusReader:
         if self._stopped:
             return
         with self._lock:
-            expected = self._ring.expected_seq
             routed = self.routed
             try:
-                batch = self._ring.read(BATCH, self._select)
-                self._route(batch)
-            except Exception:  # never let bad shared memory kill the loop's callback
-                log.exception("reader failed on a batch; resynchronising at the write cursor")
+                self._check_directory()
+            except Exception:
+                log.exception("reader failed to scan the ring directory")
                 self.corrupt += 1
-                # Whatever this batch held was not delivered: with the old
-                # expected sequence number, the next record counts it as a gap.
-                self._ring.expected_seq = expected
-                self._ring.cursor = self._ring_write_cursor()
+            order = self._order
+            count = len(order)
+            if count:
+                self._first = (self._first + 1) % count
+                for index in range(count):
+                    self._read_ring(order[(self._first + index) % count])
             self._write_counters()
-        if self._ring.pending():
+        if self._pending():
             self._schedule()
             return
         if self.routed != routed:
             # Let the consumers just woken run first: going idle (a read()
-            # of the FIFO, a barrier, a timer) is not on their latency path.
+            # of the FIFO, a fence, a timer) is not on their latency path.
             self._scheduled = True
             self.loop.call_soon(self._go_idle)
             return
         self._go_idle()
 
+    def _read_ring(self, followed: _Followed) -> None:
+        ring = followed.ring
+        if not ring.pending():
+            return
+        expected = ring.expected_seq
+        try:
+            batch = ring.read(BATCH, self._select)
+            self._route(batch, followed)
+        except Exception:  # never let bad shared memory kill the loop's callback
+            log.exception("reader failed on a batch; resynchronising at the write cursor")
+            self.corrupt += 1
+            # Whatever this batch held was not delivered: with the old
+            # expected sequence number, the next record counts it as a gap.
+            ring.expected_seq = expected
+            ring.cursor = ring.cursor + ring.backlog()
+
     def _go_idle(self) -> None:
         self._scheduled = False
         if self._stopped:
             return
-        if self._ring.pending():
+        if self._pending():
             self._step()
         elif self._spin_until is not None:
             self._spin_or_sleep()
@@ -291,7 +446,7 @@ class BusReader:
     def _spin_poll(self) -> None:
         if self._stopped:
             return
-        if self._ring.pending():
+        if self._pending():
             gap = time.perf_counter() - self._idle_since
             self._idle_gap += (gap - self._idle_gap) / 8
             self._step()
@@ -303,8 +458,8 @@ class BusReader:
         self._asleep = True
         self._channel.drain()
         self._mm[self._flag] = 1
-        full_barrier()
-        if self._ring.pending():
+        full_fence()
+        if self._pending():
             self._mm[self._flag] = 0
             self._schedule()
         elif self._recheck is None:
@@ -331,19 +486,19 @@ class BusReader:
         targets = tuple(sub for sub in self._subs if sub.matcher(topic))
         return (topic, targets) if targets else None
 
-    def _route(self, batch: RingBatch[_Route]) -> None:
-        subs = self._subs
+    def _route(self, batch: RingBatch[_Route], followed: _Followed) -> None:
+        starts = followed.starts
         for first, end in batch.gaps:
             self.lapped += end - first
-            for sub, start in subs.items():
-                missed = end - max(first, start)
+            for sub in self._subs:
+                missed = end - max(first, starts.get(sub, 0))
                 if missed > 0:
                     sub.count_lost(missed)
         self.corrupt += batch.corrupt
         if not batch.records:
             return
-        newest_start = self._newest_start
-        max_size = self._max_event_size
+        newest_start = followed.newest_start
+        max_size = followed.mapping.max_event_size
         decode = decode_envelope
         outbox: dict[QueueSubscription, list[Event]] = {}
         # Most batches go to one subscription: remember its list.
@@ -351,21 +506,21 @@ class BusReader:
         last_box: list[Event] = []
         for seq, route, _raw, body, checksum_ok in batch.records:
             if route.__class__ is not tuple:
-                self._reject(seq, tuple(subs))
+                self._reject(seq, tuple(self._subs), starts)
                 continue
             topic, targets = route
             if not checksum_ok:
-                self._reject(seq, targets)
+                self._reject(seq, targets, starts)
                 continue
             try:
                 event = decode(topic, body, max_size)
             except EnvelopeDecodeError as exc:
                 log.debug("corrupt record %d: %s", seq, exc)
-                self._reject(seq, targets)
+                self._reject(seq, targets, starts)
                 continue
             shared = False
             for sub in targets:
-                if seq < newest_start and seq < subs.get(sub, seq + 1):
+                if seq < newest_start and seq < starts.get(sub, 0):
                     continue  # published before this subscription existed
                 if shared:
                     # Each subscription gets its own copy, as over NATS: a
@@ -385,25 +540,28 @@ class BusReader:
             self.routed += len(events)
             sub.deliver(events)
 
-    def _reject(self, seq: int, targets: tuple[QueueSubscription, ...]) -> None:
+    def _reject(
+        self, seq: int, targets: tuple[QueueSubscription, ...], starts: dict[QueueSubscription, int]
+    ) -> None:
         self.corrupt += 1
         for sub in targets:
-            if seq >= self._subs.get(sub, seq + 1):
+            if seq >= starts.get(sub, 0):
                 sub.count_lost(1)
 
     # ─── Counters in shared memory ───
-
-    def _ring_write_cursor(self) -> int:
-        return int(self._words[W_WRITE_CURSOR])
 
     def dropped(self) -> int:
         """Events lost or evicted for this reader's subscriptions, ever."""
         return self._retired_dropped + sum(sub.dropped for sub in self._subs)
 
+    def backlog(self) -> int:
+        """Committed bytes in followed rings not read yet."""
+        return sum(followed.ring.backlog() for followed in self._order)
+
     def _write_counters(self) -> None:
         words = self._words
         slot = self._slot
-        words[slot_word(slot, SLOT_READ_CURSOR)] = self._ring.cursor
+        words[slot_word(slot, SLOT_BACKLOG)] = self.backlog()
         words[slot_word(slot, SLOT_DELIVERED)] = self.routed
         words[slot_word(slot, SLOT_DROPPED)] = self.dropped()
         words[slot_word(slot, SLOT_CORRUPT)] = self.corrupt

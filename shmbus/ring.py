@@ -1,45 +1,75 @@
-"""The ring protocol: how records are written into and read out of the ring.
+"""The ring protocol: how one writer appends records to its ring and how any
+number of readers follow it.
 
 Theory of operation
 -------------------
-The ring is ``capacity`` bytes inside the segment. Positions are 64-bit byte
-counts that only grow; ``position % capacity`` is where a position lives.
-Three header words describe the ring (see :mod:`shmbus.layout`):
+Every publishing bus instance owns one ring (a ring file, see
+:mod:`shmbus.layout`) and is its only writer: threads of the instance take an
+in-process lock, and no other process ever writes it. Nothing on the write
+path waits for another process, and a writer that dies, stalls or is
+interrupted can hurt nobody's ring but its own.
+
+The ring is ``capacity`` bytes. Positions are 64-bit byte counts that only
+grow; ``position % capacity`` is where a position lives. The writer state
+words (written by the writer alone) describe the ring:
 
 ========================  ====================================================
 ``write_cursor``          End of the last committed record. Readers never read
-                          at or past it. Advancing it is the commit.
+                          at or past it. Storing it is the commit.
 ``head``                  Start of the oldest record whose bytes are intact.
                           Everything in ``[head, write_cursor)`` is readable.
-``next_seq``              Sequence number the next event record will carry.
+``next_seq``              One more than the newest sequence number written or
+                          being written: a bound no committed record reaches.
+``last_record``           Start of the last committed record, so that a reader
+                          can read a consistent (position, sequence) pair.
 ========================  ====================================================
 
-Writer rules (one writer at a time: the caller holds the writer lock):
+Writer rules (one writer; ``R`` marks a release fence, ``A`` an acquire
+fence, see :mod:`shmbus.ordering`):
 
-1. **Reserve** the sequence number first (``next_seq += 1``). A writer that
-   dies after this leaves a gap in the sequence that every reader sees and
-   counts as a lost event, so a crash is never silent.
-2. **Reclaim**: walk ``head`` forward over whole records until the new record
-   (and any padding before it) fits in ``[head + capacity)``; store ``head``
-   *before* touching the reclaimed bytes, so a reader that sees new bytes also
-   sees the new ``head`` (stores are not reordered with stores on x86-64).
+1. **Know where you are.** The writer keeps its position and next sequence
+   number in its own memory and uses the shared words only to publish them.
+   If ``write_cursor`` is not where the writer left it, its last append was
+   interrupted (a signal handler raised) after the commit: it takes position
+   from ``write_cursor`` and the sequence number from the record at
+   ``last_record``. Interrupted before the commit, the append is simply
+   redone at the same place with the same number.
+2. **Reclaim**: walk ``head`` over whole records until the new record (and
+   any padding before it) fits in ``[head, head + capacity)``; store ``head``,
+   then ``R``, *before* touching the reclaimed bytes, so a reader that sees new
+   bytes also sees the new ``head``.
 3. **Write** an optional padding record up to the wrap point (a record never
    straddles the end of the ring), then the record: header, topic, body.
-4. **Commit** by storing ``write_cursor`` past the record.
+4. Store ``next_seq = seq + 1``, then ``R`` (the record and the bound before
+   the commit).
+5. **Commit**: store ``last_record``, then ``write_cursor`` past the record.
 
-Reader rules (any number of readers, none of them writes the ring):
+A writer killed anywhere leaves at most one uncommitted record, past
+``write_cursor`` where no reader looks; nothing it committed is lost, and
+nobody waits for it.
 
-1. Read ``write_cursor``; read records from the private ``cursor`` up to it,
-   copying out the topic, and the body only of records a subscription wants.
-2. Then read ``head``. Any record read at a position below it may have been
-   overwritten while it was copied (the reader was *lapped*): throw the batch
-   away, move to ``head`` and read again. The gap in sequence numbers this
-   leaves is counted when the next record arrives.
+Reader rules (any number of readers, none of them writes the ring, which
+they map read-only):
+
+1. Load ``write_cursor``, then ``A``, then ``head`` and ``next_seq``; read records
+   from the private ``cursor`` up to ``write_cursor``, copying out the topic,
+   and the body only of records a subscription wants.
+2. Then ``A`` and load ``head`` again. ``head`` moves before any byte is
+   overwritten and never moves back, so a record that starts at or above its
+   final value was not touched while it was copied: keep those. The records
+   below it may have been overwritten (the reader was *lapped*): drop them;
+   their sequence numbers become a gap, counted. If none was intact, move to
+   ``head`` and count the gap at the next record read.
 3. A record whose header does not make sense (length, kind, sizes) is
    *corrupt*: it is counted and the reader moves to ``write_cursor``, the only
    other record boundary it can trust; the gap is counted too.
-4. Sequence numbers must increase by one; a jump forward is a gap (lap,
-   corrupt run, or a dead writer's reserved number), counted as lost events.
+4. Sequence numbers must increase by one; a jump forward is a gap (lap or
+   corrupt run), counted as lost events. A number that is not above the last
+   one, or not below ``next_seq``, or whose record fails its checksum while
+   it jumps, is corrupt, not a gap.
+5. A reader joining a ring starts at the record after ``last_record``
+   (:meth:`RingReader.snapshot`): its header gives a position and a
+   sequence number that belong together.
 
 Everything read from the ring is untrusted: every length is checked against
 the ring's bounds and ``max_event_size`` before anything is sliced, so a
@@ -58,6 +88,7 @@ from typing import Generic, TypeVar
 
 from .layout import (
     MAX_TOPIC_BYTES,
+    NO_RECORD,
     RECORD,
     RECORD_EVENT,
     RECORD_HEADER_SIZE,
@@ -65,20 +96,22 @@ from .layout import (
     W_HEAD,
     W_LAST_RECORD,
     W_NEXT_SEQ,
-    W_PUBLISHED,
     W_RECLAIM_CORRUPT,
-    W_TORN_RECORDS,
     W_WRITE_CURSOR,
     aligned,
     min_capacity,
     seq_mix,
 )
+from .ordering import acquire_fence, release_fence
 
-__all__ = ["RingBatch", "RingReader", "RingWriter", "content_checksum"]
+__all__ = ["UNKNOWN_SEQ", "RingBatch", "RingReader", "RingWriter", "content_checksum"]
 
 log = logging.getLogger("shmbus.ring")
 
 Route = TypeVar("Route")
+
+#: ``expected_seq`` of a reader that adopts the next record's number as is.
+UNKNOWN_SEQ = -1
 
 
 def content_checksum(topic: bytes, body: bytes) -> int:
@@ -87,9 +120,19 @@ def content_checksum(topic: bytes, body: bytes) -> int:
 
 
 class RingWriter:
-    """Appends records to the ring. The caller must hold the writer lock."""
+    """Appends records to one ring; the caller is its only writer (threads of
+    one instance serialise before calling)."""
 
-    __slots__ = ("_mm", "_words", "_base", "_capacity", "_reclaim_slack", "before_commit")
+    __slots__ = (
+        "_mm",
+        "_words",
+        "_base",
+        "_capacity",
+        "_reclaim_slack",
+        "_position",
+        "_next_seq",
+        "before_commit",
+    )
 
     def __init__(
         self, mm: mmap.mmap, words: memoryview, ring_offset: int, capacity: int, max_event_size: int
@@ -101,23 +144,31 @@ class RingWriter:
         # Never so much slack that the ring could not hold two of the largest
         # records any more.
         self._reclaim_slack = max(0, min(capacity // 16, capacity - min_capacity(max_event_size)))
+        self._position = int(words[W_WRITE_CURSOR])
+        self._next_seq = int(words[W_NEXT_SEQ])
         #: Fault-injection hook run after the record is written, before the
         #: commit; None outside tests.
         self.before_commit: Callable[[], None] | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number the next record will carry (= records committed)."""
+        return self._next_seq
 
     def append(self, topic: bytes, body: bytes, checksum: int) -> int:
         """Write one event record and commit it; return its sequence number.
 
         *checksum* is :func:`content_checksum` of *topic* and *body*, computed
-        by the caller before taking the lock.
+        by the caller beforehand.
         """
         mm = self._mm
         words = self._words
         capacity = self._capacity
         base = self._base
-        seq: int = words[W_NEXT_SEQ]
-        words[W_NEXT_SEQ] = seq + 1
-        position: int = words[W_WRITE_CURSOR]
+        position = self._position
+        if words[W_WRITE_CURSOR] != position:
+            position = self._resync()  # rule 1
+        seq = self._next_seq
         head: int = words[W_HEAD]
         if not position - capacity <= head <= position:
             # Only a foreign write can put head there: start reclaiming afresh.
@@ -136,6 +187,7 @@ class RingWriter:
             # per append: the walk then runs once per ~capacity/16 bytes.
             head = self._reclaim(head, reclaim_to + self._reclaim_slack, position)
             words[W_HEAD] = head
+            release_fence()  # rule 2: head before the reclaimed bytes change
         if pad:
             if pad >= RECORD_HEADER_SIZE:
                 RECORD.pack_into(mm, base + offset, pad, RECORD_PADDING, 0, 0, 0, 0)
@@ -151,34 +203,29 @@ class RingWriter:
         mm[start : start + body_len] = body
         if self.before_commit is not None:
             self.before_commit()
+        words[W_NEXT_SEQ] = seq + 1
+        release_fence()  # rule 4: record and bound before the commit
         words[W_LAST_RECORD] = position
-        words[W_WRITE_CURSOR] = position + length
-        words[W_PUBLISHED] += 1
+        words[W_WRITE_CURSOR] = position + length  # rule 5: the commit
+        self._position = position + length
+        self._next_seq = seq + 1
         return seq
 
-    def account_dead_writer(self) -> int:
-        """After taking the lock over from a dead writer, count the sequence
-        numbers it reserved but never committed; return how many."""
+    def _resync(self) -> int:
+        """The last append was interrupted after its commit: adopt it."""
         words = self._words
-        reserved = words[W_NEXT_SEQ]
-        if reserved == 0:
-            return 0
-        # The last reserved number was committed iff the last committed
-        # record (whose start is stored just before each commit) carries it.
-        last = words[W_LAST_RECORD]
-        write_cursor = words[W_WRITE_CURSOR]
-        committed = False
-        if last < write_cursor <= last + self._capacity:
+        position = int(words[W_WRITE_CURSOR])
+        last = int(words[W_LAST_RECORD])
+        seq = int(words[W_NEXT_SEQ])
+        if last != NO_RECORD and last < position:
             offset = last % self._capacity
             if self._capacity - offset >= RECORD_HEADER_SIZE:
-                _, kind, _, seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
-                committed = kind == RECORD_EVENT and seq == reserved - 1
-        torn = 0 if committed else 1
-        words[W_TORN_RECORDS] += torn
-        # Every reserved number is now either committed or torn; a writer that
-        # died between its commit and counting it must not leave this short.
-        words[W_PUBLISHED] = reserved - words[W_TORN_RECORDS]
-        return torn
+                _, kind, _, last_seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
+                if kind == RECORD_EVENT:
+                    seq = last_seq + 1
+        self._position = position
+        self._next_seq = seq
+        return position
 
     def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
         """Walk *head* over whole records until it reaches *reclaim_to*."""
@@ -222,24 +269,25 @@ class RingBatch(Generic[Route]):
 
     #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
     records: list[tuple[int, Route, bytes, bytes, bool]] = field(default_factory=list)
-    #: Ranges of lost sequence numbers, ``[first, end)``: laps, dead writers.
+    #: Ranges of lost sequence numbers, ``[first, end)``: laps, corrupt runs.
     gaps: list[tuple[int, int]] = field(default_factory=list)
     #: Records rejected because their header was unreadable.
     corrupt: int = 0
-    #: True if the reader was lapped during this call (its batch discarded).
+    #: True if the reader was lapped during this call.
     lapped: bool = False
 
 
 class RingReader(Generic[Route]):
-    """Follows the ring from a starting position, for one process's reader.
+    """Follows one ring from a starting position, for one process's reader.
 
     Parameters
     ----------
-    mm, ring_offset, capacity, max_event_size:
-        The mapped segment and its ring geometry.
+    mm, words, ring_offset, capacity, max_event_size:
+        The mapped ring file (read-only is enough), its words and geometry.
     cursor, next_seq:
-        Where to start: a consistent pair read under the writer lock, so no
-        record at or after *cursor* has a sequence number below *next_seq*.
+        Where to start: a pair from :meth:`snapshot` (or ``(0, 0)`` for a
+        ring read from its beginning); ``next_seq`` may be
+        :data:`UNKNOWN_SEQ` to adopt the first record's number.
     """
 
     __slots__ = ("_mm", "_words", "_base", "_capacity", "_max_body", "cursor", "expected_seq")
@@ -266,6 +314,33 @@ class RingReader(Generic[Route]):
         """True if committed records lie beyond the cursor."""
         return bool(self._words[W_WRITE_CURSOR] != self.cursor)
 
+    def backlog(self) -> int:
+        """Committed bytes not read yet (0 if the words make no sense)."""
+        behind = int(self._words[W_WRITE_CURSOR]) - self.cursor
+        return behind if 0 <= behind <= self._capacity else 0
+
+    def snapshot(self, attempts: int = 4) -> tuple[int, int]:
+        """A consistent (position, next sequence number) pair: where a reader
+        joining now starts (reader rule 5). Does not move this reader."""
+        words = self._words
+        capacity = self._capacity
+        for _ in range(attempts):
+            last = int(words[W_LAST_RECORD])
+            acquire_fence()
+            if last == NO_RECORD:
+                return 0, 0
+            offset = last % capacity
+            if capacity - offset < RECORD_HEADER_SIZE:
+                break
+            length, kind, _, seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
+            acquire_fence()
+            head = int(words[W_HEAD])
+            if kind == RECORD_EVENT and 0 < length <= capacity - offset and head <= last:
+                return last + length, seq + 1
+        # Lapped under us again and again, or damaged: start at the commit
+        # point and take the next record's number as it comes.
+        return int(words[W_WRITE_CURSOR]), UNKNOWN_SEQ
+
     def read(self, limit: int, select: Callable[[bytes], Route | None]) -> RingBatch[Route]:
         """Read up to *limit* records; keep those for which *select* is not None.
 
@@ -282,14 +357,16 @@ class RingReader(Generic[Route]):
         position = self.cursor
         if position == write_cursor:
             return batch
+        acquire_fence()  # rule 1: the commit before the records it covers
         for _attempt in range(3):
             head: int = words[W_HEAD]
             position = max(self.cursor, head)
             if head <= write_cursor and 0 <= write_cursor - position <= capacity:
                 break
-            # Writers moved between the two loads (head is newer than the
+            # The writer moved between the two loads (head is newer than the
             # write_cursor we read): load both again.
             write_cursor = words[W_WRITE_CURSOR]
+            acquire_fence()
         else:
             # They stay contradictory: the header words are corrupt, not a
             # record. Resynchronise at the commit point.
@@ -297,8 +374,8 @@ class RingReader(Generic[Route]):
             self.cursor = write_cursor
             return batch
         start_position = position
-        # Every committed record below write_cursor reserved its number
-        # before the commit, so none can carry one at or above this.
+        # The writer stores next_seq before it commits, so no committed record
+        # below write_cursor carries a number at or above this.
         next_seq_bound: int = words[W_NEXT_SEQ]
         expected = self.expected_seq
         records = batch.records
@@ -355,7 +432,8 @@ class RingReader(Generic[Route]):
                     corrupt_at.append(position)
                     position += length
                     continue
-                gaps.append((expected, seq))
+                if expected != UNKNOWN_SEQ:
+                    gaps.append((expected, seq))
             marks.append((position, seq))
             expected = seq + 1
             count += 1
@@ -369,6 +447,7 @@ class RingReader(Generic[Route]):
                     (seq, route, topic, body, crc32(body, crc32(topic)) ^ mix == checksum)
                 )
             position += length
+        acquire_fence()  # rule 2: the copies before the second load of head
         head = words[W_HEAD]
         if head > start_position:
             return self._salvage(batch, head, marks, corrupt_at, position, expected)
@@ -386,13 +465,7 @@ class RingReader(Generic[Route]):
         position: int,
         expected: int,
     ) -> RingBatch[Route]:
-        """Lapped while copying: keep what is provably intact.
-
-        ``head`` moves before any byte is overwritten and never moves back, so
-        a record that starts at or above its final value was not touched while
-        it was copied; one below it may have been. The records below are
-        dropped, and the sequence numbers they held become a gap, counted.
-        """
+        """Lapped while copying (reader rule 2): keep what is provably intact."""
         keep = next((index for index, (start, _) in enumerate(marks) if start >= head), None)
         if keep is None:
             # Nothing provably intact: start again at the oldest intact
@@ -402,7 +475,7 @@ class RingReader(Generic[Route]):
         first_seq = marks[keep][1]
         salvaged: RingBatch[Route] = RingBatch(lapped=True)
         salvaged.records = [record for record in batch.records if record[0] >= first_seq]
-        if first_seq > self.expected_seq:
+        if first_seq > self.expected_seq and self.expected_seq != UNKNOWN_SEQ:
             salvaged.gaps.append((self.expected_seq, first_seq))
         salvaged.gaps.extend(gap for gap in batch.gaps if gap[0] > first_seq)
         salvaged.corrupt = sum(1 for start in corrupt_at if start >= head)

@@ -1,19 +1,24 @@
 """The shared-memory transport: :class:`ShmBus`.
 
 Owns the life cycle of one bus instance (new, open, closed, or abandoned in a
-fork child), its publishers' path into the ring, and its reader.
+fork child), its own ring (created on its first publish, written by it alone)
+and its reader.
 
 Guarantees
 ----------
-* ``publish()``/``publish_nowait()`` never wait for subscribers: they take the
-  writer lock, copy one record into the ring and return; a sleeping reader
-  costs one FIFO write, a busy one nothing.
+* ``publish()``/``publish_nowait()`` take no cross-process lock and never
+  wait for another process: threads of the instance serialise on an
+  in-process lock, copy one record into the instance's own ring and return;
+  a sleeping reader costs one FIFO write, a busy one nothing.
 * A subscription receives every matching event published after
   ``subscribe()`` returned, by any instance in any process, in publish order
-  per publisher, never duplicated; what it misses is counted on it.
-* Transport failures while publishing are logged and counted
-  (``stats()["publish_errors"]``), never raised; bad input is raised.
-* The last instance to close, in any process, removes the bus's resources.
+  per publishing instance, never duplicated; what it misses is counted on it.
+  Events of different publishers interleave in no promised order.
+* The event loop never waits for another process: ``connect()`` attaches in
+  a worker thread; ``publish()``, ``subscribe()`` and ``close()`` only take
+  non-blocking locks.
+* The last instance to close, in any process, removes the bus's files; a
+  process that exits without closing closes its instances at exit.
 * An instance inherited across ``fork()`` raises :class:`ForkedBusError`
   when used in the child; the parent's instance keeps working. Create a new
   bus in the child.
@@ -22,6 +27,7 @@ Guarantees
 from __future__ import annotations
 
 import asyncio
+import atexit
 import grp
 import logging
 import os
@@ -31,6 +37,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from . import directory
 from .codec import encode_envelope
 from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .delivery import QueueSubscription
@@ -40,18 +47,17 @@ from .layout import (
     DEFAULT_MAX_EVENT_SIZE,
     MAX_SLOTS,
     OFF_SLEEP_FLAGS,
+    RING_OFFSET,
     SLOT_PUBLISHED,
-    W_NEXT_SEQ,
-    W_WRITE_CURSOR,
+    min_capacity,
     slot_word,
 )
-from .procs import self_identity
-from .reader import BusReader
+from .ordering import full_fence
+from .reader import BusReader, RingKey
 from .ring import RingWriter
-from .segment import Segment, SegmentOptions
+from .segment import Segment, SegmentOptions, check_geometry
 from .stats import BusStats
 from .wakeup import Waker
-from .writerlock import WriterLock
 
 __all__ = ["ShmBus"]
 
@@ -61,6 +67,9 @@ _NEW, _OPEN, _CLOSED, _FORKED = "new", "open", "closed", "forked"
 _SLEEP_FLAGS_END = OFF_SLEEP_FLAGS + MAX_SLOTS
 _AWAKE = b"\x01"
 _TOPIC_CACHE_LIMIT = 4096
+#: How long an implicit connect (publish_nowait or subscribe on an unconnected
+#: bus) may wait for the bus's attach lock when called on an event loop.
+_ON_LOOP_ATTACH_TIMEOUT = 0.05
 
 _live_instances: weakref.WeakSet[ShmBus] = weakref.WeakSet()
 
@@ -74,41 +83,40 @@ class ShmBus(BaseBus):
         Bus name: letters, digits, ``_``, ``-``, ``.``. Every instance with
         the same name, in any process, is on the same bus.
     capacity:
-        Bytes of the ring. Bigger rings let readers fall further behind
-        before they are lapped. Reserved in ``/dev/shm`` at creation.
+        Bytes of this instance's own ring, reserved in ``/dev/shm`` on its
+        first publish. Bigger rings let readers fall further behind before
+        they are lapped. None: the bus's (3 MiB unless its creator chose).
     max_event_size:
-        Largest msgpack envelope accepted, in bytes.
+        Largest msgpack envelope this instance publishes, in bytes. None:
+        the bus's (1 MiB unless its creator chose).
     queue_size:
         Bound of each subscription's queue (drop-oldest when full).
     mode:
-        Permission bits of the bus's files (default owner only).
+        Permission bits of the bus's files if this instance creates the bus
+        (default owner only).
     group:
         Group name or id to own the bus's files, to share it with a group
         (use with ``mode=0o660``).
-    lock_timeout:
-        Seconds after which a writer lock held by a dead process is taken
-        over.
     low_latency:
-        Opt-in: this instance's reader polls the ring for a short adaptive
+        Opt-in: this instance's reader polls the rings for a short adaptive
         window (50 µs to 2 ms) before it sleeps, trading CPU while events
         flow for lower latency. See ``docs/DESIGN.md``.
     """
 
-    #: Test hook: called with "locked" right after the writer lock is taken
-    #: and "mid-record" after the record's bytes are written but before the
-    #: commit. Lets fault-injection tests kill a publisher exactly there.
+    #: Test hook: called with "mid-record" after the record's bytes are
+    #: written but before the commit. Lets fault-injection tests stop or kill
+    #: a publisher exactly there.
     _critical_section_hook: ClassVar[Callable[[str], None] | None] = None
 
     def __init__(
         self,
         name: str = "default",
         *,
-        capacity: int = DEFAULT_CAPACITY,
-        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        capacity: int | None = None,
+        max_event_size: int | None = None,
         queue_size: int = 1024,
         mode: int = 0o600,
         group: str | int | None = None,
-        lock_timeout: float = 1.0,
         low_latency: bool = False,
     ) -> None:
         self._options = SegmentOptions(
@@ -118,56 +126,39 @@ class ShmBus(BaseBus):
             mode=mode,
             gid=_resolve_group(group),
         )
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int):
+            raise TypeError(f"queue_size must be an int, not {type(queue_size).__name__}")
+        if queue_size < 1:
             raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
-        if (
-            isinstance(lock_timeout, bool)
-            or not isinstance(lock_timeout, (int, float))
-            or not 0.05 <= lock_timeout <= 3600
-        ):
-            raise ValueError(
-                f"lock_timeout must be between 0.05 and 3600 seconds, got {lock_timeout!r}"
-            )
         self.name = name
-        self.max_event_size = max_event_size
+        #: Geometry of this instance's ring: as asked, else the defaults until
+        #: ``connect()`` adopts the bus's.
+        self.capacity: int = capacity if capacity is not None else DEFAULT_CAPACITY
+        self.max_event_size: int = (
+            max_event_size if max_event_size is not None else DEFAULT_MAX_EVENT_SIZE
+        )
         self.queue_size = queue_size
-        self.lock_timeout = float(lock_timeout)
         self.low_latency = bool(low_latency)
         self._state = _NEW
         self._thread_lock = threading.Lock()
         self._segment: Segment | None = None
+        self._ring: directory.OwnRing | None = None
         self._writer: RingWriter | None = None
-        self._writer_lock: WriterLock | None = None
         self._waker: Waker | None = None
         self._reader: BusReader | None = None
         self._published = 0
         self._publish_errors = 0
-        self._takeovers = 0
         self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
-        # How long a publish waits for a writer lock that a live process holds.
-        self._give_up_after = max(5.0, 5 * self.lock_timeout)
         self._subscriptions: set[QueueSubscription] = set()
         _live_instances.add(self)
 
     @classmethod
     def for_existing(cls, name: str, **options: Any) -> ShmBus:
-        """An unconnected bus on *name* with the ring geometry (capacity and
-        max_event_size) of the bus that exists under that name, or the
-        defaults if there is none: for tools that join whatever bus is there
-        (the CLI, the bridge). Other *options* go to the constructor."""
-        from .inspect import read_bus  # the read-only view; only tools need it
-
-        try:
-            info = read_bus(name)
-        except FileNotFoundError:
-            pass
-        except (ShmBusError, OSError) as exc:
-            log.debug("bus %r: cannot read its geometry (%s); using the defaults", name, exc)
-        else:
-            options.setdefault("capacity", info.capacity)
-            options.setdefault("max_event_size", info.max_event_size)
+        """An unconnected bus on *name* for tools that join whatever bus is
+        there (the CLI, the bridge): an instance that does not ask for a ring
+        geometry adopts the bus's, so this is the constructor."""
         return cls(name, **options)
 
     def __repr__(self) -> str:
@@ -179,61 +170,83 @@ class ShmBus(BaseBus):
     async def connect(self) -> None:
         """Create or attach the bus's shared resources. Idempotent.
 
+        The attach runs in a worker thread: it may wait for another process
+        that is creating or removing the bus, and the event loop must not.
         Raises :class:`RuntimeError` if the bus was closed, and the errors of
         :meth:`Segment.attach <shmbus.segment.Segment.attach>` if the bus
         cannot be used.
         """
-        self._connect()
+        if self._state is _OPEN:
+            return
+        self._check_not_ended("connect")
+        await asyncio.to_thread(self._connect)
 
-    def _connect(self) -> None:
+    def connect_sync(self, timeout: float = 10.0) -> None:
+        """:meth:`connect` for code without an event loop (blocks up to *timeout* s)."""
+        self._connect(timeout)
+
+    def _connect(self, timeout: float = 10.0) -> None:
         if self._state is _OPEN:
             return
         with self._thread_lock:
             if self._state is _OPEN:
                 return
             self._check_not_ended("connect")
-            segment = Segment.attach(self._options)
-            self._writer = RingWriter(
-                segment.mm,
-                segment.words,
-                segment.ring_offset,
-                segment.capacity,
-                segment.max_event_size,
-            )
-            self._writer_lock = WriterLock(
-                segment.semaphore,
-                segment.words,
-                segment.fd,
-                self_identity(),
-                segment.slot,
-                self.lock_timeout,
-                on_takeover=self._on_takeover,
-            )
-            self._waker = Waker(self.name)
+            segment = Segment.attach(self._options, timeout)
+            asked = self._options
+            try:
+                capacity = asked.capacity if asked.capacity is not None else segment.capacity
+                max_event_size = (
+                    asked.max_event_size
+                    if asked.max_event_size is not None
+                    else segment.max_event_size
+                )
+                if asked.capacity is None:
+                    capacity = max(capacity, min_capacity(max_event_size))
+                check_geometry(capacity, max_event_size)
+            except BaseException:
+                segment.detach()
+                raise
+            self.capacity = capacity
+            self.max_event_size = max_event_size
+            self._waker = Waker(segment)
             self._published_word = slot_word(segment.slot, SLOT_PUBLISHED)
             self._segment = segment
             self._state = _OPEN
+        try:
+            directory.reclaim_dead(segment)
+        except (ShmBusError, OSError) as exc:
+            log.debug("bus %r: reclaiming dead rings failed: %s", self.name, exc)
 
     async def close(self) -> None:
-        """End every subscription and leave the bus. Idempotent.
+        """End every subscription and leave the bus. Idempotent; never waits
+        for another process.
 
         The last instance to close, in any process, removes the bus's files
         from ``/dev/shm``.
         """
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for code without an event loop."""
         with self._thread_lock:
-            if self._state is _FORKED:
-                self._state = _CLOSED
-                return
             if self._state is not _OPEN:
                 self._state = _CLOSED
                 return
             self._state = _CLOSED
             subscriptions = list(self._subscriptions)
             self._stop_reader()
-            if self._waker is not None:
-                self._waker.close()
-            if self._segment is not None:
-                self._segment.detach()
+            segment = self._segment
+            assert segment is not None
+            try:
+                if self._ring is not None:
+                    ring, self._ring, self._writer = self._ring, None, None
+                    directory.retire_ring(segment, ring)
+                if self._waker is not None:
+                    self._waker.close()
+                directory.reclaim_dead(segment)
+            finally:
+                segment.detach()
         for sub in subscriptions:
             sub.close_from_transport()
 
@@ -247,14 +260,26 @@ class ShmBus(BaseBus):
             )
 
     def _ensure_open(self, action: str) -> None:
+        """Connect implicitly: briefly if an event loop runs in this thread
+        (it must not wait for another process), else as :meth:`connect_sync`."""
         if self._state is not _OPEN:
             self._check_not_ended(action)
-            self._connect()
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._connect()
+                return
+            try:
+                self._connect(_ON_LOOP_ATTACH_TIMEOUT)
+            except ShmBusError as exc:
+                raise type(exc)(f"{exc}; use 'await bus.connect()' before {action}") from None
 
     # ─── Publishing ───
 
     async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
         """Publish *payload* on *topic*, fire-and-forget (see :meth:`publish_nowait`)."""
+        if self._state is not _OPEN:
+            await self.connect()
         self.publish_nowait(topic, payload, event_type=event_type)
 
     def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
@@ -265,6 +290,9 @@ class ShmBus(BaseBus):
         TypeError, ValueError
             Bad topic, payload or event type, or an envelope over
             ``max_event_size`` (the bus is unaffected).
+        SegmentSpaceError
+            The first publish of this instance found no room in ``/dev/shm``
+            for its ring (the message names both sizes).
         RuntimeError
             The bus is closed (or inherited across fork).
         """
@@ -274,7 +302,7 @@ class ShmBus(BaseBus):
         if topic_key is None:
             topic_key = self._topic_key(topic)
         body = encode_envelope(topic, payload, event_type, self.max_event_size)
-        self._commit(topic, topic_key, body)
+        self._commit(topic_key, body)
 
     def republish(self, event: Event) -> None:
         """Publish *event* keeping its whole envelope (``id``, ``ts``, ``type``,
@@ -296,39 +324,29 @@ class ShmBus(BaseBus):
             ts=event.ts,
             v=event.v,
         )
-        self._commit(topic, topic_key, body)
+        self._commit(topic_key, body)
 
-    def _commit(self, topic: str, topic_key: tuple[bytes, int], body: bytes) -> None:
-        """Append one encoded envelope to the ring and wake sleeping readers."""
+    def _commit(self, topic_key: tuple[bytes, int], body: bytes) -> None:
+        """Append one encoded envelope to this instance's ring and wake
+        sleeping readers."""
         raw_topic, topic_crc = topic_key
         checksum = zlib.crc32(body, topic_crc)
         with self._thread_lock:
             if self._state is not _OPEN:
                 self._check_not_ended("publish")
-            writer_lock = self._writer_lock
             writer = self._writer
+            if writer is None:
+                writer = self._open_ring()
             segment = self._segment
             waker = self._waker
-            assert writer_lock is not None and writer is not None
             assert segment is not None and waker is not None
-            try:
-                if not writer_lock.acquire(self._give_up_after):
-                    self._publish_errors += 1
-                    return
-                try:
-                    if ShmBus._critical_section_hook is not None:
-                        self._arm_test_hook(writer)
-                    writer.append(raw_topic, body, checksum)
-                finally:
-                    writer_lock.release()
-            except Exception:
-                log.exception("publish on %r failed; the event is dropped", topic)
-                self._publish_errors += 1
-                return
+            if ShmBus._critical_section_hook is not None:
+                self._arm_test_hook(writer)
+            writer.append(raw_topic, body, checksum)
             published = self._published = self._published + 1
             segment.words[self._published_word] = published
-            # After the writer lock's release, whose atomic operation orders
-            # the commit before these loads of the sleep flags (shmbus.wakeup).
+            # The commit before the loads of the sleep flags (shmbus.wakeup).
+            full_fence()
             mm = segment.mm
             flag = mm.find(_AWAKE, OFF_SLEEP_FLAGS, _SLEEP_FLAGS_END)
             while flag >= 0:
@@ -336,11 +354,26 @@ class ShmBus(BaseBus):
                 waker.wake(flag - OFF_SLEEP_FLAGS)
                 flag = mm.find(_AWAKE, flag + 1, _SLEEP_FLAGS_END)
 
+    def _open_ring(self) -> RingWriter:
+        """First publish: create this instance's ring (the caller holds the
+        thread lock)."""
+        segment = self._segment
+        assert segment is not None
+        ring = directory.install_ring(segment, self.capacity, self.max_event_size)
+        self._ring = ring
+        writer = self._writer = RingWriter(
+            ring.mm, ring.words, RING_OFFSET, ring.capacity, ring.max_event_size
+        )
+        return writer
+
+    def _own_ring_key(self) -> RingKey | None:
+        ring = self._ring
+        return (ring.entry, ring.gen) if ring is not None else None
+
     @staticmethod
     def _arm_test_hook(writer: RingWriter) -> None:
         hook = ShmBus._critical_section_hook
         if hook is not None:
-            hook("locked")
             writer.before_commit = lambda: hook("mid-record")
 
     def _topic_key(self, topic: str) -> tuple[bytes, int]:
@@ -352,14 +385,6 @@ class ShmBus(BaseBus):
         key = self._topic_keys[topic] = (raw, zlib.crc32(raw))
         return key
 
-
-    def _on_takeover(self, dead_pid: int, epoch: int) -> None:
-        assert self._writer is not None
-        self._takeovers += 1
-        torn = self._writer.account_dead_writer()
-        if torn:
-            log.warning("writer pid %d died mid-record; %d reserved event(s) lost", dead_pid, torn)
-
     # ─── Subscribing ───
 
     def subscribe(self, pattern: str) -> QueueSubscription:
@@ -369,7 +394,7 @@ class ShmBus(BaseBus):
         instance's reader), the same loop for every subscription of the
         instance while any is open: use one instance per event loop. The
         subscription sees every matching event published after this call
-        returns.
+        returns. Takes no lock another process could hold.
         """
         validate_pattern(pattern)
         try:
@@ -402,32 +427,14 @@ class ShmBus(BaseBus):
                     "(another thread); use one ShmBus instance per event loop"
                 )
             if reader is None:
-                cursor, next_seq = self._snapshot()
                 reader = self._reader = BusReader(
-                    segment, loop, cursor, next_seq, low_latency=self.low_latency
+                    segment, loop, self._own_ring_key, low_latency=self.low_latency
                 )
-                start_seq = next_seq
-            else:
-                start_seq = segment.words[W_NEXT_SEQ]
-            reader.add(sub, start_seq)
+            reader.add(sub)
             self._subscriptions.add(sub)
         for orphan in orphans:
             orphan.close_from_transport()
         return sub
-
-    def _snapshot(self) -> tuple[int, int]:
-        """(write_cursor, next_seq) as one consistent pair, under the writer lock."""
-        writer_lock = self._writer_lock
-        segment = self._segment
-        assert writer_lock is not None and segment is not None
-        if not writer_lock.acquire(self._give_up_after):
-            raise TimeoutError(f"bus {self.name!r}: the writer lock stayed held by a live process")
-        try:
-            cursor = segment.words[W_WRITE_CURSOR]
-            next_seq = segment.words[W_NEXT_SEQ]
-        finally:
-            writer_lock.release()
-        return int(cursor), int(next_seq)
 
     def _forget(self, sub: QueueSubscription) -> None:
         with self._thread_lock:
@@ -468,11 +475,10 @@ class ShmBus(BaseBus):
                 corrupt=retired["corrupt"] + (reader.corrupt if reader else 0),
                 lapped=retired["lapped"] + (reader.lapped if reader else 0),
                 publish_errors=self._publish_errors,
-                lock_recoveries=self._takeovers,
                 subscriptions=len(live),
             )
 
-    # ─── fork() ───
+    # ─── fork() and exit ───
 
     def _abandon_after_fork(self) -> None:
         """In a fork child: let go of the parent's attachment untouched."""
@@ -483,6 +489,10 @@ class ShmBus(BaseBus):
         if self._reader is not None:
             self._reader.abandon()
             self._reader = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+            self._writer = None
         if self._segment is not None:
             self._segment.abandon()
         if self._waker is not None:
@@ -498,7 +508,17 @@ def _after_fork_in_child() -> None:
         bus._abandon_after_fork()
 
 
+def _close_at_exit() -> None:
+    """A process that exits without closing its buses leaves nothing behind."""
+    for bus in list(_live_instances):
+        try:
+            bus.close_sync()
+        except Exception as exc:  # exiting: report, never raise
+            log.debug("closing %r at exit failed: %s", bus, exc)
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
 
 
 def _resolve_group(group: str | int | None) -> int | None:

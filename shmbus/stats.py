@@ -33,8 +33,6 @@ class BusStats(Mapping[str, int]):
     lapped: int = 0
     #: Publishes that failed in the transport (logged, not raised).
     publish_errors: int = 0
-    #: Writer locks this instance took over from a dead holder.
-    lock_recoveries: int = 0
     #: Subscriptions open now.
     subscriptions: int = 0
 

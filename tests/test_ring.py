@@ -1,5 +1,5 @@
 """The ring protocol (shmbus.ring): RingWriter and RingReader over an anonymous
-mapping laid out like a segment, single-threaded, so every interleaving is
+mapping laid out like a ring file, single-threaded, so every interleaving is
 chosen by the test."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from shmbus import layout
 from shmbus.layout import (
-    HEADER_SIZE,
+    NO_RECORD,
     OFF_HEAD,
+    OFF_LAST_RECORD,
     OFF_NEXT_SEQ,
     OFF_WRITE_CURSOR,
     RECORD,
@@ -29,14 +30,14 @@ MAX_EVENT = 512
 
 
 class Ring:
-    """A zeroed segment-shaped mapping with one writer."""
+    """A fresh ring-file-shaped mapping with one writer."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.mm = mmap.mmap(-1, layout.segment_size(capacity))
-        self.mm[:HEADER_SIZE] = bytes(HEADER_SIZE)
+        self.mm = mmap.mmap(-1, layout.ring_file_size(capacity))
         #: shared words are written through an 8-byte view, as the bus does
         self.words = memoryview(self.mm).cast("Q")
+        self.set_word(OFF_LAST_RECORD, NO_RECORD)
         self.writer = RingWriter(self.mm, self.words, RING_OFFSET, capacity, MAX_EVENT)
         #: seq -> (start position, topic, body) of every record written
         self.written: dict[int, tuple[int, bytes, bytes]] = {}
@@ -101,7 +102,8 @@ def test_writer_returns_consecutive_sequence_numbers_and_commits():
     assert [ring.append(b"t", b"x") for _ in range(3)] == [0, 1, 2]
     assert ring.word(OFF_NEXT_SEQ) == 3
     assert ring.word(OFF_WRITE_CURSOR) == 3 * record_length(b"t", b"x")
-    assert ring.word(layout.OFF_PUBLISHED) == 3
+    assert ring.word(layout.OFF_NEXT_SEQ) == 3
+    assert ring.word(OFF_LAST_RECORD) == 2 * record_length(b"t", b"x")
 
 
 def test_reader_advances_to_the_write_cursor_and_expected_seq():
