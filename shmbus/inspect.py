@@ -67,7 +67,12 @@ from .layout import (
     MAGIC,
     MAX_RINGS,
     MAX_SLOTS,
+    NO_RECORD,
+    RECORD,
+    RECORD_EVENT,
+    RECORD_HEADER_SIZE,
     RING_MAGIC,
+    RING_OFFSET,
     SEGMENT_READY,
     SLOT_BACKLOG,
     SLOT_COMMAND,
@@ -82,6 +87,7 @@ from .layout import (
     SLOT_START,
     SLOT_SUBSCRIPTIONS,
     W_HEAD,
+    W_LAST_RECORD,
     W_NEXT_SEQ,
     W_RECLAIM_CORRUPT,
     W_WRITE_CURSOR,
@@ -173,7 +179,8 @@ class RingInfo:
     #: The writing instance's slot and pid.
     writer_slot: int
     writer_pid: int
-    #: Events committed to the ring, and its positions (byte counts that only grow).
+    #: Events committed to the ring (= its next sequence number), and its
+    #: positions (byte counts that only grow).
     published: int
     write_cursor: int
     head: int
@@ -459,8 +466,8 @@ def _read_ring(name: str, words: memoryview, fd: int, entry: int) -> RingInfo | 
             try:
                 write_cursor = int(ring_words[W_WRITE_CURSOR])
                 head = int(ring_words[W_HEAD])
-                published = int(ring_words[W_NEXT_SEQ])
                 reclaim_corrupt = int(ring_words[W_RECLAIM_CORRUPT])
+                published = _committed(ring_mm, ring_words, capacity)
             finally:
                 ring_words.release()
     finally:
@@ -468,6 +475,21 @@ def _read_ring(name: str, words: memoryview, fd: int, entry: int) -> RingInfo | 
     if identity.magic != RING_MAGIC:
         return info(problem=f"{path} is not a shmbus ring (magic {identity.magic:#x})")
     return info(st.st_size, published, write_cursor, head, reclaim_corrupt)
+
+
+def _committed(ring_mm: mmap.mmap, ring_words: memoryview, capacity: int) -> int:
+    """Records committed to a ring: one more than the sequence number of the
+    record at ``last_record`` (``next_seq`` runs one ahead while a record is
+    being written)."""
+    last = int(ring_words[W_LAST_RECORD])
+    if last == NO_RECORD:
+        return 0
+    offset = last % capacity
+    if capacity - offset >= RECORD_HEADER_SIZE:
+        _, kind, _, seq, _, _ = RECORD.unpack_from(ring_mm, RING_OFFSET + offset)
+        if kind == RECORD_EVENT:
+            return int(seq) + 1
+    return int(ring_words[W_NEXT_SEQ])
 
 
 def _read_slot(mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInfo | None:
