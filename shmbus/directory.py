@@ -88,7 +88,7 @@ import secrets
 from dataclasses import dataclass
 
 from . import ofd
-from .errors import NoFreeSlotError, SegmentCorruptError
+from .errors import NoFreeSlotError, SegmentCorruptError, ShmBusError
 from .layout import (
     ENTRY_CAPACITY,
     ENTRY_FREE,
@@ -136,7 +136,9 @@ from .shmfiles import create_file, open_checked, ring_path
 
 __all__ = [
     "EntryView",
+    "FoundRing",
     "OwnRing",
+    "RingFinder",
     "RingMapping",
     "install_ring",
     "map_ring",
@@ -382,6 +384,80 @@ def scan(segment: Segment) -> tuple[list[EntryView], bool]:
             continue
         found.append(EntryView(entry, gen, again, ring_id, capacity, writer_slot))
     return found, stable
+
+
+@dataclass(frozen=True, slots=True)
+class FoundRing:
+    """A ring a :class:`RingFinder` scan mapped: follow it from its beginning
+    (reader rule 2) or from its current end (rule 1)."""
+
+    mapping: RingMapping
+    from_start: bool
+
+
+class RingFinder:
+    """A reader's side of the directory: reader rules 1-4 for one slot.
+
+    The reader announces its subscriptions here (the word reclaimers look
+    at), asks whether the directory changed (one flag byte), and scans; what
+    it follows is its own business (it passes the keys it knows).
+    """
+
+    def __init__(self, segment: Segment) -> None:
+        self._segment = segment
+        self._slot = segment.slot
+        self._flag = OFF_DIRECTORY_FLAGS + segment.slot
+        self._subscriptions = slot_word(segment.slot, SLOT_SUBSCRIPTIONS)
+        #: Scans that found a ring file it could not use (counted as corrupt).
+        self.unusable = 0
+
+    def changed(self) -> bool:
+        """True if the directory changed since the last scan."""
+        return bool(self._segment.mm[self._flag])
+
+    def announce(self, subscriptions: int) -> None:
+        """Store the number of open subscriptions (0: not reading)."""
+        self._segment.words[self._subscriptions] = subscriptions
+
+    def scan(self, known: set[tuple[int, int]], *, first: bool) -> list[FoundRing]:
+        """Map every ring the directory names whose (entry, generation) is not
+        in *known* and that this reader is owed (reader rules 1-4).
+
+        *first*: the reader's first scan since it announced subscriptions
+        (rule 1: only LIVE rings, from their end). The caller must have
+        announced its subscriptions before calling it.
+        """
+        segment = self._segment
+        words = segment.words
+        segment.mm[self._flag] = 0
+        full_fence()  # rule 1 (the subscriptions word) and rule 2 (the flag) before the scan
+        views, stable = scan(segment)
+        found: list[FoundRing] = []
+        for view in views:
+            key = (view.entry, view.gen)
+            seen = seen_word(self._slot, view.entry)
+            if key in known or words[seen] >= view.gen:
+                continue
+            if first and view.state != ENTRY_LIVE:
+                words[seen] = view.gen  # rule 1: retired before we subscribed
+                continue
+            try:
+                mapping = map_ring(segment, view)
+            except (ShmBusError, OSError) as exc:
+                log.warning("bus %r: not reading ring %s: %s", segment.name, key, exc)
+                self.unusable += 1
+                words[seen] = view.gen
+                continue
+            if mapping is None:
+                if not first:
+                    log.warning("bus %r: ring %s vanished before it was read", segment.name, key)
+                words[seen] = view.gen
+                continue
+            found.append(FoundRing(mapping, not first))
+            words[seen] = view.gen  # rule 4: after the mapping exists
+        if not stable:
+            segment.mm[self._flag] = 1  # rule 3: look again
+        return found
 
 
 def map_ring(segment: Segment, view: EntryView) -> RingMapping | None:

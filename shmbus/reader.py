@@ -56,10 +56,7 @@ from . import directory
 from .codec import EnvelopeDecodeError, decode_envelope
 from .contract import Event, validate_topic
 from .delivery import QueueSubscription
-from .errors import ShmBusError
 from .layout import (
-    ENTRY_LIVE,
-    OFF_DIRECTORY_FLAGS,
     OFF_SLEEP_FLAGS,
     RING_OFFSET,
     SLOT_BACKLOG,
@@ -67,9 +64,7 @@ from .layout import (
     SLOT_DELIVERED,
     SLOT_DROPPED,
     SLOT_LAPPED,
-    SLOT_SUBSCRIPTIONS,
     W_NEXT_SEQ,
-    seen_word,
     slot_word,
 )
 from .ordering import full_fence
@@ -172,7 +167,7 @@ class BusReader:
         self._routes: dict[bytes, _Route | None] = {}
         self._slot = segment.slot
         self._flag = OFF_SLEEP_FLAGS + segment.slot
-        self._directory_flag = OFF_DIRECTORY_FLAGS + segment.slot
+        self._finder = directory.RingFinder(segment)
         self._channel = WakeChannel(segment)
         self._scheduled = False
         self._stopped = False
@@ -202,17 +197,10 @@ class BusReader:
             first = not self._subs
             self._subs.add(sub)
             self._routes.clear()
-            self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
-            if first:
-                full_fence()  # directory reader rule 1: the word before the scan
-                self._mm[self._directory_flag] = 0
-                self._scan(first=True)
-            else:
-                # Know every ring that exists now, so that each gets a start
-                # point and none of its history reaches the new subscription.
-                self._mm[self._directory_flag] = 0
-                full_fence()
-                self._scan(first=False)
+            self._finder.announce(len(self._subs))
+            # Know every ring that exists now, so that each gets a start point
+            # and none of its history reaches the new subscription.
+            self._scan(first=first)
             for followed in self._order:
                 start = followed.start_point()
                 followed.starts[sub] = start
@@ -230,7 +218,7 @@ class BusReader:
                 for followed in self._order:
                     followed.starts.pop(sub, None)
                 if not self._stopped:
-                    self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = len(self._subs)
+                    self._finder.announce(len(self._subs))
 
     @property
     def subscriptions(self) -> list[QueueSubscription]:
@@ -245,7 +233,7 @@ class BusReader:
         self._mm[self._flag] = 0
         with self._lock:
             self._write_counters()
-            self._words[slot_word(self._slot, SLOT_SUBSCRIPTIONS)] = 0
+            self._finder.announce(0)
             for followed in self._order:
                 followed.mapping.close()
             self._rings.clear()
@@ -265,45 +253,21 @@ class BusReader:
     # ─── The directory ───
 
     def _scan(self, *, first: bool) -> None:
-        """Follow the rings the directory names that this reader has not seen
-        (directory reader rules 1-4). The caller holds ``_lock``."""
-        segment = self._segment
-        words = self._words
-        views, stable = directory.scan(segment)
+        """Follow the rings the directory names that this reader is owed
+        (:class:`~shmbus.directory.RingFinder`). The caller holds ``_lock``."""
         own = self._own_ring()
-        for view in views:
-            key = (view.entry, view.gen)
-            seen = seen_word(self._slot, view.entry)
-            if key in self._rings or words[seen] >= view.gen:
-                continue
-            if first and view.state != ENTRY_LIVE:
-                words[seen] = view.gen  # rule 1: retired before we subscribed
-                continue
-            try:
-                mapping = directory.map_ring(segment, view)
-            except (ShmBusError, OSError) as exc:
-                log.warning("bus %r: not reading ring %s: %s", segment.name, key, exc)
-                self.corrupt += 1
-                words[seen] = view.gen
-                continue
-            if mapping is None:
-                if not first:
-                    log.warning("bus %r: ring %s vanished before it was read", segment.name, key)
-                words[seen] = view.gen
-                continue
-            followed = _Followed(mapping, 0, 0, own == key)
-            if first:
+        unusable = self._finder.unusable
+        for found in self._finder.scan(set(self._rings), first=first):
+            mapping = found.mapping
+            followed = _Followed(mapping, 0, 0, own == (mapping.entry, mapping.gen))
+            if not found.from_start:
                 followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
-            self._rings[key] = followed
+            self._rings[followed.key] = followed
             self._order.append(followed)
-            words[seen] = view.gen  # rule 4: after the mapping exists
-        if not stable:
-            self._mm[self._directory_flag] = 1  # rule 3: look again next step
+        self.corrupt += self._finder.unusable - unusable
 
     def _check_directory(self) -> None:
-        if self._mm[self._directory_flag]:
-            self._mm[self._directory_flag] = 0
-            full_fence()
+        if self._finder.changed():
             self._scan(first=False)
 
     def _drop_finished(self) -> None:
@@ -333,7 +297,7 @@ class BusReader:
             self.loop.call_soon(self._step)
 
     def _pending(self) -> bool:
-        if self._mm[self._directory_flag]:
+        if self._finder.changed():
             return True
         return any(followed.ring.pending() for followed in self._order)
 

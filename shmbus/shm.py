@@ -68,8 +68,8 @@ _SLEEP_FLAGS_END = OFF_SLEEP_FLAGS + MAX_SLOTS
 _AWAKE = b"\x01"
 _TOPIC_CACHE_LIMIT = 4096
 #: How long an implicit connect (publish_nowait or subscribe on an unconnected
-#: bus) may wait for the bus's attach lock when called on an event loop.
-_ON_LOOP_ATTACH_TIMEOUT = 0.05
+#: bus) waits for the bus's attach lock on an event loop: not at all.
+_ON_LOOP_ATTACH_TIMEOUT = 0.0
 
 _live_instances: weakref.WeakSet[ShmBus] = weakref.WeakSet()
 
