@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shmbus.bench.runner import derive_metrics
+from shmbus.bench.baseline import Baseline
+from shmbus.bench.report import write_markdown
+from shmbus.bench.runner import BenchOutcome, RunResult, derive_metrics
 from shmbus.bench.spec import SCENARIOS, RunSpec, plan, settings_for
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -158,6 +162,9 @@ def test_bad_arguments_exit_2() -> None:
     done = _bench("--peers", "kafka", timeout=60)
     assert done.returncode == 2
     assert "unknown peer" in done.stderr
+    done = _bench("--baseline", "no-such-revision-anywhere", timeout=60)
+    assert done.returncode == 2
+    assert "--baseline" in done.stderr
 
 
 def test_shmbus_command_has_the_bench_subcommand() -> None:
@@ -209,3 +216,111 @@ def test_derive_metrics_definitions() -> None:
     assert metrics["loss_pct"] == 25
     assert metrics["dropped_counted"] == 500
     assert metrics["sub_cpu_s_per_million"] == pytest.approx(1e6 / 1500)
+
+
+def test_plan_runs_a_baseline_beside_shmbus() -> None:
+    base = "shm@0123abc"
+    runs, zero_loss = plan(settings_for("quick"), ["T1", "L1", "P1", "Z1"], ["shm", base, "mpq"])
+    shape = [(r.scenario, r.variant, r.peer) for r in runs]
+    assert shape[:3] == [("T1", "", "shm"), ("T1", "", base), ("T1", "", "mpq")]
+    assert ("L1", "", base) in shape
+    for call in ("publish", "publish_nowait"):
+        assert ("P1", call, base) in shape
+    assert {r.peer for r in zero_loss} == {"shm"}  # Z1 is calibrated on shm alone
+
+
+_EXPORT_CHECK = textwrap.dedent(
+    """
+    import inspect, json, multiprocessing, os, sys
+    import shmbus.shm
+    from shmbus.bench.baseline import bus_class, exported, resolve
+
+    def child(queue, package):
+        queue.put(inspect.getfile(bus_class(package)))
+
+    baseline = resolve("HEAD")
+    with exported(baseline) as package:
+        directory = os.path.dirname(os.path.dirname(package.__file__))
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue, package))
+        process.start()
+        in_child = queue.get(timeout=20)
+        process.join(20)
+        print(json.dumps({
+            "package": package.__name__,
+            "directory": directory,
+            "in_child": in_child,
+            "current": inspect.getfile(shmbus.shm.ShmBus),
+        }))
+    print(json.dumps({"removed": not os.path.exists(directory)}))
+    """
+)
+
+
+def test_baseline_is_exported_and_imported_under_its_own_name() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs git and the source checkout")
+    done = subprocess.run(
+        [sys.executable, "-c", _EXPORT_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    inside, after = (json.loads(line) for line in done.stdout.splitlines())
+    assert inside["package"].startswith("shmbus_at_")
+    # A forked child gets the exported copy's ShmBus, not the work tree's.
+    assert inside["in_child"].startswith(inside["directory"] + os.sep)
+    assert inside["in_child"] != inside["current"]
+    assert after["removed"]
+
+
+def _result(scenario: str, variant: str, peer: str, **metrics: Any) -> RunResult:
+    spec = RunSpec(scenario=scenario, variant=variant, peer=peer, rep=0)
+    return RunResult(spec=spec, status="ok", metrics={**metrics, "ends": ["complete"]})
+
+
+def test_report_compares_the_work_tree_with_the_baseline(tmp_path: Path) -> None:
+    baseline = Baseline(
+        rev="main", commit="0123abc" + "0" * 33, short="0123abc", subject="s", repo=tmp_path
+    )
+    base = baseline.peer
+    results = [
+        _result("P1", "publish", "shm", us_per_call=3.0, calls_per_s=1e6 / 3),
+        _result("P1", "publish", base, us_per_call=4.0, calls_per_s=250_000),
+        _result("T1", "", "shm", delivered_per_s=300_000.0, published_per_s=300_000.0),
+        _result("T1", "", base, delivered_per_s=200_000.0, published_per_s=200_000.0),
+        _result("T2", "fanout=4", "shm", delivered_per_s=100.0),
+        _result("T2", "fanout=4", base, delivered_per_s=200.0),
+    ]
+    outcome = BenchOutcome(
+        results=results,
+        skipped={},
+        versions={},
+        started_at=0.0,
+        elapsed_s=1.0,
+        zero_loss={},
+        baseline=baseline,
+    )
+    facts = {
+        "cpus": 2,
+        "cpu_model": "x",
+        "kernel": "k",
+        "python": "3",
+        "load_average": [0.0],
+        "versions": {},
+    }
+    path = tmp_path / "results.md"
+    write_markdown(path, outcome, settings_for("quick"), facts, "bench", [], None)
+    text = path.read_text()
+    assert "## shmbus (work tree) vs shmbus@0123abc" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 0.75× | 33.3% faster |" in rows["| P1 `await bus.publish()`, µs/call"]
+    assert "| 1.50× | 50.0% faster |" in rows["| T1 delivered/s"]
+    assert "| 0.50× | 50.0% slower |" in rows["| T2 4 sub(s), aggregate delivered/s"]
+    # The baseline also has its rows in the scenarios' own tables.
+    assert "| shmbus@0123abc | asyncio | 200,000 | 200,000 |" in text
+    assert "| shmbus@0123abc `await bus.publish()` | asyncio | 4.00 |" in text

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from .baseline import Baseline, BaselineError, resolve
 from .progress import Progress
 from .report import host_facts, write_charts, write_json, write_markdown
 from .runner import Bench
-from .spec import PEER_ALIASES, PEERS, SCENARIOS, settings_for
+from .spec import PEER_ALIASES, PEERS, SCENARIOS, peer_info, settings_for
 
 __all__ = ["add_arguments", "build_parser", "main", "run_from_command_line"]
 
@@ -67,6 +68,13 @@ def _peer_list(text: str) -> list[str]:
     return [name for name in PEERS if name in names]
 
 
+def _baseline(text: str) -> Baseline:
+    try:
+        return resolve(text.strip())
+    except BaselineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -105,6 +113,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated subset of {','.join(PEERS)} (default: all; shm is always "
         "useful to keep, the ratios are against it)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=_baseline,
+        default=None,
+        metavar="REV",
+        help="also measure shmbus as of git revision REV (a branch, tag or commit of this "
+        "source checkout), as peer shmbus@<short hash> beside shm in the same run; the "
+        "report gives current/baseline ratios. Implies shm in --peers",
     )
     parser.add_argument(
         "--reps",
@@ -152,6 +169,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--scenarios " + ",".join(args.scenarios))
     if args.peers:
         parts.append("--peers " + ",".join(args.peers))
+    if args.baseline:
+        parts.append(f"--baseline {args.baseline.rev}")
     if args.reps:
         parts.append(f"--reps {args.reps}")
     return " ".join(parts)
@@ -177,6 +196,11 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_for(mode, args.reps)
     scenarios = args.scenarios or list(SCENARIOS)
     peers = args.peers or (list(SMOKE_PEERS) if args.smoke else list(PEERS))
+    baseline: Baseline | None = getattr(args, "baseline", None)
+    if baseline is not None:
+        # Right after shm, so the two run back to back in every round.
+        peers = [name for name in peers if name != "shm"]
+        peers[:0] = ["shm", baseline.peer]
     out = args.out if args.out is not None else _default_out()
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(None if args.quiet else sys.stderr)
@@ -184,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so every child and server is stopped.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        outcome = Bench(settings, scenarios, peers, progress).run()
+        outcome = Bench(settings, scenarios, peers, progress, baseline).run()
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: every child process and server was stopped\n")
         return 130
@@ -201,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     written = ["results.md", "results.json", *charts]
     sys.stdout.write("".join(f"wrote {out / name}\n" for name in written))
     for name, reason in outcome.skipped.items():
-        sys.stdout.write(f"skipped {PEERS[name].label}: {reason}\n")
+        sys.stdout.write(f"skipped {peer_info(name).label}: {reason}\n")
     failed = [r for r in outcome.results if not r.ok]
     if failed:
         sys.stdout.write(f"{len(failed)} of {len(outcome.results)} runs failed; see results.md\n")

@@ -8,7 +8,9 @@ Owns
   peer)'s successful runs.
 * :func:`write_json` (every run, raw children's reports included),
   :func:`write_markdown` (one table per scenario, with each peer's API style
-  and the shmbus/peer ratios) and :func:`write_charts` (``throughput.png``
+  and the shmbus/peer ratios; with ``--baseline``, a table of the work
+  tree's figures against the baseline revision's, current/baseline) and
+  :func:`write_charts` (``throughput.png``
   bars and ``latency_cdf.png``, drawn with matplotlib's Agg backend; without
   matplotlib the charts are skipped and the report says so).
 """
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .baseline import Baseline, is_baseline
 from .runner import BenchOutcome, RunResult
 from .spec import (
     FANIN_PUBLISHERS,
@@ -32,8 +35,8 @@ from .spec import (
     REFERENCE_PEERS,
     SCENARIOS,
     ZERO_LOSS_FRACTION,
-    PeerInfo,
     Settings,
+    peer_info,
 )
 from .workload import envelope_size, median
 
@@ -55,10 +58,25 @@ COLOURS = {
     "sem": "#7f7f7f",
     "loop": "#bcbd22",
 }
+#: Baselines (``shm@<rev>``): a paler shmbus red.
+BASELINE_COLOUR = "#ff9896"
 
 
-def peer_info(name: str) -> PeerInfo:
-    return PEERS.get(name) or REFERENCE_PEERS[name]
+def _colour(peer: str) -> str | None:
+    return BASELINE_COLOUR if is_baseline(peer) else COLOURS.get(peer)
+
+
+def _in_order(names: Iterable[str]) -> list[str]:
+    """*names* in :data:`PEER_ORDER`, baselines right after shmbus."""
+    present = set(names)
+    baselines = sorted(name for name in present if is_baseline(name))
+    ordered: list[str] = []
+    for name in PEER_ORDER:
+        if name in present:
+            ordered.append(name)
+        if name == "shm":
+            ordered.extend(baselines)
+    return ordered
 
 
 # ─── Facts and summaries ─────────────────────────────────────────────────────
@@ -150,6 +168,7 @@ def write_json(
             "envelope_bytes": envelope_size(None),
         },
         "skipped_peers": outcome.skipped,
+        "baseline": outcome.baseline.to_json() if outcome.baseline is not None else None,
         "zero_loss_calibration": outcome.zero_loss,
         "summary": [
             {"scenario": k[0], "variant": k[1], "peer": k[2]}
@@ -229,7 +248,7 @@ def write_markdown(
     chart_note: str | None,
 ) -> None:
     summary = summarise(outcome.results)
-    peers = [p for p in PEER_ORDER if p in PEERS and any(k[2] == p for k in summary)]
+    peers = [p for p in _in_order(k[2] for k in summary) if p in PEERS or is_baseline(p)]
     references = [p for p in REFERENCE_PEERS if any(k[2] == p for k in summary)]
     ran = [s for s in SCENARIOS if any(k[0] == s for k in summary)]
     out: list[str] = ["# shmbus benchmark results", ""]
@@ -271,7 +290,12 @@ def write_markdown(
         "counted as dropped by shmbus), *quiet 250 ms* (a peer that does not count its drops "
         "stopped delivering), *drain bound* (still delivering when the bound passed); *sub CPU* = "
         "user+system CPU of the subscriber processes per million events delivered. Ratios are "
-        "shmbus/peer of the column named."
+        "shmbus/peer of the column named"
+        + (
+            f" (for the {outcome.baseline.label} rows: this work tree / that revision)."
+            if outcome.baseline is not None
+            else "."
+        )
     )
     out.append("")
     out.append("## Peers")
@@ -284,12 +308,14 @@ def write_markdown(
     out.append("")
     if outcome.skipped:
         for name, reason in outcome.skipped.items():
-            out.append(f"- **{PEERS[name].label}: skipped**: {reason}.")
+            out.append(f"- **{peer_info(name).label}: skipped**: {reason}.")
         out.append("")
     versions = {**facts["versions"], **outcome.versions}
     out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     out.append("")
 
+    if outcome.baseline is not None:
+        out.extend(_versus_baseline(summary, outcome.baseline))
     out.extend(_targets(summary))
     for scenario in ran:
         out.append(f"## {scenario}: {SCENARIOS[scenario]}")
@@ -480,13 +506,31 @@ _P1_LABELS = {
 }
 
 
+def _p1_rows(peers: list[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The rows of the P1 table: :data:`_P1_LABELS`, baselines after shmbus."""
+    rows: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    for (peer, variant), words in _P1_LABELS.items():
+        rows.append(((peer, variant), words))
+        if (peer, variant) == ("shm", "publish_nowait"):
+            for baseline in (p for p in peers if is_baseline(p)):
+                label = peer_info(baseline).label
+                rows.append(((baseline, "publish"), (f"{label} `await bus.publish()`", "asyncio")))
+                rows.append(
+                    (
+                        (baseline, "publish_nowait"),
+                        (f"{label} `bus.publish_nowait()`", "blocking (sync call)"),
+                    )
+                )
+    return rows
+
+
 def _p1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
     table = _Table(
         "call", "API", "µs/call", "calls/s", "shmbus publish()/this", "shmbus publish_nowait()/this"
     )
     publish = summary.get(("P1", "publish", "shm"), {}).get("us_per_call")
     nowait = summary.get(("P1", "publish_nowait", "shm"), {}).get("us_per_call")
-    for (peer, variant), (label, api) in _P1_LABELS.items():
+    for (peer, variant), (label, api) in _p1_rows(peers):
         figures = summary.get(("P1", variant, peer))
         if figures is None:
             continue
@@ -508,6 +552,99 @@ def _p1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
         "the message inside the socket.",
         "",
         table.text(),
+    ]
+
+
+#: The comparison with the baseline: (scenario, variant, figure, words, higher is better).
+_VERSUS: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("P1", "publish", "us_per_call", "P1 `await bus.publish()`, µs/call", False),
+    ("P1", "publish_nowait", "us_per_call", "P1 `bus.publish_nowait()`, µs/call", False),
+    ("T1", "", "delivered_per_s", "T1 delivered/s", True),
+    ("T1", "", "published_per_s", "T1 published/s", True),
+    ("T3", "", "delivered_per_s", f"T3 delivered/s ({FANIN_PUBLISHERS} publishers)", True),
+    ("L1", "", "p50_us", "L1 p50 µs", False),
+    ("L1", "", "p99_us", "L1 p99 µs", False),
+)
+
+
+def _versus_rows(summary: dict[Key, dict[str, Any]]) -> list[tuple[str, str, str, str, bool]]:
+    """:data:`_VERSUS` with T2's fan-outs and S1's sizes as run, in reading order."""
+    fanouts = sorted({k[1] for k in summary if k[0] == "T2"}, key=lambda v: int(v.split("=")[1]))
+    sizes = sorted({k[1] for k in summary if k[0] == "S1"}, key=lambda v: int(v.split("=")[1]))
+    rows = list(_VERSUS[:4])
+    for variant in fanouts:
+        n = variant.split("=")[1]
+        rows.append(
+            ("T2", variant, "delivered_per_s", f"T2 {n} sub(s), aggregate delivered/s", True)
+        )
+    rows.extend(_VERSUS[4:])
+    for variant in sizes:
+        size = _size(int(variant.split("=")[1]))
+        rows.append(("S1", variant, "mb_per_s", f"S1 {size} blob, MB/s delivered", True))
+    return rows
+
+
+def _change(current: float | None, base: float | None, higher_is_better: bool) -> str:
+    """'12.3% faster' / '4.0% slower' of the work tree against the baseline."""
+    if current is None or base is None or not current or not base:
+        return "n/a"
+    speed = current / base if higher_is_better else base / current
+    if abs(speed - 1) < 0.0005:
+        return "same"
+    return f"{abs(speed - 1) * 100:.1f}% {'faster' if speed > 1 else 'slower'}"
+
+
+def _versus_baseline(summary: dict[Key, dict[str, Any]], baseline: Baseline) -> list[str]:
+    """The work tree's shmbus against the baseline revision's, figure by figure."""
+    peer = baseline.peer
+    table = _Table(
+        "figure",
+        "shmbus (work tree)",
+        baseline.label,
+        "current/baseline",
+        "work tree is",
+        text_columns=1,
+    )
+    for scenario, variant, name, words, higher in _versus_rows(summary):
+        ours = summary.get((scenario, variant, "shm"))
+        theirs = summary.get((scenario, variant, peer))
+        if ours is None and theirs is None:
+            continue
+        current = _figure(summary, (scenario, variant, "shm"), name)
+        base = _figure(summary, (scenario, variant, peer), name)
+        digits = (
+            2 if name == "us_per_call" else 1 if name.endswith("_us") or name == "mb_per_s" else 0
+        )
+        notes = _runs_note(ours or {}) + _runs_note(theirs or {})
+        table.row(
+            words + notes,
+            _fmt(current, digits),
+            _fmt(base, digits),
+            _ratio(current, base),
+            _change(current, base, higher),
+        )
+    return [
+        f"## shmbus (work tree) vs {baseline.label}",
+        "",
+        f"The baseline is `--baseline {baseline.rev}`: commit `{baseline.commit}` "
+        f'("{baseline.subject}"), its `shmbus/` exported with `git archive` into a private '
+        f"directory and imported as package `{baseline.package}`, driven by the same workers as "
+        "the work tree's shmbus (only the API both versions share) in the same run, the two "
+        "back to back in every round. *current/baseline* divides the work tree's figure by the "
+        "baseline's: above 1 is better for rates, below 1 is better for µs/call and latency; "
+        "*work tree is* says which way in words. On a shared machine single runs vary by tens "
+        "of percent: trust a difference only if it holds over several repetitions (`--reps`, "
+        "or the full mode), and compare it with an A/A run (`--baseline HEAD` on a work tree "
+        "without changes to `shmbus/`), whose ratios are noise alone."
+        + (
+            " **This run is such an A/A run:** the work tree's `shmbus/` (its bench aside) is "
+            "identical to the baseline's, so every difference below is noise."
+            if baseline.same_as_work_tree
+            else ""
+        ),
+        "",
+        table.text(),
+        "",
     ]
 
 
@@ -740,7 +877,7 @@ def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], ylabel: st
     width = 0.8 / max(len(series), 1)
     for i, (peer, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, values, width, label=peer_info(peer).label, color=COLOURS.get(peer))
+        ax.bar(xs, values, width, label=peer_info(peer).label, color=_colour(peer))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel(ylabel)
@@ -790,7 +927,7 @@ def _throughput_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
     for ax, (title, groups, keys, metric, log_scale) in zip(axes[0], panels, strict=True):
         series: dict[str, list[float]] = {}
-        for peer in PEER_ORDER:
+        for peer in _in_order(k[2] for k in summary):
             values = [summary.get((k[0], k[1], peer), {}).get(metric) for k in keys]
             if any(v is not None for v in values):
                 series[peer] = [float(v) if v is not None else 0.0 for v in values]
@@ -813,7 +950,7 @@ def _latency_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
 
     lines = [
         (peer, summary[("L1", "", peer)]["_samples"])
-        for peer in PEER_ORDER
+        for peer in _in_order(k[2] for k in summary)
         if ("L1", "", peer) in summary and summary[("L1", "", peer)]["_samples"]
     ]
     if not lines:
@@ -826,10 +963,8 @@ def _latency_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
         ys = [(i + 1) / n for i in range(0, n, step)] + [1.0]
         style = "--" if peer in REFERENCE_PEERS else "-"
         label = peer_info(peer).label
-        ax.plot(xs, ys, style, label=label, color=COLOURS.get(peer))
-        tail.plot(
-            xs, [max(1 - y, 0.5 / n) for y in ys], style, label=label, color=COLOURS.get(peer)
-        )
+        ax.plot(xs, ys, style, label=label, color=_colour(peer))
+        tail.plot(xs, [max(1 - y, 0.5 / n) for y in ys], style, label=label, color=_colour(peer))
     for axis in (ax, tail):
         axis.set_xscale("log")
         axis.set_xlabel("one-way latency, µs (log)")

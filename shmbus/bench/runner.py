@@ -11,7 +11,8 @@ Owns
   stopped and joined and the peer's per-run resources released (``finally``).
 * :func:`derive_metrics`: the figures of a run from its children's reports.
 * :class:`Bench`: the whole benchmark: which peers can run here (and why not),
-  their servers (started once, stopped in ``finally``), the plan in its
+  their servers (started once, stopped in ``finally``), the ``--baseline``
+  revision's export (made once, removed in ``finally``), the plan in its
   round-robin order, Z1's rate taken from T1's median, progress reporting.
 
 Definitions (every peer alike)
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from .baseline import Baseline, BaselineError, exported, is_baseline
 from .control import Child, ChildFailed, wait_for
 from .peers import Driver, Env, driver_class
 from .progress import Progress
@@ -285,6 +287,8 @@ class BenchOutcome:
     elapsed_s: float
     #: Z1's calibration: T1 capacity and the paced rate used.
     zero_loss: dict[str, float]
+    #: ``--baseline``: the revision measured as peer ``shm@<short>``.
+    baseline: Baseline | None = None
 
 
 class Bench:
@@ -296,11 +300,13 @@ class Bench:
         scenarios: list[str],
         peers: list[str],
         progress: Progress,
+        baseline: Baseline | None = None,
     ) -> None:
         self.settings = settings
         self.scenarios = scenarios
         self.peers = peers
         self.progress = progress
+        self.baseline = baseline
 
     def run(self) -> BenchOutcome:
         started_at, began = time.time(), time.monotonic()
@@ -311,14 +317,20 @@ class Bench:
         with ExitStack() as stack:
             tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="shmbus-bench-"))
             env = Env(tmpdir=tmpdir)
+            reasons: dict[str, str] = {}
+            if self.baseline is not None:
+                try:
+                    env.baseline = stack.enter_context(exported(self.baseline))
+                except BaselineError as exc:
+                    reasons[self.baseline.peer] = str(exc)
             drivers: dict[str, Driver] = {}
             for name in [*self.peers, "shmll", "fifo", "sem", "loop"]:
-                reason = _unavailable(name)
+                reason = reasons.get(name) or _unavailable(name)
                 if reason is None:
                     server = driver_class(name).server
                     reason = self._start_server(server, env, stack, versions)
                 if reason is not None:
-                    if name in PEERS:
+                    if name in PEERS or is_baseline(name):
                         skipped[name] = reason
                     log.warning("peer %s skipped: %s", name, reason)
                     continue
@@ -359,6 +371,7 @@ class Bench:
             started_at=started_at,
             elapsed_s=time.monotonic() - began,
             zero_loss=zero_loss,
+            baseline=self.baseline,
         )
 
     def _one(self, spec: RunSpec, driver: Driver) -> RunResult:

@@ -3,7 +3,8 @@
 Owns
 ----
 * :data:`SCENARIOS` and :data:`PEERS`: the names accepted by ``--scenarios``
-  and ``--peers``, with the words the report uses for them.
+  and ``--peers``, with the words the report uses for them; :func:`peer_info`
+  also knows the reference rows and ``--baseline``'s ``shm@<rev>`` peers.
 * :class:`Settings`: run lengths, repetitions and sweeps of a mode (full,
   ``--quick``, ``--smoke``).
 * :class:`RunSpec`: everything a child process needs to know about the run it
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from .baseline import is_baseline, package_name
+
 __all__ = [
     "FANIN_PUBLISHERS",
     "LATENCY_RATE",
@@ -28,6 +31,8 @@ __all__ = [
     "PeerInfo",
     "RunSpec",
     "Settings",
+    "p1_variants",
+    "peer_info",
     "plan",
     "settings_for",
 ]
@@ -142,6 +147,27 @@ REFERENCE_PEERS: Final = {
         "building the payload dict and its time stamp, no publish",
     ),
 }
+
+
+def baseline_info(peer: str) -> PeerInfo:
+    """How the report names ``shm@<rev>``: shmbus as of that revision."""
+    short = peer.partition("@")[2]
+    return PeerInfo(
+        f"shmbus@{short}",
+        "asyncio",
+        "asyncio",
+        f"shmbus as of commit {short} (`--baseline`), exported with `git archive` and "
+        f"imported as package `{package_name(short)}`; driven exactly as shmbus (same workers, "
+        "default settings)",
+    )
+
+
+def peer_info(name: str) -> PeerInfo:
+    """A peer's, reference row's or baseline's words."""
+    if is_baseline(name):
+        return baseline_info(name)
+    return PEERS.get(name) or REFERENCE_PEERS[name]
+
 
 PEER_ALIASES: Final = {
     "shmbus": "shm",
@@ -264,6 +290,11 @@ P1_VARIANTS: Final = {
 }
 
 
+def p1_variants(peer: str) -> tuple[str, ...]:
+    """The P1 calls measured for *peer* (none: it has no P1 row)."""
+    return P1_VARIANTS.get("shm" if is_baseline(peer) else peer, ())
+
+
 def plan(
     settings: Settings, scenarios: list[str], peers: list[str]
 ) -> tuple[list[RunSpec], list[RunSpec]]:
@@ -324,8 +355,8 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
         ]
     if scenario == "P1":
         shapes: list[tuple[list[str], RunSpec]] = []
-        for peer in [*(p for p in peers if p in P1_VARIANTS), "loop"]:
-            for call in P1_VARIANTS.get(peer, ("build payload",)):
+        for peer in [*(p for p in peers if p1_variants(p)), "loop"]:
+            for call in p1_variants(peer) or ("build payload",):
                 shapes.append(
                     ([peer], replace(base, variant=call, subscribers=0, duration=s.call_s))
                 )

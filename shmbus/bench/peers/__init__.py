@@ -9,9 +9,10 @@ Owns
   and :meth:`~Driver.subscriber`, entered right after ``fork()`` with the
   child's control pipe.
 * :class:`Env`: what every driver may use (the servers' URLs, a private
-  temporary directory).
+  temporary directory, the old shmbus of ``--baseline``).
 * :func:`driver_class`: name -> driver class, importing a peer's module (and
-  so its client library) only when that peer is used.
+  so its client library) only when that peer is used. Every ``shm@<rev>``
+  name is the baseline driver.
 
 Each peer's module says how that peer is driven; the loops themselves live in
 :mod:`shmbus.bench.harness` and are the same for all.
@@ -23,8 +24,10 @@ import abc
 import importlib
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from types import ModuleType
 from typing import Any, ClassVar
 
+from ..baseline import BASELINE_PREFIX, is_baseline
 from ..spec import RunSpec
 
 __all__ = ["Driver", "Env", "driver_class"]
@@ -38,6 +41,9 @@ class Env:
     tmpdir: str
     nats_url: str | None = None
     redis_url: str | None = None
+    #: ``--baseline``: the old revision's shmbus package, imported under its
+    #: own name (see :mod:`shmbus.bench.baseline`).
+    baseline: ModuleType | None = None
 
 
 class Driver(abc.ABC):
@@ -85,11 +91,14 @@ _MODULES = {
     "sem": "references",
     "fifo": "references",
     "loop": "references",
+    BASELINE_PREFIX: "shm_peer",
 }
 
 
 def driver_class(name: str) -> type[Driver]:
     """The driver class of peer *name* (ImportError if its library is missing)."""
+    if is_baseline(name):
+        name = BASELINE_PREFIX
     module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     drivers: dict[str, type[Driver]] = module.DRIVERS
     return drivers[name]
