@@ -39,9 +39,9 @@ Reader rules (a reader is the one of an instance with subscriptions; slot
 
 1. **First subscription**: store the slot's ``subscriptions`` word, ``F``
    (full fence), then scan. Rings then ``LIVE`` are followed from their
-   current end (:meth:`~shmbus.ring.RingReader.snapshot`); rings already
-   retired or being reclaimed hold only events published before the
-   subscription, and are skipped.
+   current end (:meth:`~shmbus.ring.RingReader.snapshot`), whatever an
+   earlier reader of the slot saw; rings already retired or being reclaimed
+   hold only events published before the subscription, and are skipped.
 2. **Later scans** (flag set: clear it, ``F``, scan): a generation not seen
    before is followed *from its beginning*, whatever its state: everything in
    a ring installed after the reader's previous scan was published after its
@@ -436,8 +436,8 @@ class RingFinder:
         for view in views:
             key = (view.entry, view.gen)
             seen = seen_word(self._slot, view.entry)
-            if key in known or words[seen] >= view.gen:
-                continue
+            if key in known or (not first and words[seen] >= view.gen):
+                continue  # (a first scan ignores what an earlier reader of the slot saw)
             if first and view.state != ENTRY_LIVE:
                 words[seen] = view.gen  # rule 1: retired before we subscribed
                 continue

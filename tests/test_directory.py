@@ -167,6 +167,20 @@ def test_a_ring_that_came_and_went_between_two_scans_is_still_read_whole(attach)
     assert reader.read(writer.key) == [b"event 0", b"event 1"]
 
 
+def test_a_reader_that_stopped_and_subscribes_again_follows_the_live_rings_it_saw_before(
+    attach,
+):
+    writer, segment = Writer(attach()), attach()
+    before = Reader(segment)
+    before.subscribe()
+    assert writer.key in before.rings
+    before.finder.announce(0)  # its last subscription closed: the reader stops
+    again = Reader(segment)
+    again.subscribe()
+    writer.publish(1)
+    assert again.read(writer.key) == [b"event 0"]
+
+
 def test_the_directory_flag_is_clear_after_a_scan_and_set_by_an_install(attach):
     reader = Reader(attach())
     reader.subscribe()
