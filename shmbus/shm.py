@@ -32,7 +32,6 @@ import grp
 import logging
 import os
 import threading
-import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -71,7 +70,9 @@ _TOPIC_CACHE_LIMIT = 4096
 #: bus) waits for the bus's attach lock on an event loop: not at all.
 _ON_LOOP_ATTACH_TIMEOUT = 0.0
 
-_live_instances: weakref.WeakSet[ShmBus] = weakref.WeakSet()
+#: Every connected instance, held strongly until it closes: an instance a
+#: script dropped without closing is still closed at exit (its files removed).
+_open_instances: set[ShmBus] = set()
 
 
 class ShmBus(BaseBus):
@@ -152,7 +153,6 @@ class ShmBus(BaseBus):
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
         self._subscriptions: set[QueueSubscription] = set()
-        _live_instances.add(self)
 
     @classmethod
     def for_existing(cls, name: str, **options: Any) -> ShmBus:
@@ -213,6 +213,7 @@ class ShmBus(BaseBus):
             self._published_word = slot_word(segment.slot, SLOT_PUBLISHED)
             self._segment = segment
             self._state = _OPEN
+            _open_instances.add(self)
         try:
             directory.reclaim_dead(segment)
         except (ShmBusError, OSError) as exc:
@@ -234,6 +235,7 @@ class ShmBus(BaseBus):
                 self._state = _CLOSED
                 return
             self._state = _CLOSED
+            _open_instances.discard(self)
             subscriptions = list(self._subscriptions)
             self._stop_reader()
             segment = self._segment
@@ -504,13 +506,14 @@ class ShmBus(BaseBus):
 
 
 def _after_fork_in_child() -> None:
-    for bus in list(_live_instances):
+    for bus in list(_open_instances):
         bus._abandon_after_fork()
+    _open_instances.clear()
 
 
 def _close_at_exit() -> None:
     """A process that exits without closing its buses leaves nothing behind."""
-    for bus in list(_live_instances):
+    for bus in list(_open_instances):
         try:
             bus.close_sync()
         except Exception as exc:  # exiting: report, never raise

@@ -85,7 +85,7 @@ _SHM_OPTIONS: dict[str, _Parser] = {
     "queue_size": _to_int,
     "mode": _to_mode,
     "group": _to_str,
-    "lock_timeout": _to_float,
+    "low_latency": _to_bool,
 }
 _LOCAL_OPTIONS: dict[str, _Parser] = {"max_event_size": _to_int, "queue_size": _to_int}
 _NATS_URL_OPTIONS: dict[str, _Parser] = {

@@ -388,13 +388,15 @@ def holder(
     *,
     bus_kwargs: dict[str, Any] | None = None,
     pattern: str | None = None,
+    publish: str | None = None,
     rounds: int = 1,
 ) -> None:
-    """*rounds* times: connect (and subscribe to *pattern*, if given), send
-    ``"attached"``, wait for ``"close"`` (or ``("close_at", t)``: close when
-    ``time.monotonic()`` reaches *t*), close, send ``"closed"``; before each
-    round after the first, wait for ``"again"``. If connecting raises a
-    shmbus error, send ``("refused", type name, message)`` instead and stop."""
+    """*rounds* times: connect (and subscribe to *pattern*, and publish one
+    event on topic *publish*, if given), send ``"attached"``, wait for
+    ``"close"`` (or ``("close_at", t)``: close when ``time.monotonic()``
+    reaches *t*), close, send ``"closed"``; before each round after the
+    first, wait for ``"again"``. If connecting raises a shmbus error, send
+    ``("refused", type name, message)`` instead and stop."""
 
     async def main() -> None:
         for round_ in range(rounds):
@@ -411,6 +413,8 @@ def holder(
             try:
                 if pattern is not None:
                     bus.subscribe(pattern)
+                if publish is not None:
+                    bus.publish_nowait(publish, {"holder": round_})
                 conn.send("attached")
                 message = conn.recv()
                 if isinstance(message, tuple) and message[0] == "close_at":
@@ -422,3 +426,76 @@ def holder(
             conn.send("closed")
 
     asyncio.run(main())
+
+
+def peer(
+    conn: Connection,
+    name: str,
+    pattern: str,
+    publish: Sequence[tuple[str, int]],
+    count: int,
+    *,
+    bus_kwargs: dict[str, Any] | None = None,
+    timeout: float = 30.0,
+    linger: float = 0.2,
+) -> None:
+    """Connect with *bus_kwargs*, subscribe to *pattern* and send ``("ready",
+    geometry)``: the instance's ``capacity``, ``max_event_size`` and
+    ``queue_size`` after connect. On ``"go"``, publish one event per
+    ``(topic, blob_size)`` of *publish* (payload ``{"seq": i, "blob": "x" *
+    blob_size}``) and send ``"published"``; then collect *count* events (plus
+    *linger*) and send the report, whose ``"received"`` lists ``(topic,
+    seq, blob size)`` instead of whole payloads."""
+
+    async def main() -> None:
+        bus = ShmBus(name, **(bus_kwargs or {}))
+        await bus.connect()
+        try:
+            sub = bus.subscribe(pattern)
+            conn.send(
+                (
+                    "ready",
+                    {
+                        "capacity": bus.capacity,
+                        "max_event_size": bus.max_event_size,
+                        "queue_size": bus.queue_size,
+                    },
+                )
+            )
+            message = conn.recv()
+            if message != "go":
+                raise RuntimeError(f"peer expected 'go', got {message!r}")
+            for seq, (topic, blob_size) in enumerate(publish):
+                await bus.publish(topic, {"seq": seq, "blob": "x" * blob_size})
+            conn.send("published")
+            received: Received = []
+            await _collect(sub, received, count=count, stop=asyncio.Event(), timeout=timeout)
+            if linger:
+                await _linger(sub, received, linger)
+            report = _report(bus, sub, [])
+            report["received"] = [
+                (topic, payload["seq"], len(payload["blob"])) for topic, payload in received
+            ]
+        finally:
+            await bus.close()
+        conn.send(report)
+
+    asyncio.run(main())
+
+
+#: Instances :func:`publish_and_return` keeps alive until the process exits.
+_KEPT: list[ShmBus] = []
+
+
+def publish_and_return(conn: Connection, name: str, topic: str, *, keep: bool) -> None:
+    """Publish one event on a new instance without an event loop and without
+    ever closing it, send ``"published"`` and return (the process then exits
+    normally). *keep*: hold a reference to the instance until exit; else
+    drop it at once, as ``ShmBus(name).publish_nowait(...)`` does."""
+    if keep:
+        bus = ShmBus(name)
+        bus.publish_nowait(topic, {"kept": True})
+        _KEPT.append(bus)
+    else:
+        ShmBus(name).publish_nowait(topic, {"kept": False})
+    conn.send("published")

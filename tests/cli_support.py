@@ -21,7 +21,7 @@ from typing import IO, TypeVar
 
 from shmbus.inspect import read_bus
 from shmbus.leftovers import cleanup
-from shmbus.segment import resource_paths
+from shmbus.shmfiles import bus_file_paths
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ def crashed_bus(name: str) -> Iterator[list[str]]:
             assert line.strip() == "ready", f"child failed: {line!r} {child.stderr}"
             os.kill(child.pid, signal.SIGKILL)
             child.wait(timeout=DEADLINE)
-        paths = resource_paths(name)
+        paths = bus_file_paths(name)
         assert paths, f"the killed child left no files for bus {name!r}"
         yield paths
     finally:

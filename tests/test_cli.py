@@ -25,8 +25,8 @@ from cli_support import (
 from conftest import SMALL_RING
 
 from shmbus import ShmBus, cli
-from shmbus.layout import HEADER_SIZE
-from shmbus.segment import resource_paths
+from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
+from shmbus.shmfiles import bus_file_paths
 
 # ─── pub and sub ─────────────────────────────────────────────────────────────
 
@@ -103,29 +103,37 @@ def test_sub_stops_with_exit_0_and_no_traceback_on_signal(bus_name: str, stop: i
         out, err = sub.communicate(timeout=DEADLINE)
     assert sub.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert resource_paths(bus_name) == []  # closed cleanly: last one out removed the bus
+    assert bus_file_paths(bus_name) == []  # closed cleanly: last one out removed the bus
 
 
 # ─── ls and stat ─────────────────────────────────────────────────────────────
 
 
 async def test_ls_shows_a_live_bus_with_its_instance_and_readers(bus_name: str) -> None:
+    """A row per bus: state, the size of all its files (segment and rings),
+    instances and readers; --json has the same and its rings."""
     bus = ShmBus(bus_name, **SMALL_RING)
     await bus.connect()
     try:
         async with bus.subscribe("x.>"):
+            bus.publish_nowait("x.y", {})  # the instance's ring file
             table = run_shmbus("ls")
             listing = run_shmbus("ls", "--json")
     finally:
         await bus.close()
     assert table.returncode == 0, table.stderr
     (row,) = [line for line in table.stdout.splitlines() if line.startswith(bus_name + " ")]
-    assert row.split()[1:3] == ["live", "1.0"]  # state, size (1.0 MiB)
+    files = BUS_SEGMENT_SIZE + ring_file_size(SMALL_RING["capacity"])
+    assert row.split()[1:4] == ["live", *cli._size(files).split()]  # state, size
     assert row.split()[-2:] == ["1", "1"]  # instances, readers
     assert f"pid {os.getpid()}" in table.stdout
     (entry,) = [item for item in json.loads(listing.stdout) if item["name"] == bus_name]
     assert entry["live"] is True and entry["readers"] == 1
+    assert entry["segment_size"] == files
     assert [slot["pid"] for slot in entry["instances"]] == [os.getpid()]
+    assert [(ring["writer_pid"], ring["published"]) for ring in entry["rings"]] == [
+        (os.getpid(), 1)
+    ]
 
 
 async def test_stat_counters_move_as_events_flow(bus_name: str) -> None:
@@ -148,8 +156,10 @@ async def test_stat_counters_move_as_events_flow(bus_name: str) -> None:
     (mine,) = [s for s in second["instances"] if s["pid"] == os.getpid()]
     assert mine["delivered"] == 20 and mine["published"] == 20 and mine["lag_bytes"] == 0
     assert mine["alive"] is True
+    (ring_line,) = [line for line in table.stdout.splitlines() if line.startswith("  ring ")]
+    assert f"writer pid {os.getpid()}" in ring_line and "20 events" in ring_line
     header = next(line for line in table.stdout.splitlines() if line.lstrip().startswith("SLOT"))
-    for column in ("PID", "LAG", "DELIVERED", "DROPPED", "CORRUPT", "LAPPED", "PUBLISHED"):
+    for column in ("PID", "LAG_BYTES", "DELIVERED", "DROPPED", "CORRUPT", "LAPPED", "PUBLISHED"):
         assert column in header
     assert "/s)" in table.stdout  # the sampled publish rate
 
@@ -180,7 +190,7 @@ async def test_clean_refuses_a_live_bus_without_force(bus_name: str) -> None:
     await bus.connect()
     try:
         result = run_shmbus("clean", bus_name)
-        assert f"/dev/shm/shmbus.{bus_name}" in resource_paths(bus_name)
+        assert f"/dev/shm/shmbus.{bus_name}" in bus_file_paths(bus_name)
     finally:
         await bus.close()
     assert result.returncode == 1
@@ -193,7 +203,7 @@ def test_clean_removes_a_dead_bus_and_lists_what_it_removed(bus_name: str) -> No
         result = run_shmbus("clean", bus_name)
         assert result.returncode == 0, result.stderr
         assert sorted(result.stdout.splitlines()) == sorted(f"removed {path}" for path in left)
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
 
 
 # ─── Exit codes and errors ───────────────────────────────────────────────────
@@ -231,7 +241,7 @@ def test_bad_arguments_exit_2(
 def test_runtime_failure_exits_1_with_one_line_and_no_traceback(bus_name: str) -> None:
     path = f"/dev/shm/shmbus.{bus_name}"
     with open(path, "wb") as f:
-        f.write(b"\x5a" * HEADER_SIZE)
+        f.write(b"\x5a" * BUS_SEGMENT_SIZE)
     try:
         quiet = run_shmbus("stat", bus_name)
         verbose = run_shmbus("-v", "stat", bus_name)

@@ -14,6 +14,7 @@ the check of what is left in ``/dev/shm`` does not race with their closing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import time
@@ -26,8 +27,10 @@ from conftest import SMALL_RING
 from spawn import Agent, running, stop_resource_tracker
 
 from shmbus import ShmBus
-from shmbus.layout import HEADER_SIZE, MAX_SLOTS, SLOT_PID, slot_offset
-from shmbus.segment import SHM_DIR, resource_paths
+from shmbus.inspect import read_bus
+from shmbus.layout import MAX_SLOTS, SLOT_PID, min_capacity, slot_offset
+from shmbus.leftovers import cleanup
+from shmbus.shmfiles import SHM_DIR, bus_file_paths
 
 Received = list[tuple[str, dict[str, Any]]]
 
@@ -58,10 +61,10 @@ async def host(bus_name: str) -> AsyncIterator[ShmBus]:
 def slot_table(name: str) -> dict[int, int]:
     """``{pid: slot}`` as the segment's slot table records it now."""
     with open(f"{SHM_DIR}/shmbus.{name}", "rb") as f:
-        header = f.read(HEADER_SIZE)
+        slots = f.read(slot_offset(MAX_SLOTS))
     table = {}
     for slot in range(MAX_SLOTS):
-        pid = struct.unpack_from("<Q", header, slot_offset(slot) + SLOT_PID)[0]
+        pid = struct.unpack_from("<Q", slots, slot_offset(slot) + SLOT_PID)[0]
         if pid:
             table[pid] = slot
     return table
@@ -126,10 +129,11 @@ async def test_one_publisher_fans_out_every_event_in_order_to_three_subscriber_p
 async def test_four_publisher_processes_fan_in_with_per_publisher_order_and_exact_loss_count(
     bus_name: str,
 ) -> None:
-    """One subscriber process on four concurrent publisher processes: each
-    publisher's events arrive in its publish order, none twice, each on its
-    own topic, and received + dropped == published (the ring may lap a slow
-    reader; what it loses must be counted, not vanish)."""
+    """One subscriber process on four concurrent publisher processes (four
+    rings): each publisher's events arrive in its publish order, none twice,
+    each on its own topic, and delivered + dropped + queued == published
+    while the subscription is open (a ring may lap a slow reader, its queue
+    may overflow; what it loses must be counted, not vanish)."""
     per_publisher = 2_500
     pubs = [
         Agent(agents.publisher, bus_name, k, [f"in.p{k}"], per_publisher, bus_kwargs=SMALL_RING)
@@ -158,8 +162,10 @@ async def test_four_publisher_processes_fan_in_with_per_publisher_order_and_exac
         assert topic == f"in.p{payload['pub']}", (topic, payload)
     for pub_id, seqs in seqs_by_publisher(received).items():
         assert_increasing(seqs, f"publisher {pub_id}")
-    assert report["sub"]["delivered"] == len(received)
-    assert len(received) + report["sub"]["dropped"] == published, report["sub"]
+    sub = report["sub"]
+    assert sub["delivered"] == len(received)
+    assert sub["delivered"] + sub["dropped"] + sub["queued"] == published, sub
+    assert report["bus"]["corrupt"] == 0, report["bus"]
 
 
 async def test_wildcard_subscribers_in_other_processes_get_exactly_the_matching_topics(
@@ -167,7 +173,9 @@ async def test_wildcard_subscribers_in_other_processes_get_exactly_the_matching_
 ) -> None:
     """Subscribers on ``a.*.x``, ``a.>`` and ``b.*`` each receive exactly the
     events whose topic matches, in order. The test process publishes one
-    marker per subscriber last, so a stray event shows up as a mismatch."""
+    marker per subscriber last (from its own ring, so it may arrive before
+    the end of the publisher's stream), and each subscriber lingers after
+    its count: a stray event shows up as a mismatch."""
     topics = [
         "a.b.x",
         "a.c.x",
@@ -203,6 +211,7 @@ async def test_wildcard_subscribers_in_other_processes_get_exactly_the_matching_
             pattern,
             count=len(expected[pattern]),
             bus_kwargs=SMALL_RING,
+            linger=0.2,
         )
         for pattern in matching
     }
@@ -217,7 +226,12 @@ async def test_wildcard_subscribers_in_other_processes_get_exactly_the_matching_
         reports = {pattern: agent.recv(FINISH) for pattern, agent in subs.items()}
 
     for pattern, report in reports.items():
-        assert report["received"] == expected[pattern], f"subscriber on {pattern!r}"
+        # One publisher's events in its order; the markers come from another
+        # ring, in no promised order relative to them.
+        from_publisher = [e for e in report["received"] if "marker" not in e[1]]
+        got_markers = [e for e in report["received"] if "marker" in e[1]]
+        assert from_publisher == expected[pattern][: -len(marker_for[pattern])], pattern
+        assert got_markers == marker_for[pattern], f"subscriber on {pattern!r}"
         assert report["sub"]["dropped"] == 0, f"subscriber on {pattern!r}: {report['sub']}"
 
 
@@ -345,31 +359,69 @@ async def test_stalled_subscriber_loss_is_counted_exactly(bus_name: str) -> None
     assert report["bus"]["corrupt"] == 0, report["bus"]
 
 
+@pytest.mark.usefixtures("host")
+async def test_stalled_subscriber_loss_over_several_publisher_rings_is_counted_exactly(
+    bus_name: str,
+) -> None:
+    """Three publisher processes, each with a small ring of its own, write
+    several times its capacity while a subscriber process is stalled: it is
+    lapped in every ring. Received + dropped == published exactly over all
+    of them, and each publisher's events it does receive are in order and
+    never duplicated."""
+    per_publisher = 5_000
+    small = {"capacity": 256 * 1024, "max_event_size": SMALL_RING["max_event_size"]}
+    stalled = Agent(
+        agents.stalled_subscriber, bus_name, "m.>", bus_kwargs={**SMALL_RING, "queue_size": 64}
+    )
+    pubs = [
+        Agent(agents.publisher, bus_name, k, [f"m.p{k}"], per_publisher, bus_kwargs=small, pad=200)
+        for k in range(3)
+    ]
+
+    with running(stalled, *pubs):
+        start_all(stalled, *pubs)
+        for pub in pubs:
+            pub.send("go")
+        published = sum(pub.recv(FINISH)["bus"]["published"] for pub in pubs)
+        stalled.send(("drain", published))
+        report = stalled.recv(FINISH)
+
+    sub = report["sub"]
+    received = report["received"]
+    assert published == 3 * per_publisher
+    assert sub["lost"] > 0, f"no ring lapped the stalled reader: {sub}"
+    for pub_id, seqs in seqs_by_publisher(received).items():
+        assert_increasing(seqs, f"publisher {pub_id}")
+    assert len(received) + sub["dropped"] == published, sub
+    assert report["bus"]["corrupt"] == 0, report["bus"]
+
+
 # ─── Life cycle across processes ────────────────────────────────────────────
 
 
 async def test_last_process_to_close_removes_the_bus_files(bus_name: str) -> None:
-    """Two processes attach and subscribe (so wake-up FIFOs exist too). After
-    the first closes, the bus's files remain; after the last closes, none of
-    them is left in /dev/shm."""
-    first = Agent(agents.holder, bus_name, bus_kwargs=SMALL_RING, pattern="z.>")
-    last = Agent(agents.holder, bus_name, bus_kwargs=SMALL_RING, pattern="z.>")
+    """Two processes attach, subscribe and publish (so wake-up FIFOs and
+    ring files exist too). After the first closes, the bus's files remain;
+    after the last closes, none of them is left in /dev/shm."""
+    first = Agent(agents.holder, bus_name, bus_kwargs=SMALL_RING, pattern="z.>", publish="z.a")
+    last = Agent(agents.holder, bus_name, bus_kwargs=SMALL_RING, pattern="z.>", publish="z.a")
 
     with running(first, last):
         start_all(first, last, message="attached")
-        while_both = resource_paths(bus_name)
+        while_both = bus_file_paths(bus_name)
         first.send("close")
         first.expect("closed")
         assert first.join() == 0
-        after_first = resource_paths(bus_name)
+        after_first = bus_file_paths(bus_name)
         last.send("close")
         last.expect("closed")
         assert last.join() == 0
-        after_last = resource_paths(bus_name)
+        after_last = bus_file_paths(bus_name)
 
     segment = f"{SHM_DIR}/shmbus.{bus_name}"
     fifos = [path for path in while_both if ":wake." in path]
-    assert segment in while_both and len(fifos) == 2, while_both
+    rings = [path for path in while_both if ":ring." in path]
+    assert segment in while_both and len(fifos) == 2 and len(rings) == 2, while_both
     assert segment in after_first, after_first
     assert after_last == []
 
@@ -426,22 +478,100 @@ async def test_killed_subscriber_process_neither_stops_a_publisher_nor_keeps_its
     assert received[0][1]["seq"] >= n, "the newcomer got an event from before it subscribed"
 
 
-async def test_attaching_with_a_different_capacity_is_refused_naming_both_values(
-    bus_name: str, host: ShmBus
+async def test_a_process_that_asks_no_ring_sizes_adopts_the_bus_s_and_big_events_flow(
+    bus_name: str,
 ) -> None:
-    """While this process holds the bus with one capacity, a process that
-    asks for another gets IncompatibleSegmentError whose message names both
-    capacities; the bus is left as it was."""
-    held = SMALL_RING["capacity"]
-    asked = 2 * held
-    child = Agent(agents.holder, bus_name, bus_kwargs={**SMALL_RING, "capacity": asked})
-    with running(child):
-        answer = child.recv(FINISH)
-        assert child.join() == 0
+    """This process makes a bus whose events may be 2 MiB (the library's
+    default limit is 1 MiB); a process that asks for no sizes adopts the
+    bus's capacity and max_event_size, and 1.5 MiB events flow both ways."""
+    big = 3 * 512 * 1024
+    async with ShmBus(bus_name, max_event_size=2 * 1024 * 1024) as owner:
+        assert owner.capacity >= min_capacity(owner.max_event_size)
+        sub = owner.subscribe("big.>")
+        child = Agent(agents.peer, bus_name, "big.>", [("big.child", big)], 2, bus_kwargs={})
+        with running(child):
+            ready, geometry = child.recv(FINISH)
+            child.send("go")
+            child.expect("published", FINISH)
+            await owner.publish("big.owner", {"seq": 0, "blob": "x" * big})
+            report = child.recv(FINISH)
+            got = [await asyncio.wait_for(sub.__anext__(), FINISH) for _ in range(2)]
+        assert sorted((e.topic, len(e.payload["blob"])) for e in got) == [
+            ("big.child", big),
+            ("big.owner", big),
+        ]
+        await sub.aclose()
+        expected_geometry = {"capacity": owner.capacity, "max_event_size": owner.max_event_size}
+    assert ready == "ready"
+    assert {k: geometry[k] for k in expected_geometry} == expected_geometry
+    assert sorted(report["received"]) == [("big.child", 0, big), ("big.owner", 0, big)]
+    assert report["bus"]["publish_errors"] == 0
 
-    assert answer[:2] == ("refused", "IncompatibleSegmentError"), answer
-    assert str(held) in answer[2] and str(asked) in answer[2], answer[2]
-    assert f"{SHM_DIR}/shmbus.{bus_name}" in resource_paths(bus_name)
+
+@pytest.mark.parametrize(
+    ("asked", "ring_capacity"),
+    [
+        ({"capacity": 2 * SMALL_RING["capacity"]}, 2 * SMALL_RING["capacity"]),
+        ({"max_event_size": 16 * 1024}, SMALL_RING["capacity"]),
+        ({"queue_size": 7}, SMALL_RING["capacity"]),
+        ({"low_latency": True}, SMALL_RING["capacity"]),
+    ],
+    ids=["own-capacity", "own-max-event-size", "own-queue-size", "low-latency"],
+)
+async def test_a_process_with_options_of_its_own_joins_and_exchanges_events_both_ways(
+    bus_name: str, host: ShmBus, asked: dict[str, Any], ring_capacity: int
+) -> None:
+    """Ring sizes, queue_size and low_latency are local to an instance: a
+    process that asks for its own joins the bus of this process, writes a
+    ring of the capacity it asked for (the bus's otherwise), and events go
+    both ways, each publisher's in order."""
+    n = 3
+    sub = host.subscribe("g.>")
+    child = Agent(agents.peer, bus_name, "g.>", [("g.child", 10)] * n, 2 * n, bus_kwargs=asked)
+    with running(child):
+        ready, geometry = child.recv(FINISH)
+        child.send("go")
+        child.expect("published", FINISH)
+        rings = {ring.writer_pid: ring for ring in read_bus(bus_name).rings}
+        for i in range(n):
+            await host.publish("g.host", {"seq": i, "blob": ""})
+        report = child.recv(FINISH)
+        got = [await asyncio.wait_for(sub.__anext__(), FINISH) for _ in range(2 * n)]
+    await sub.aclose()
+
+    assert ready == "ready"
+    assert rings[child.pid].capacity == ring_capacity
+    assert geometry["capacity"] == ring_capacity
+    assert geometry["queue_size"] == asked.get("queue_size", 1024)
+    assert report["sub"]["maxsize"] == geometry["queue_size"]
+    expected = {"g.child": list(range(n)), "g.host": list(range(n))}
+    child_got: dict[str, list[int]] = {}
+    for topic, seq, _size in report["received"]:
+        child_got.setdefault(topic, []).append(seq)
+    host_got: dict[str, list[int]] = {}
+    for event in got:
+        host_got.setdefault(event.topic, []).append(event.payload["seq"])
+    assert child_got == expected and host_got == expected
+    assert report["sub"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["instance-kept", "instance-dropped"])
+def test_a_process_that_publishes_and_exits_without_closing_leaves_no_file(
+    bus_name: str, keep: bool
+) -> None:
+    """A process publishes on an instance it never closes, with no event
+    loop, and exits normally: its instance is closed at exit and, being the
+    last one, removes every file of the bus (segment and ring), whether the
+    process still referenced the instance (kept) or not
+    (``ShmBus(name).publish_nowait(...)``)."""
+    child = Agent(agents.publish_and_return, bus_name, "exit.t", keep=keep)
+    try:
+        with running(child):
+            child.expect("published", FINISH)
+            assert child.join(FINISH) == 0
+        assert bus_file_paths(bus_name) == []
+    finally:
+        cleanup(bus_name)  # what the failing variant left (its process is gone)
 
 
 async def test_processes_closing_at_the_same_moment_still_remove_the_bus_files(
@@ -465,7 +595,7 @@ async def test_processes_closing_at_the_same_moment_still_remove_the_bus_files(
                 agent.send(("close_at", instant))
             for agent in pair:
                 agent.expect("closed")
-            left = resource_paths(bus_name)
+            left = bus_file_paths(bus_name)
             if left:
                 leaked.append(r)
                 for path in left:  # start the next round clean, leave nothing behind

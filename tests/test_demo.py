@@ -18,7 +18,7 @@ from typing import Any
 from conftest import new_bus_name
 
 from shmbus.demo import PATTERNS
-from shmbus.segment import resource_paths
+from shmbus.shmfiles import bus_file_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,7 @@ def test_demo_runs_and_accounts_for_every_event() -> None:
     # Topics go round-robin over 64 ids: id 7 gets a 64th of them.
     assert published // 64 <= narrow["matching_published"] <= published // 64 + 1
 
-    assert resource_paths(name) == []
+    assert bus_file_paths(name) == []
 
 
 def test_demo_rejects_a_bad_bus_name() -> None:

@@ -5,39 +5,36 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import posix_ipc
 import pytest
 from cli_support import crashed_bus
 from conftest import SESSION_TAG, SMALL_RING
 
 from shmbus import ShmBus
 from shmbus.leftovers import BusInUseError, cleanup, cleanup_report, leftover_names
-from shmbus.segment import lock_semaphore_name, resource_paths
-from shmbus.wakeup import fifo_path
+from shmbus.shmfiles import bus_file_paths, fifo_path, ring_path
 
 
 @pytest.fixture
 def orphans(bus_name: str) -> Iterator[list[str]]:
-    """A writer semaphore and a FIFO of bus *bus_name*, with no segment."""
-    semaphore = posix_ipc.Semaphore(
-        lock_semaphore_name(bus_name), posix_ipc.O_CREX, initial_value=1
-    )
-    semaphore.close()
-    fifo = fifo_path(bus_name, 3)
-    os.mkfifo(fifo, 0o600)
+    """A ring file and a FIFO of bus *bus_name*, with no segment."""
+    with open(ring_path(bus_name, 0x1234), "xb") as ring:
+        ring.write(bytes(4096))
+    os.mkfifo(fifo_path(bus_name, 3), 0o600)
     try:
-        yield sorted(resource_paths(bus_name))
+        paths = sorted(bus_file_paths(bus_name))
+        assert len(paths) == 2, paths
+        yield paths
     finally:
         cleanup(bus_name, force=True)
 
 
 def test_cleanup_removes_every_file_of_a_bus_whose_processes_all_died(bus_name: str) -> None:
     with crashed_bus(bus_name) as left:
-        assert any(path.endswith(":lock") for path in left)
+        assert any(":ring." in path for path in left)
         assert any(":wake." in path for path in left)
         removed = cleanup(bus_name)
         assert sorted(removed) == sorted(left)
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
 
 
 async def test_cleanup_refuses_a_live_bus_and_names_its_process(bus_name: str) -> None:
@@ -46,7 +43,7 @@ async def test_cleanup_refuses_a_live_bus_and_names_its_process(bus_name: str) -
     try:
         with pytest.raises(BusInUseError, match=rf"{bus_name}.*live.*pid {os.getpid()}"):
             cleanup(bus_name)
-        assert f"/dev/shm/shmbus.{bus_name}" in resource_paths(bus_name)
+        assert f"/dev/shm/shmbus.{bus_name}" in bus_file_paths(bus_name)
     finally:
         await bus.close()
 
@@ -60,25 +57,25 @@ async def test_cleanup_force_removes_a_live_bus_whose_instance_keeps_working(
         async with bus.subscribe("a.>") as sub:
             removed = cleanup(bus_name, force=True)
             assert f"/dev/shm/shmbus.{bus_name}" in removed
-            assert resource_paths(bus_name) == []
+            assert bus_file_paths(bus_name) == []
             bus.publish_nowait("a.b", {"after": "force"})
             event = await anext(aiter(sub))
             assert event.payload == {"after": "force"}
     finally:
         await bus.close()
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
-def test_cleanup_removes_an_orphaned_semaphore_and_fifo(bus_name: str, orphans: list[str]) -> None:
+def test_cleanup_removes_an_orphaned_ring_and_fifo(bus_name: str, orphans: list[str]) -> None:
     assert f"/dev/shm/shmbus.{bus_name}" not in orphans
     removed = cleanup(bus_name)
     assert sorted(removed) == orphans
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 def test_cleanup_of_a_bus_with_no_files_removes_nothing(bus_name: str) -> None:
     assert cleanup(bus_name) == []
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 def test_cleanup_rejects_an_invalid_bus_name() -> None:
@@ -108,7 +105,7 @@ async def test_cleanup_of_every_bus_skips_a_live_one_and_removes_a_dead_one(
             report = cleanup_report()
             assert sorted(report.removed) == sorted(left)
             assert "live" in report.skipped[bus_name]
-            assert f"/dev/shm/shmbus.{bus_name}" in resource_paths(bus_name)
+            assert f"/dev/shm/shmbus.{bus_name}" in bus_file_paths(bus_name)
     finally:
         await bus.close()
 
@@ -124,7 +121,7 @@ async def test_connect_recovers_a_bus_whose_processes_all_crashed(bus_name: str)
             assert event.payload == {"n": 1}
         finally:
             await bus.close()
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
 
 
 async def test_closing_an_instance_of_a_force_removed_bus_spares_the_new_bus(
@@ -136,9 +133,9 @@ async def test_closing_an_instance_of_a_force_removed_bus_spares_the_new_bus(
     try:
         cleanup(bus_name, force=True)
         await new.connect()
-        files = resource_paths(bus_name)
+        files = bus_file_paths(bus_name)
         await old.close()
-        assert resource_paths(bus_name) == files
+        assert bus_file_paths(bus_name) == files
     finally:
         await old.close()
         await new.close()

@@ -13,6 +13,7 @@ from conftest import SMALL_RING
 from prometheus_client.parser import text_string_to_metric_families
 
 from shmbus import ShmBus
+from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
 from shmbus.metrics import registry
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -72,8 +73,13 @@ async def test_metrics_endpoint_counters_move_between_scrapes(bus_name: str) -> 
     finally:
         await bus.close()
     me = os.getpid()
-    assert _bus_value(first, "shmbus_published_total", bus_name) == 5
-    assert _bus_value(second, "shmbus_published_total", bus_name) == 12
+    assert _bus_value(first, "shmbus_ring_events", bus_name) == 5
+    assert _bus_value(second, "shmbus_ring_events", bus_name) == 12
+    assert _instance_value(first, "shmbus_instance_published_total", bus_name, me) == 5
+    assert _instance_value(second, "shmbus_instance_published_total", bus_name, me) == 12
+    assert second[("shmbus_rings", frozenset({("bus", bus_name), ("state", "live")}))] == 1
+    segment_bytes = BUS_SEGMENT_SIZE + ring_file_size(SMALL_RING["capacity"])
+    assert _bus_value(second, "shmbus_segment_size_bytes", bus_name) == segment_bytes
     assert _instance_value(first, "shmbus_instance_delivered_total", bus_name, me) == 5
     assert _instance_value(second, "shmbus_instance_delivered_total", bus_name, me) == 12
     assert _instance_value(second, "shmbus_instance_dropped_total", bus_name, me) == 0

@@ -25,11 +25,20 @@ from shmbus import (
     SegmentSpaceError,
     ShmBus,
     Subscription,
+    ofd,
 )
 from shmbus.codec import encode_envelope
 from shmbus.contract import MAX_TOPIC_LENGTH
-from shmbus.layout import RECORD_HEADER_SIZE, W_WRITE_CURSOR
-from shmbus.segment import MAX_BUS_NAME_LENGTH, resource_paths
+from shmbus.inspect import read_bus
+from shmbus.layout import (
+    LAYOUT_VERSION,
+    LOCK_ATTACH,
+    RECORD_HEADER_SIZE,
+    RING_OFFSET,
+    W_WRITE_CURSOR,
+)
+from shmbus.leftovers import cleanup
+from shmbus.shmfiles import MAX_BUS_NAME_LENGTH, bus_file_paths, segment_path
 
 #: Bound for "ends promptly": generous for a loaded machine, never reached
 #: unless the behaviour is broken.
@@ -302,9 +311,12 @@ async def test_leaving_async_with_ends_a_pending_async_for_promptly(bus):
 
 
 async def test_aclose_discards_events_still_buffered(bus):
+    """Events already in the subscription's queue when it is closed are not
+    handed out afterwards."""
     sub = bus.subscribe("buf")
     for _ in range(3):
         await bus.publish("buf", {})
+    await eventually(lambda: sub.statistics().queued == 3)
     await sub.aclose()
     assert [event async for event in sub] == []
 
@@ -339,8 +351,17 @@ async def test_connect_is_idempotent(any_bus):
 
 
 async def test_close_is_idempotent(any_bus):
+    """A second close() raises nothing and changes nothing: the bus stays
+    closed (publishing raises RuntimeError), its counters stay readable, and
+    a ShmBus leaves no file behind."""
+    await any_bus.publish("before.close", {})
     await any_bus.close()
     await any_bus.close()
+    with pytest.raises(RuntimeError):
+        await any_bus.publish("after.close", {})
+    assert stats_of(any_bus)["published"] == 1
+    if isinstance(any_bus, ShmBus):
+        assert bus_file_paths(any_bus.name) == []
 
 
 async def test_publish_after_close_raises_runtime_error(any_bus):
@@ -376,7 +397,7 @@ async def test_async_with_bus_connects_and_closes(kind):
     with pytest.raises(RuntimeError):
         await instance.publish("a", {})
     if isinstance(instance, ShmBus):
-        assert resource_paths(instance.name) == []
+        assert bus_file_paths(instance.name) == []
 
 
 # ─── Threads ─────────────────────────────────────────────────────────────────
@@ -655,13 +676,15 @@ async def test_a_lapped_shm_reader_counts_every_overwritten_event_as_dropped(bus
 
 def scribble_on_next_record(instance: ShmBus) -> Callable[[int, int], None]:
     """Return a function that XORs a byte at an offset into the record the
-    next publish on the (fresh) *instance* writes."""
-    segment = instance._segment
-    assert segment is not None
-    start = segment.ring_offset + segment.words[W_WRITE_CURSOR] % segment.capacity
+    next publish on *instance* writes, in its own ring (which that publish
+    creates if it is the instance's first)."""
+    ring = instance._ring
+    position = 0 if ring is None else int(ring.words[W_WRITE_CURSOR])
 
     def scribble(offset: int, mask: int) -> None:
-        segment.mm[start + offset] ^= mask
+        written = instance._ring
+        assert written is not None, "scribble after the publish that writes the record"
+        written.mm[RING_OFFSET + position % written.capacity + offset] ^= mask
 
     return scribble
 
@@ -744,14 +767,10 @@ async def test_two_shm_instances_with_the_same_name_see_each_others_events(bus_n
     sub_first, sub_second = first.subscribe("x.>"), second.subscribe("x.>")
     await first.publish("x.from-first", {})
     await second.publish("x.from-second", {})
-    assert [(await next_event(sub_first)).topic for _ in range(2)] == [
-        "x.from-first",
-        "x.from-second",
-    ]
-    assert [(await next_event(sub_second)).topic for _ in range(2)] == [
-        "x.from-first",
-        "x.from-second",
-    ]
+    # Each instance writes its own ring: no order between them is promised.
+    both = ["x.from-first", "x.from-second"]
+    assert sorted([(await next_event(sub_first)).topic for _ in range(2)]) == both
+    assert sorted([(await next_event(sub_second)).topic for _ in range(2)]) == both
     assert stats_of(first)["published"] == 1 and stats_of(first)["delivered"] == 2
 
 
@@ -766,18 +785,60 @@ async def test_shm_buses_with_different_names_do_not_see_each_others_events(buse
     await sub.aclose()
 
 
-async def test_a_shm_connect_refused_for_other_sizes_can_be_retried_once_the_bus_is_gone(
-    bus_name, buses
-):
+async def test_a_shm_instance_that_asks_no_sizes_adopts_the_bus_s(bus_name, buses):
+    """An instance that asks for no ring geometry takes the bus's (the one
+    its creator chose), not the library's defaults."""
+    owner = ShmBus(bus_name, **SMALL_RING)
+    joiner = ShmBus(bus_name)
+    buses.extend([owner, joiner])
+    await owner.connect()
+    await joiner.connect()
+    assert (joiner.capacity, joiner.max_event_size) == (
+        SMALL_RING["capacity"],
+        SMALL_RING["max_event_size"],
+    )
+
+
+@pytest.mark.parametrize(
+    "ours",
+    [
+        {"capacity": 2 * SMALL_RING["capacity"]},
+        {"max_event_size": SMALL_RING["max_event_size"] // 2},
+        {"capacity": SMALL_RING["capacity"] // 2, "max_event_size": 2 * MAX_EVENT},
+    ],
+    ids=["bigger-ring", "smaller-events", "smaller-ring-bigger-events"],
+)
+async def test_joining_a_shm_bus_with_other_sizes_gets_a_ring_of_those_sizes(bus_name, buses, ours):
+    """Ring sizes are local to an instance: one that asks for others than
+    the bus's joins it, writes a ring of the sizes it asked for, and events
+    flow both ways; its max_event_size bounds what it publishes."""
     existing = ShmBus(bus_name, **SMALL_RING)
+    newcomer = ShmBus(bus_name, **ours)
+    buses.extend([existing, newcomer])
     await existing.connect()
-    newcomer = ShmBus(bus_name, **{**SMALL_RING, "capacity": 2 * SMALL_RING["capacity"]})
-    buses.append(newcomer)
-    with pytest.raises(IncompatibleSegmentError):
-        await newcomer.connect()
-    await existing.close()
     await newcomer.connect()
-    await assert_bus_works(newcomer)
+    capacity = ours.get("capacity", SMALL_RING["capacity"])
+    max_event_size = ours.get("max_event_size", SMALL_RING["max_event_size"])
+    assert (newcomer.capacity, newcomer.max_event_size) == (capacity, max_event_size)
+    theirs, mine = existing.subscribe("x.>"), newcomer.subscribe("x.>")
+    await newcomer.publish("x.from-newcomer", {})
+    await existing.publish("x.from-existing", {})
+    both = ["x.from-existing", "x.from-newcomer"]
+    assert sorted([(await next_event(theirs)).topic for _ in range(2)]) == both
+    assert sorted([(await next_event(mine)).topic for _ in range(2)]) == both
+    rings = {ring.writer_slot: ring.capacity for ring in read_bus(bus_name).rings}
+    assert rings == {
+        existing._segment.slot: SMALL_RING["capacity"],  # type: ignore[union-attr]
+        newcomer._segment.slot: capacity,  # type: ignore[union-attr]
+    }
+    too_big = {"blob": "x" * max_event_size}
+    with pytest.raises(ValueError, match=str(max_event_size)):
+        await newcomer.publish("x.too-big", too_big)
+    if max_event_size > MAX_EVENT:  # bigger than the bus's: still delivered
+        fits = {"blob": "x" * (MAX_EVENT + 1024)}
+        await newcomer.publish("x.big", fits)
+        assert (await next_event(theirs)).payload == fits
+    await assert_bus_works(existing)
 
 
 async def test_the_last_shm_instance_to_close_removes_the_files(bus_name):
@@ -789,48 +850,128 @@ async def test_the_last_shm_instance_to_close_removes_the_files(bus_name):
         sub = second.subscribe("x")  # gives the second instance a wake-up FIFO too
         await first.publish("x", {})
         await next_event(sub)
-        assert resource_paths(bus_name)
+        assert bus_file_paths(bus_name)
         await first.close()
-        assert resource_paths(bus_name)
+        assert bus_file_paths(bus_name)
         await second.publish("x", {})
         await next_event(sub)
     finally:
         await first.close()
         await second.close()
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 async def test_a_single_shm_instance_removes_its_files_on_close(bus_name):
     instance = ShmBus(bus_name, **SMALL_RING)
     try:
         sub = instance.subscribe("x")
-        assert resource_paths(bus_name)
+        assert bus_file_paths(bus_name)
         await sub.aclose()
     finally:
         await instance.close()
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
-@pytest.mark.parametrize(
-    ("option", "theirs", "ours"),
-    [
-        ("capacity", SMALL_RING["capacity"], 2 * SMALL_RING["capacity"]),
-        ("max_event_size", SMALL_RING["max_event_size"], SMALL_RING["max_event_size"] // 2),
-    ],
-)
-async def test_joining_a_shm_bus_with_other_sizes_raises_naming_both_values(
-    bus_name, buses, option, theirs, ours
+async def test_shm_subscribing_again_after_a_subscription_that_received_closed_still_receives(
+    bus_name, buses
 ):
-    existing = ShmBus(bus_name, **SMALL_RING)
-    buses.append(existing)
-    await existing.connect()
-    newcomer = ShmBus(bus_name, **{**SMALL_RING, option: ours})
-    buses.append(newcomer)
-    with pytest.raises(IncompatibleSegmentError) as info:
-        await newcomer.connect()
-    assert str(theirs) in str(info.value)
-    assert str(ours) in str(info.value)
-    await assert_bus_works(existing)
+    """An instance's reader stops with its last subscription; the next
+    subscription starts a new reader, which must follow the rings the
+    previous one read: the instance's own and another instance's."""
+    instance = ShmBus(bus_name, **SMALL_RING)
+    other = ShmBus(bus_name, **SMALL_RING)
+    buses.extend([instance, other])
+    await other.connect()
+    for round_ in range(2):
+        sub = instance.subscribe("x.>")
+        await instance.publish("x.own", {"round": round_})
+        await other.publish("x.other", {"round": round_})
+        events = [await next_event(sub) for _ in range(2)]
+        assert sorted((e.topic, e.payload["round"]) for e in events) == [
+            ("x.other", round_),
+            ("x.own", round_),
+        ]
+        await sub.aclose()
+
+
+async def test_shm_connect_to_a_live_bus_of_the_old_layout_raises_naming_both_versions(bus_name):
+    """A bus segment made by layout version 1 (one shared ring), held by a
+    live process, is refused at connect() with IncompatibleSegmentError
+    naming both layout versions; its file is left untouched."""
+    path = segment_path(bus_name)
+    old = b"SHMBUS\x00\x01" + (1).to_bytes(4, "little")
+    contents = old + bytes(4096 - len(old))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    instance = ShmBus(bus_name, **SMALL_RING)
+    try:
+        os.write(fd, contents)
+        assert ofd.try_lock(fd, LOCK_ATTACH, exclusive=False)  # looks attached, as a live one
+        with pytest.raises(IncompatibleSegmentError) as info:
+            await instance.connect()
+        message = str(info.value)
+        assert "version 1" in message and f"version {LAYOUT_VERSION}" in message, message
+        assert LAYOUT_VERSION == 2
+        with open(path, "rb") as f:
+            assert f.read() == contents
+        assert bus_file_paths(bus_name) == [path]
+    finally:
+        await instance.close()
+        os.close(fd)
+        cleanup(bus_name)
+
+
+async def test_shm_connect_resets_a_bus_of_the_old_layout_that_nobody_holds(bus_name):
+    """An old-layout segment left by processes that are all gone is not in
+    anyone's way: the first instance to connect makes a new bus there."""
+    path = segment_path(bus_name)
+    with open(path, "xb") as f:
+        f.write(b"SHMBUS\x00\x01" + (1).to_bytes(4, "little") + bytes(4084))
+    os.chmod(path, 0o600)
+    try:
+        async with ShmBus(bus_name, **SMALL_RING) as instance:
+            await assert_bus_works(instance)
+            assert read_bus(bus_name).layout_version == LAYOUT_VERSION
+        assert bus_file_paths(bus_name) == []
+    finally:
+        cleanup(bus_name)
+
+
+async def test_shm_connect_lets_the_event_loop_run_while_it_waits_for_the_attach_lock(bus_name):
+    """connect() may wait for the bus's attach lock (held exclusively by
+    whoever creates or removes the bus); it waits in a worker thread, so the
+    event loop keeps running. Here a task on the loop is what lets go of the
+    lock after ~0.3 s of ticks: a connect() that blocked the loop could never
+    get it (it would fail, after its own timeout, with "stayed busy")."""
+    path = segment_path(bus_name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    instance = ShmBus(bus_name, **SMALL_RING)
+    released = asyncio.Event()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+            if ticks == 30:
+                ofd.unlock(fd, LOCK_ATTACH)  # the "initialiser" is done
+                released.set()
+
+    try:
+        assert ofd.try_lock(fd, LOCK_ATTACH, exclusive=True)  # someone is initialising
+        ticking = asyncio.create_task(ticker())
+        try:
+            await instance.connect()
+        finally:
+            ticking.cancel()
+        assert released.is_set(), "connect() returned while the attach lock was held"
+        await assert_bus_works(instance)
+        await instance.close()
+        assert bus_file_paths(bus_name) == []
+    finally:
+        await instance.close()
+        os.close(fd)
+        cleanup(bus_name)  # the file this test made, if connect() never took it over
 
 
 def test_shm_subscribe_without_a_running_loop_raises_runtime_error(bus_name):
@@ -840,7 +981,7 @@ def test_shm_subscribe_without_a_running_loop_raises_runtime_error(bus_name):
             instance.subscribe("a")
     finally:
         asyncio.run(instance.close())
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 def test_shm_subscribe_without_a_running_loop_leaves_the_bus_unconnected(bus_name):
@@ -848,7 +989,7 @@ def test_shm_subscribe_without_a_running_loop_leaves_the_bus_unconnected(bus_nam
     try:
         with pytest.raises(RuntimeError):
             instance.subscribe("a")
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
     finally:
         asyncio.run(instance.close())
 
@@ -874,7 +1015,7 @@ async def test_a_shm_bus_name_of_exactly_the_limit_works(bus_name):
         await assert_bus_works(instance)
     finally:
         await instance.close()
-    assert resource_paths(name) == []
+    assert bus_file_paths(name) == []
 
 
 @pytest.mark.parametrize("name", [None, b"abc", 5], ids=short_id)
@@ -898,7 +1039,7 @@ def test_a_shm_capacity_that_is_not_a_multiple_of_8_raises_naming_it():
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_event_size": 100}, {"queue_size": 0}, {"queue_size": True}, {"lock_timeout": 0}],
+    [{"max_event_size": 100}, {"queue_size": 0}, {"capacity": 0}, {"mode": 0o400}],
     ids=short_id,
 )
 def test_bad_shm_options_raise_value_error(options):
@@ -919,7 +1060,7 @@ async def test_shm_publish_and_subscribe_after_close_raise_runtime_error_even_un
         await instance.publish("a", {})
     with pytest.raises(RuntimeError):
         instance.subscribe("a")
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 # ─── NullBus and MemoryBus specifics ─────────────────────────────────────────
@@ -1023,12 +1164,13 @@ async def test_shm_a_new_loop_may_subscribe_once_the_readers_loop_has_closed(bus
 
 async def test_shm_for_existing_joins_a_bus_with_its_own_ring_geometry(bus_name):
     """Tools (CLI, bridge) join whatever bus exists: for_existing() takes the
-    live bus's capacity and max_event_size instead of the defaults, which
-    would be refused as incompatible."""
+    live bus's capacity and max_event_size instead of the defaults."""
     async with ShmBus(bus_name, **SMALL_RING) as owner:
         joiner = ShmBus.for_existing(bus_name, queue_size=7)
         async with joiner:
             assert joiner.queue_size == 7
+            assert joiner.capacity == SMALL_RING["capacity"]
+            assert joiner.max_event_size == SMALL_RING["max_event_size"]
             sub = owner.subscribe("x.*")
             await joiner.publish("x.y", {"n": 1})
             assert (await asyncio.wait_for(sub.__anext__(), 5)).payload == {"n": 1}
@@ -1037,17 +1179,28 @@ async def test_shm_for_existing_joins_a_bus_with_its_own_ring_geometry(bus_name)
 def test_shm_for_existing_uses_the_defaults_when_no_bus_exists(bus_name):
     fresh = ShmBus.for_existing(bus_name)
     assert fresh.max_event_size == ShmBus(bus_name).max_event_size
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
-async def test_shm_a_ring_larger_than_dev_shm_is_a_clear_error_at_connect(bus_name):
-    """The segment's memory is reserved when it is created, so a /dev/shm too
-    small for it is a SegmentSpaceError at connect() that names both sizes
-    (never a SIGBUS later), and nothing is left behind."""
+async def test_shm_a_ring_larger_than_dev_shm_is_a_clear_error_at_the_first_publish(bus_name):
+    """An instance's ring is reserved when its first publish creates it, so a
+    /dev/shm too small for it is a SegmentSpaceError there that names both
+    sizes (never a SIGBUS later); no ring file is left behind, the instance
+    and the bus keep working, and the name is not spoiled."""
     stat = os.statvfs("/dev/shm")
     too_big = (stat.f_blocks * stat.f_frsize + (1 << 30)) // 8 * 8
-    with pytest.raises(SegmentSpaceError, match=r"needs \d+ bytes in /dev/shm but only \d+"):
-        await ShmBus(bus_name, capacity=too_big).connect()
-    assert resource_paths(bus_name) == []
+    segment = f"/dev/shm/shmbus.{bus_name}"
+    async with ShmBus(bus_name, capacity=too_big) as greedy:
+        with pytest.raises(SegmentSpaceError, match=r"needs \d+ bytes in /dev/shm but only \d+"):
+            await greedy.publish("too.big", {})
+        assert bus_file_paths(bus_name) == [segment]
+        assert stats_of(greedy)["published"] == 0
+        async with ShmBus(bus_name, **SMALL_RING) as modest:
+            sub = greedy.subscribe("still.>")
+            await modest.publish("still.works", {})
+            assert (await next_event(sub)).topic == "still.works"
+            await sub.aclose()
+    assert bus_file_paths(bus_name) == []
     async with ShmBus(bus_name, **SMALL_RING) as usable:  # the name is not spoiled
         await usable.publish("still.works", {})
+        assert usable.capacity == SMALL_RING["capacity"]

@@ -18,6 +18,20 @@ def test_shm_url_builds_an_unconnected_shm_bus_with_its_options() -> None:
     assert "new" in repr(bus)
 
 
+def test_shm_url_takes_low_latency_as_a_boolean() -> None:
+    on = get_bus("shm://orders?low_latency=true")
+    off = get_bus("shm://orders?low_latency=0")
+    assert isinstance(on, ShmBus) and on.low_latency is True
+    assert isinstance(off, ShmBus) and off.low_latency is False
+
+
+def test_shm_url_refuses_the_removed_lock_timeout_option() -> None:
+    """Publishing takes no cross-process lock any more: lock_timeout is an
+    unknown option, refused naming it."""
+    with pytest.raises(ValueError, match=r"'lock_timeout'.*valid options"):
+        get_bus("shm://orders?lock_timeout=1")
+
+
 def test_shm_mode_is_octal_without_prefix_too() -> None:
     bus = get_bus("shm://orders?mode=640")
     assert isinstance(bus, ShmBus) and bus._options.mode == 0o640
