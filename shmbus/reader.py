@@ -13,7 +13,9 @@ Invariants
 ----------
 * Runs only on its home event loop (the loop that was running when the first
   subscription was made); it never blocks it and never waits for another
-  process: each step reads at most ``BATCH`` records per ring and yields.
+  process: each step reads at most ``BATCH`` records in all and yields, so a
+  step never hands a subscription more than its consumer can take between
+  two steps, however many publishers there are.
 * Rings are found through the directory (:mod:`shmbus.directory`, whose
   reader rules this module follows): one flag byte checked per step, a scan
   only when it is set. A ring is followed until its writer is gone and it is
@@ -24,8 +26,8 @@ Invariants
   after it was made. So it sees everything published after ``subscribe()``
   returned and nothing from before.
 * Order: the records of one ring (one publishing instance) are delivered in
-  the order they were published. Rings are read one after the other, up to
-  ``BATCH`` records each, starting each step with the ring after the one the
+  the order they were published. A step reads the rings one after the other,
+  up to ``BATCH`` records in all, starting with the ring after the one the
   previous step started with: events of different publishers interleave in
   batches, with no order promised between them.
 * Every record a subscription should have had but did not get is counted on
@@ -76,7 +78,7 @@ __all__ = ["BusReader"]
 
 log = logging.getLogger("shmbus.reader")
 
-#: Records read per ring per step before the loop gets control back.
+#: Records read per step, over all rings, before the loop gets control back.
 BATCH: Final = 256
 #: Re-check this long after going idle, in seconds: bounds the delay a lost
 #: wake-up could cause.
@@ -350,8 +352,11 @@ class BusReader:
             count = len(order)
             if count:
                 self._first = (self._first + 1) % count
+                budget = BATCH
                 for index in range(count):
-                    self._read_ring(order[(self._first + index) % count])
+                    budget -= self._read_ring(order[(self._first + index) % count], budget)
+                    if budget <= 0:
+                        break
             self._write_counters()
         if self._pending():
             self._schedule()
@@ -364,14 +369,16 @@ class BusReader:
             return
         self._go_idle()
 
-    def _read_ring(self, followed: _Followed) -> None:
+    def _read_ring(self, followed: _Followed, limit: int) -> int:
+        """Read up to *limit* records of one ring; return how many were read."""
         ring = followed.ring
         if not ring.pending():
-            return
+            return 0
         expected = ring.expected_seq
         try:
-            batch = ring.read(BATCH, self._select)
+            batch = ring.read(limit, self._select)
             self._route(batch, followed)
+            return max(1, batch.examined)
         except Exception:  # never let bad shared memory kill the loop's callback
             log.exception("reader failed on a batch; resynchronising at the write cursor")
             self.corrupt += 1
@@ -379,6 +386,7 @@ class BusReader:
             # expected sequence number, the next record counts it as a gap.
             ring.expected_seq = expected
             ring.cursor = ring.cursor + ring.backlog()
+            return limit
 
     def _go_idle(self) -> None:
         self._scheduled = False

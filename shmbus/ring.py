@@ -275,6 +275,9 @@ class RingBatch(Generic[Route]):
     corrupt: int = 0
     #: True if the reader was lapped during this call.
     lapped: bool = False
+    #: Event records the call went through (wanted or not, kept or lapped):
+    #: what its *limit* counted.
+    examined: int = 0
 
 
 class RingReader(Generic[Route]):
@@ -450,7 +453,10 @@ class RingReader(Generic[Route]):
         acquire_fence()  # rule 2: the copies before the second load of head
         head = words[W_HEAD]
         if head > start_position:
-            return self._salvage(batch, head, marks, corrupt_at, position, expected)
+            salvaged = self._salvage(batch, head, marks, corrupt_at, position, expected)
+            salvaged.examined = count
+            return salvaged
+        batch.examined = count
         batch.corrupt += len(corrupt_at)
         self.cursor = position
         self.expected_seq = expected
