@@ -85,6 +85,7 @@ from .shmfiles import (
     check_file,
     create_file,
     open_checked,
+    owned_by,
     reserve,
     segment_path,
     validate_bus_name,
@@ -250,7 +251,7 @@ class Segment:
                 raise
             raise PermissionError(
                 errno.EACCES,
-                f"no permission to open bus {options.name!r} ({path}); "
+                f"no permission to open bus {options.name!r} ({path}{owned_by(path)}); "
                 "it was created with a mode or group that excludes this user",
             ) from None
 

@@ -124,6 +124,15 @@ def _owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def owned_by(path: str) -> str:
+    """' owned by uid N (name)' for the file at *path* (not following a
+    symlink), or '' if it cannot be looked at: for error messages."""
+    try:
+        return f" owned by {_owner_name(os.lstat(path).st_uid)}"
+    except OSError:
+        return ""
+
+
 def check_file(path: str, st: os.stat_result, access: Access, *, fifo: bool = False) -> None:
     """Raise :class:`ForeignFileError` unless *st* (an ``fstat`` of an open
     descriptor of *path*) is a file the bus may use (rules 2-4)."""
@@ -169,7 +178,9 @@ def open_checked(path: str, flags: int, access: Access, *, fifo: bool = False) -
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ForeignFileError(errno.ELOOP, f"{path} is a symbolic link; refusing it") from None
+            raise ForeignFileError(
+                errno.ELOOP, f"{path} is a symbolic link{owned_by(path)}; refusing it"
+            ) from None
         raise
     try:
         check_file(path, os.fstat(fd), access, fifo=fifo)
@@ -233,7 +244,8 @@ def make_fifo(path: str, access: Access) -> int:
     it is open). Raises FileExistsError if the name is taken."""
     os.mkfifo(path, access.mode)
     try:
-        fd = open_checked(path, os.O_RDWR | os.O_NONBLOCK, Access(0o777, access.gid), fifo=True)
+        # Ours, just made: its group and mode are set below.
+        fd = open_checked(path, os.O_RDWR | os.O_NONBLOCK, Access(0o777, None), fifo=True)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
