@@ -49,7 +49,9 @@ Reader rules (a reader is the one of an instance with subscriptions; slot
 3. An entry is read as: state, ``A``, fields, ``A``, state and ``gen`` again;
    if they moved, the flag is set again for a rescan.
 4. After mapping generation ``g`` of entry ``e`` (the mapping outlives the
-   file's removal), store ``seen[s][e] = g``.
+   file's removal) *and following it*, store ``seen[s][e] = g``. A scan
+   interrupted before that (a signal handler that raises) sets the flag
+   again: the ring is found again, never lost.
 5. A followed ring is *finished* when its writer is gone (state not ``LIVE``,
    a newer generation, or its lock byte free) and the reader has read up to
    its ``write_cursor``; then the reader drops its mapping.
@@ -425,7 +427,9 @@ class RingFinder:
 
         *first*: the reader's first scan since it announced subscriptions
         (rule 1: only LIVE rings, from their end). The caller must have
-        announced its subscriptions before calling it.
+        announced its subscriptions before calling it, and calls
+        :meth:`adopted` for each ring once it follows it (rule 4: only then is
+        it marked seen).
         """
         segment = self._segment
         words = segment.words
@@ -436,7 +440,11 @@ class RingFinder:
         for view in views:
             key = (view.entry, view.gen)
             seen = seen_word(self._slot, view.entry)
-            if key in known or (not first and words[seen] >= view.gen):
+            if key in known:
+                if words[seen] < view.gen:
+                    words[seen] = view.gen  # followed before an interruption marked it
+                continue
+            if not first and words[seen] >= view.gen:
                 continue  # (a first scan ignores what an earlier reader of the slot saw)
             if first and view.state != ENTRY_LIVE:
                 words[seen] = view.gen  # rule 1: retired before we subscribed
@@ -454,10 +462,22 @@ class RingFinder:
                 words[seen] = view.gen
                 continue
             found.append(FoundRing(mapping, not first))
-            words[seen] = view.gen  # rule 4: after the mapping exists
         if not stable:
-            segment.mm[self._flag] = 1  # rule 3: look again
+            self.scan_again()  # rule 3
         return found
+
+    def adopted(self, found: FoundRing) -> None:
+        """The caller follows *found* now: mark its generation seen (rule 4).
+        Until then it stays owed to this reader, however the scan ended."""
+        mapping = found.mapping
+        words = self._segment.words
+        seen = seen_word(self._slot, mapping.entry)
+        if words[seen] < mapping.gen:
+            words[seen] = mapping.gen
+
+    def scan_again(self) -> None:
+        """Make :meth:`changed` true, so the reader scans at its next step."""
+        self._segment.mm[self._flag] = 1
 
 
 def map_ring(segment: Segment, view: EntryView) -> RingMapping | None:

@@ -228,24 +228,31 @@ class BusReader:
             return list(self._subs)
 
     def stop(self) -> None:
-        """Stop following the rings (no more wake-ups for this slot)."""
+        """Stop following the rings (no more wake-ups for this slot). Every
+        step runs even if one raised (a signal handler can raise anywhere)."""
         if self._stopped:
             return
         self._stopped = True
-        self._mm[self._flag] = 0
-        with self._lock:
-            self._write_counters()
-            self._finder.announce(0)
-            for followed in self._order:
-                followed.mapping.close()
-            self._rings.clear()
-            self._order.clear()
-        self._heartbeat.cancel()
-        if self._recheck is not None:
-            self._recheck.cancel()
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self._channel.fd)
-        self._channel.close()
+        try:
+            self._mm[self._flag] = 0
+            with self._lock:
+                try:
+                    self._write_counters()
+                finally:
+                    self._finder.announce(0)
+                    for followed in self._order:
+                        followed.mapping.close()
+                    self._rings.clear()
+                    self._order.clear()
+        finally:
+            try:
+                self._heartbeat.cancel()
+                if self._recheck is not None:
+                    self._recheck.cancel()
+                if not self.loop.is_closed():
+                    self.loop.remove_reader(self._channel.fd)
+            finally:
+                self._channel.close()
 
     def abandon(self) -> None:
         """In a fork child: close our descriptor, touch nothing shared."""
@@ -256,16 +263,29 @@ class BusReader:
 
     def _scan(self, *, first: bool) -> None:
         """Follow the rings the directory names that this reader is owed
-        (:class:`~shmbus.directory.RingFinder`). The caller holds ``_lock``."""
+        (:class:`~shmbus.directory.RingFinder`). The caller holds ``_lock``.
+
+        A ring is marked seen only once it is followed, and an interrupted
+        scan (a signal handler that raises) asks for another: no ring is
+        ever lost between the two.
+        """
         own = self._own_ring()
         unusable = self._finder.unusable
-        for found in self._finder.scan(set(self._rings), first=first):
-            mapping = found.mapping
-            followed = _Followed(mapping, 0, 0, own == (mapping.entry, mapping.gen))
-            if not found.from_start:
-                followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
-            self._rings[followed.key] = followed
-            self._order.append(followed)
+        found = self._finder.scan(set(self._rings), first=first)
+        try:
+            for ring in found:
+                mapping = ring.mapping
+                key = (mapping.entry, mapping.gen)
+                if key not in self._rings:
+                    followed = _Followed(mapping, 0, 0, own == key)
+                    if not ring.from_start:
+                        followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
+                    self._rings[key] = followed
+                    self._order.append(followed)
+                self._finder.adopted(ring)
+        except BaseException:
+            self._finder.scan_again()
+            raise
         self.corrupt += self._finder.unusable - unusable
 
     def _check_directory(self) -> None:
@@ -294,9 +314,13 @@ class BusReader:
     # ─── Scheduling ───
 
     def _schedule(self) -> None:
+        # The flag only once the callback is queued: were call_soon
+        # interrupted (a signal handler that raises), a flag set first would
+        # make every wake-up and heartbeat skip a reader with no step queued.
+        # A step queued twice is harmless.
         if not self._scheduled and not self._stopped:
-            self._scheduled = True
             self.loop.call_soon(self._step)
+            self._scheduled = True
 
     def _pending(self) -> bool:
         if self._finder.changed():
@@ -364,8 +388,8 @@ class BusReader:
         if self.routed != routed:
             # Let the consumers just woken run first: going idle (a read()
             # of the FIFO, a fence, a timer) is not on their latency path.
-            self._scheduled = True
             self.loop.call_soon(self._go_idle)
+            self._scheduled = True
             return
         self._go_idle()
 
@@ -409,8 +433,8 @@ class BusReader:
                 window = SPIN_MIN
             self._spin_until = now + window
         if now < (self._spin_until or 0.0):
-            self._scheduled = True
             self.loop.call_soon(self._spin_poll)
+            self._scheduled = True
         else:
             self._scheduled = False
             self._sleep()

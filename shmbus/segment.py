@@ -189,6 +189,7 @@ class Segment:
         self.max_event_size = int(identity.max_event_size)
         self.slot = -1
         self.created = False
+        self._detached = False
 
     @property
     def mode(self) -> int:
@@ -441,8 +442,12 @@ class Segment:
     def detach(self) -> bool:
         """Leave the bus; remove its files if this was the last instance.
 
-        Returns True if the files were removed. Never waits for anyone.
+        Returns True if the files were removed. Never waits for anyone;
+        a second call does nothing.
         """
+        if self._detached:
+            return False
+        self._detached = True
         removed = False
         try:
             if self.slot >= 0:

@@ -51,6 +51,7 @@ from .layout import (
     min_capacity,
     slot_word,
 )
+from .lifecycle import LifecycleState
 from .ordering import full_fence
 from .reader import BusReader, RingKey
 from .ring import RingWriter
@@ -62,7 +63,12 @@ __all__ = ["ShmBus"]
 
 log = logging.getLogger("shmbus.shm")
 
-_NEW, _OPEN, _CLOSED, _FORKED = "new", "open", "closed", "forked"
+_NEW, _OPEN, _CLOSED, _FORKED = (
+    LifecycleState.NEW,
+    LifecycleState.OPEN,
+    LifecycleState.CLOSED,
+    LifecycleState.FORKED,
+)
 _SLEEP_FLAGS_END = OFF_SLEEP_FLAGS + MAX_SLOTS
 _AWAKE = b"\x01"
 _TOPIC_CACHE_LIMIT = 4096
@@ -193,8 +199,8 @@ class ShmBus(BaseBus):
                 return
             self._check_not_ended("connect")
             segment = Segment.attach(self._options, timeout)
-            asked = self._options
             try:
+                asked = self._options
                 capacity = asked.capacity if asked.capacity is not None else segment.capacity
                 max_event_size = (
                     asked.max_event_size
@@ -204,12 +210,15 @@ class ShmBus(BaseBus):
                 if asked.capacity is None:
                     capacity = max(capacity, min_capacity(max_event_size))
                 check_geometry(capacity, max_event_size)
+                waker = Waker(segment)
             except BaseException:
+                # (also an exception a signal handler raised here: nothing
+                # stays attached, and a retried connect starts afresh)
                 segment.detach()
                 raise
             self.capacity = capacity
             self.max_event_size = max_event_size
-            self._waker = Waker(segment)
+            self._waker = waker
             self._published_word = slot_word(segment.slot, SLOT_PUBLISHED)
             self._segment = segment
             self._state = _OPEN
@@ -229,26 +238,38 @@ class ShmBus(BaseBus):
         self.close_sync()
 
     def close_sync(self) -> None:
-        """:meth:`close` for code without an event loop."""
+        """:meth:`close` for code without an event loop.
+
+        Every step runs even if an earlier one raised (a signal handler can
+        raise anywhere): the instance is detached, and so closed, whatever
+        happens; the exception is then raised.
+        """
         with self._thread_lock:
             if self._state is not _OPEN:
                 self._state = _CLOSED
                 return
-            self._state = _CLOSED
-            _open_instances.discard(self)
             subscriptions = list(self._subscriptions)
-            self._stop_reader()
             segment = self._segment
             assert segment is not None
             try:
-                if self._ring is not None:
-                    ring, self._ring, self._writer = self._ring, None, None
-                    directory.retire_ring(segment, ring)
-                if self._waker is not None:
-                    self._waker.close()
-                directory.reclaim_dead(segment)
+                self._stop_reader()
             finally:
-                segment.detach()
+                try:
+                    ring, self._ring, self._writer = self._ring, None, None
+                    if ring is not None:
+                        directory.retire_ring(segment, ring)
+                finally:
+                    try:
+                        if self._waker is not None:
+                            self._waker.close()
+                        directory.reclaim_dead(segment)
+                    finally:
+                        try:
+                            segment.detach()
+                        finally:
+                            self._segment = None
+                            self._state = _CLOSED
+                            _open_instances.discard(self)
         for sub in subscriptions:
             sub.close_from_transport()
 
@@ -456,11 +477,13 @@ class ShmBus(BaseBus):
         if reader is None:
             return
         self._reader = None
-        for sub in reader.subscriptions:
-            reader.remove(sub)
-        self._retired["corrupt"] += reader.corrupt
-        self._retired["lapped"] += reader.lapped
-        reader.stop()
+        try:
+            for sub in reader.subscriptions:
+                reader.remove(sub)
+            self._retired["corrupt"] += reader.corrupt
+            self._retired["lapped"] += reader.lapped
+        finally:
+            reader.stop()
 
     # ─── Accounting ───
 

@@ -3,65 +3,398 @@
 Same conventions as :mod:`agents`: every function takes the pipe to the
 parent first, connects its own :class:`~shmbus.ShmBus`, sends ``"ready"`` once
 it is connected (and subscribed, for a subscriber), and answers the parent's
-small messages. Payloads are ``{"pub": publisher id, "seq": n}`` so that the
-parent can check order, duplicates and losses per publisher.
+small messages.
+
+Events
+------
+Every event published here carries :func:`make_payload`: ``{"pub":
+publisher id, "n": that publisher's counter, "pad": "x" * pad_length(pub,
+n)}``. Counters start at 0 and go up by one per publish, so a subscriber
+can check, per publisher, order, duplicates, losses and the payload itself
+(:class:`Tally`). One publisher id is one bus instance (one ring).
+
+Timing
+------
+Publishers time every ``publish_nowait`` call with ``time.monotonic()`` (one
+clock for every process of the host), and report their slowest calls with
+the instant they started, so that the parent can tell a call that waited for
+another process from one that was itself stopped.
 
 Crash points
 ------------
-A *doomed* publisher stops, on its chosen publish, at one point of the
-writer's critical section, tells the parent ``("dying", point)`` and blocks
-forever, so that the parent can SIGKILL it exactly there:
+A *doomed* publisher stops at one point of its write path, on its chosen
+publish, tells the parent ``("dying", point)`` and blocks until it is
+SIGKILLed there (or, with ``stop=True``, sends ``("stopping", point)`` and
+SIGSTOPs itself there):
 
-==============  ============================================================
-``unrecorded``  semaphore taken, holder record not yet written (pid 0)
-``locked``      holder recorded, no sequence number reserved yet
-                (``ShmBus._critical_section_hook("locked")``)
-``mid-record``  sequence number reserved, record written, not committed
-                (``ShmBus._critical_section_hook("mid-record")``)
-``committed``   ``write_cursor`` stored (the commit), ``published`` not yet
-                counted
-``unreleased``  holder record cleared, semaphore not yet released
-==============  ============================================================
+===============  ===========================================================
+``before-ring``  first publish, before its ring exists (wraps
+                 ``directory.install_ring``)
+``installing``   ring file created, directory entry still INSTALLING (wraps
+                 ``directory.create_file``)
+``installed``    ring installed (entry LIVE), no record written yet (wraps
+                 ``directory.install_ring``)
+``mid-record``   record written, not committed
+                 (``ShmBus._critical_section_hook("mid-record")``)
+``committed``    ``RingWriter.append`` returned (the record is committed),
+                 the publish has not returned: no wake-up sent yet
+===============  ===========================================================
 
-With ``stall=True`` it stalls there alive instead, until told to resume (a
-holder that is slow, not dead).
+Only ``mid-record`` has a documented hook; the others wrap module-level
+names of :mod:`shmbus.directory` and a method of :class:`~shmbus.ring.RingWriter`,
+so they follow those names if the core renames them.
 
-``locked`` and ``mid-record`` use the documented test hook. The other three
-have no hook; they wrap private attributes of the instance (its writer lock's
-``_record`` and ``_semaphore``, its ring writer's ``_words``), so they follow
-those names if the core renames them.
+Signal handlers that raise
+--------------------------
+:func:`alarmed_worker` is a process with a SIGALRM timeout helper whose
+handler raises :class:`Alarm` every 0.7 ms, at whatever bytecode runs then;
+:func:`interrupted_once` raises it once, deterministically, at a chosen point
+of ``connect()`` or ``close()`` (:data:`INTERRUPTIONS`, wrapping names of the
+core the same way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import mmap
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+import shmbus.directory
 from shmbus import ShmBus
 from shmbus.inspect import read_bus
-from shmbus.layout import W_WRITE_CURSOR
-from shmbus.segment import resource_paths
+from shmbus.ring import RingWriter
+from shmbus.shmfiles import bus_file_paths
 
-#: Where a doomed publisher can die, in the order the writer passes them.
-CRASH_POINTS = ("unrecorded", "locked", "mid-record", "committed", "unreleased")
-#: Crash points the dying writer passes after reserving its sequence number.
-RESERVED_AT = frozenset({"mid-record", "committed", "unreleased"})
-#: Crash points the dying writer passes after committing its record.
-COMMITTED_AT = frozenset({"committed", "unreleased"})
+#: Where a doomed publisher can die, in the order its write path passes them.
+CRASH_POINTS = ("before-ring", "installing", "installed", "mid-record", "committed")
+#: Crash points passed only by an instance's first publish (it installs its ring).
+FIRST_PUBLISH_POINTS = frozenset({"before-ring", "installing", "installed"})
+#: Crash points at which the dying publish's record is already committed.
+COMMITTED_AT = frozenset({"committed"})
 
+#: Payload filler bounds: ``pad_length`` is between 0 and this.
+PAD_MAX = 40
+_TOPIC = "fault.ev"
+_SLOW_CALLS_KEPT = 500
 _CHECK_PIPE_EVERY = 16
+
+
+# ─── Payloads ────────────────────────────────────────────────────────────────
+
+
+def pad_length(pub: int, n: int) -> int:
+    """Filler length of event *n* of publisher *pub*: varies, so records
+    differ in size and wrap the ring at changing offsets."""
+    return (n * 7 + pub * 3) % (PAD_MAX + 1)
+
+
+def make_payload(pub: int, n: int) -> dict[str, Any]:
+    return {"pub": pub, "n": n, "pad": "x" * pad_length(pub, n)}
+
+
+def payload_problem(payload: Any) -> str | None:
+    """None if *payload* is exactly what :func:`make_payload` makes, else why not."""
+    if not isinstance(payload, dict) or set(payload) != {"pub", "n", "pad"}:
+        return f"unexpected payload {payload!r:.200}"
+    pub, n, pad = payload["pub"], payload["n"], payload["pad"]
+    if not isinstance(pub, int) or not isinstance(n, int) or n < 0:
+        return f"bad pub/n in {payload!r:.200}"
+    if pad != "x" * pad_length(pub, n):
+        return f"bad pad in {payload!r:.200}"
+    return None
+
+
+class Tally:
+    """What a subscriber received, per publisher, compactly: runs of
+    consecutive counters ``[first, end)``. A counter at or below the last one
+    of its publisher (a duplicate, or out of order) is not added but kept
+    in :attr:`disorder`."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, list[list[int]]] = {}
+        self.disorder: dict[int, list[tuple[int, int]]] = {}
+        self.invalid: list[str] = []
+        self.delivered = 0
+
+    def add(self, payload: Any) -> None:
+        self.delivered += 1
+        problem = payload_problem(payload)
+        if problem is not None:
+            if len(self.invalid) < 10:
+                self.invalid.append(problem)
+            return
+        pub, n = payload["pub"], payload["n"]
+        runs = self.runs.setdefault(pub, [])
+        if runs and runs[-1][1] == n:
+            runs[-1][1] = n + 1
+        elif runs and n < runs[-1][1]:
+            bad = self.disorder.setdefault(pub, [])
+            if len(bad) < 10:
+                bad.append((runs[-1][1] - 1, n))
+        else:
+            runs.append([n, n + 1])
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "runs": {pub: [tuple(run) for run in runs] for pub, runs in self.runs.items()},
+            "disorder": dict(self.disorder),
+            "invalid": list(self.invalid),
+            "delivered": self.delivered,
+        }
+
+
+class Counters:
+    """Shared 8-byte counters in a small file (not in ``/dev/shm``): a child
+    stores, the parent reads after the child is dead."""
+
+    def __init__(self, path: str, count: int = 0) -> None:
+        if count:
+            with open(path, "wb") as f:
+                f.truncate(8 * count)
+        with open(path, "r+b") as f:
+            self._mm = mmap.mmap(f.fileno(), 0)
+        self.words = memoryview(self._mm).cast("q")
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.words[index])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.words[index] = value
+
+    def close(self) -> None:
+        self.words.release()
+        self._mm.close()
 
 
 def _block_forever() -> None:
     while True:
         time.sleep(3600)
+
+
+def _noop_handler(counter: list[int]) -> Callable[[int, Any], None]:
+    def handler(_signum: int, _frame: Any) -> None:
+        counter[0] += 1
+
+    return handler
+
+
+class _Inbox:
+    """The parent's messages, read on the event loop (``loop.add_reader``)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._loop = asyncio.get_running_loop()
+        self.messages: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop.add_reader(conn.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self.messages.put_nowait(self._conn.recv())
+        except (EOFError, OSError):  # the parent went away
+            self._loop.remove_reader(self._conn.fileno())
+            self.messages.put_nowait("close")
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._conn.fileno())
+
+
+def _expect(conn: Connection, *accepted: str) -> str:
+    message = conn.recv()
+    if message not in accepted:
+        raise RuntimeError(f"expected one of {accepted}, got {message!r}")
+    return str(message)
+
+
+# ─── Subscribers ─────────────────────────────────────────────────────────────
+
+
+def tally_subscriber(
+    conn: Connection,
+    name: str,
+    *,
+    pattern: str = ">",
+    bus_kwargs: dict[str, Any] | None = None,
+    lazy: bool = False,
+    noop_signal: int | None = None,
+) -> None:
+    """Subscribe to *pattern*, send ``"ready"`` and consume continuously into
+    a :class:`Tally`. With *lazy*, send ``"connected"`` first and subscribe
+    only on ``"subscribe"``. With *noop_signal*, a handler that only counts
+    is installed for that signal first. Answers:
+
+    * ``("tally", expected, quiet, timeout)``: once delivered + dropped
+      reaches *expected* and no event came for *quiet* seconds (or *timeout*
+      passed), send the tally's report plus ``"dropped"``, ``"evicted"``,
+      ``"lost"``, ``"signals"`` and ``"bus"`` (stats);
+    * ``"close"``: close the bus, send ``"closed"``.
+    """
+    signals = [0]
+    if noop_signal is not None:
+        signal.signal(noop_signal, _noop_handler(signals))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        bus = ShmBus(name, **(bus_kwargs or {}))
+        await bus.connect()
+        inbox = _Inbox(conn)
+        tally = Tally()
+        last_event = loop.time()
+        try:
+            if lazy:
+                conn.send("connected")
+                message = await inbox.messages.get()
+                if message != "subscribe":
+                    raise RuntimeError(f"lazy subscriber expected 'subscribe', got {message!r}")
+            sub = bus.subscribe(pattern)
+
+            async def consume() -> None:
+                nonlocal last_event
+                async for event in sub:
+                    tally.add(event.payload)
+                    last_event = loop.time()
+
+            consumer = asyncio.ensure_future(consume())
+            conn.send("ready")
+            while True:
+                message = await inbox.messages.get()
+                if message == "close":
+                    break
+                if not (isinstance(message, tuple) and message[0] == "tally"):
+                    raise RuntimeError(f"tally subscriber got {message!r}")
+                _, expected, quiet, timeout = message
+                deadline = loop.time() + timeout
+                while loop.time() < deadline and (
+                    tally.delivered + sub.dropped < expected or loop.time() - last_event < quiet
+                ):
+                    if consumer.done():
+                        consumer.result()  # raises what ended it
+                        raise RuntimeError("the subscription ended")
+                    await asyncio.sleep(0.01)
+                conn.send(
+                    {
+                        **tally.report(),
+                        "dropped": sub.dropped,
+                        "evicted": sub.evicted,
+                        "lost": sub.lost,
+                        "signals": signals[0],
+                        "bus": dict(bus.stats()),
+                    }
+                )
+            inbox.close()
+            consumer.cancel()
+        finally:
+            await bus.close()
+        conn.send("closed")
+
+    asyncio.run(main())
+
+
+# ─── Publishers ──────────────────────────────────────────────────────────────
+
+
+def steady_publisher(
+    conn: Connection,
+    name: str,
+    pub_id: int,
+    *,
+    bus_kwargs: dict[str, Any] | None = None,
+    count: int | None = None,
+    burst: int = 10,
+    pause: float = 0.0,
+    progress_at: int | None = None,
+    progress: tuple[str, int] | None = None,
+    noop_signal: int | None = None,
+    slow: float = 0.005,
+) -> None:
+    """Connect (no event loop: ``publish_nowait`` from plain code), send
+    ``"ready"``, wait for ``"go"``, then publish :func:`make_payload` events
+    in bursts of *burst*, sleeping *pause* seconds after each, until
+    ``"stop"`` arrives (looked for after every burst) or *count* events are
+    out. Then send the report and close on ``"close"`` (sending
+    ``"closed"``); a ``"stop"`` that comes after the report is ignored.
+
+    Every call is timed: the report has ``"published"`` (calls that
+    returned), ``"max_call"`` (seconds), ``"slow_calls"`` (``(start,
+    seconds)`` of calls over *slow* seconds), ``"errors"`` (calls that
+    raised, and the first one's repr; publishing stops at the first),
+    ``"signals"`` and ``"bus"`` (stats).
+
+    *progress_at*: send ``"progress"`` once that many events are out.
+    *progress*: ``(path, index)`` of a :class:`Counters` file where word
+    *index* is set to the number of calls that returned, after each one.
+    *noop_signal*: install a handler that only counts, for that signal.
+    """
+    signals = [0]
+    if noop_signal is not None:
+        signal.signal(noop_signal, _noop_handler(signals))
+    counters = Counters(progress[0]) if progress is not None else None
+    slot = progress[1] if progress is not None else 0
+    bus = ShmBus(name, **(bus_kwargs or {}))
+    bus.connect_sync(30.0)
+    try:
+        conn.send("ready")
+        _expect(conn, "go")
+        published = 0
+        max_call = 0.0
+        slow_calls: list[tuple[float, float]] = []
+        errors: list[str] = []
+        monotonic = time.monotonic
+        stopped = False
+        while not stopped and not errors:
+            for _ in range(burst):
+                payload = make_payload(pub_id, published)
+                start = monotonic()
+                try:
+                    bus.publish_nowait(_TOPIC, payload)
+                except Exception as exc:
+                    errors.append(repr(exc))
+                    break
+                took = monotonic() - start
+                published += 1
+                if counters is not None:
+                    counters[slot] = published
+                if took > max_call:
+                    max_call = took
+                if took > slow and len(slow_calls) < _SLOW_CALLS_KEPT:
+                    slow_calls.append((start, took))
+                if published == progress_at:
+                    conn.send("progress")
+                if published == count:
+                    stopped = True
+                    break
+            if conn.poll():
+                _expect(conn, "stop")
+                stopped = True
+            elif pause:
+                time.sleep(pause)
+        conn.send(
+            {
+                "published": published,
+                "max_call": max_call,
+                "slow_calls": slow_calls,
+                "errors": len(errors),
+                "first_error": errors[0] if errors else None,
+                "signals": signals[0],
+                "bus": dict(bus.stats()),
+            }
+        )
+        while _expect(conn, "stop", "close") != "close":
+            pass
+    finally:
+        bus.close_sync()
+        if counters is not None:
+            counters.close()
+    conn.send("closed")
 
 
 class _Armed:
@@ -71,70 +404,46 @@ class _Armed:
         self.on = False
 
 
-class _WordsDyingAfterCommit:
-    """Stands in for a ring writer's word view; dies right after the store
-    of ``write_cursor`` (the commit) when armed."""
-
-    def __init__(self, words: Any, armed: _Armed, die: Callable[[], None]) -> None:
-        self._words = words
-        self._armed = armed
-        self._die = die
-
-    def __getitem__(self, index: int) -> int:
-        value: int = self._words[index]
-        return value
-
-    def __setitem__(self, index: int, value: int) -> None:
-        self._words[index] = value
-        if index == W_WRITE_CURSOR and self._armed.on:
-            self._die()
-
-
-class _SemaphoreDyingBeforeRelease:
-    """Stands in for the writer semaphore; dies instead of releasing when armed
-    (the writer lock has cleared its holder record by then)."""
-
-    def __init__(self, semaphore: Any, armed: _Armed, die: Callable[[], None]) -> None:
-        self._semaphore = semaphore
-        self._armed = armed
-        self._die = die
-
-    def acquire(self, timeout: float | None = None) -> None:
-        self._semaphore.acquire(timeout)
-
-    def release(self) -> None:
-        if self._armed.on:
-            self._die()
-        self._semaphore.release()
-
-
-def _install_crash_point(bus: ShmBus, point: str, armed: _Armed, die: Callable[[], None]) -> None:
-    if point in ("locked", "mid-record"):
+def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]) -> None:
+    if point == "mid-record":
 
         def hook(stage: str) -> None:
             if armed.on and stage == point:
-                die()
+                at_point()
 
         ShmBus._critical_section_hook = hook
-    elif point == "unrecorded":
-        lock = bus._writer_lock
-        assert lock is not None
-        record = lock._record
+    elif point in ("before-ring", "installed"):
+        install_ring = shmbus.directory.install_ring
 
-        def record_or_die() -> None:
+        def install_then_stop(*args: Any, **kwargs: Any) -> Any:
+            if armed.on and point == "before-ring":
+                at_point()
+            ring = install_ring(*args, **kwargs)
+            if armed.on and point == "installed":
+                at_point()
+            return ring
+
+        shmbus.directory.install_ring = install_then_stop  # type: ignore[assignment]
+    elif point == "installing":
+        create_file = shmbus.directory.create_file
+
+        def create_then_stop(*args: Any, **kwargs: Any) -> int:
+            fd = create_file(*args, **kwargs)
             if armed.on:
-                die()
-            record()
+                at_point()
+            return fd
 
-        lock._record = record_or_die  # type: ignore[method-assign]
+        shmbus.directory.create_file = create_then_stop  # type: ignore[assignment]
     elif point == "committed":
-        writer = bus._writer
-        assert writer is not None
-        writer._words = _WordsDyingAfterCommit(writer._words, armed, die)  # type: ignore[assignment]
-    elif point == "unreleased":
-        lock = bus._writer_lock
-        assert lock is not None
-        lock._semaphore = _SemaphoreDyingBeforeRelease(lock._semaphore, armed, die)  # type: ignore[assignment]
+        append = RingWriter.append
+
+        def append_then_stop(self: RingWriter, topic: bytes, body: bytes, checksum: int) -> int:
+            seq = append(self, topic, body, checksum)
+            if armed.on:
+                at_point()
+            return seq
+
+        RingWriter.append = append_then_stop  # type: ignore[method-assign]
     else:
         raise ValueError(f"unknown crash point {point!r}; known: {CRASH_POINTS}")
 
@@ -146,229 +455,421 @@ def doomed_publisher(
     point: str,
     *,
     before: int = 0,
-    topic: str = "fault.doomed",
-    stall: bool = False,
+    stop: bool = False,
     bus_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Connect, send ``"ready"``, wait for ``"go"``, publish *before* events
     normally, then publish event number *before*, which stops at crash point
     *point*: send ``("dying", point)`` and block until killed.
 
-    With *stall*, it only stalls there: it sends ``("stalled", point)``,
-    waits for ``"resume"``, finishes that publish, sends ``{"bus": stats}``
-    and closes on ``"close"``."""
+    With *stop*, send ``("stopping", point)`` and SIGSTOP itself there
+    instead; once continued, finish that publish, send ``{"published":
+    before + 1, "bus": stats}`` and close on ``"close"`` (sending
+    ``"closed"``)."""
+    if point in FIRST_PUBLISH_POINTS and before:
+        raise ValueError(f"crash point {point!r} is on an instance's first publish: before=0")
+    armed = _Armed()
 
-    def die() -> None:
-        if stall:
-            armed.on = False
-            conn.send(("stalled", point))
-            message = conn.recv()
-            if message != "resume":
-                raise RuntimeError(f"stalled publisher expected 'resume', got {message!r}")
+    def at_point() -> None:
+        armed.on = False
+        if stop:
+            conn.send(("stopping", point))
+            os.kill(os.getpid(), signal.SIGSTOP)
             return
         conn.send(("dying", point))
         _block_forever()
 
-    armed = _Armed()
+    bus = ShmBus(name, **(bus_kwargs or {}))
+    bus.connect_sync(30.0)
+    try:
+        _install_crash_point(point, armed, at_point)
+        conn.send("ready")
+        _expect(conn, "go")
+        for n in range(before):
+            bus.publish_nowait(_TOPIC, make_payload(pub_id, n))
+        armed.on = True
+        bus.publish_nowait(_TOPIC, make_payload(pub_id, before))
+        if not stop:
+            raise RuntimeError(f"the publish did not stop at crash point {point!r}")
+        if armed.on:
+            raise RuntimeError(f"the publish never passed crash point {point!r}")
+        conn.send({"published": before + 1, "bus": dict(bus.stats())})
+        _expect(conn, "close")
+    finally:
+        bus.close_sync()
+    conn.send("closed")
+
+
+# ─── A process whose signal handler raises ───────────────────────────────────
+
+
+class Alarm(Exception):
+    """What the SIGALRM handler of :func:`alarmed_worker` raises."""
+
+
+def _raise_alarm(_signum: int, _frame: Any) -> None:
+    raise Alarm
+
+
+_ALARM = {signal.SIGALRM}
+
+
+def _attempt(call: Callable[..., object], *args: Any) -> bool:
+    """Run ``call(*args)`` with SIGALRM unblocked; True if it returned, False
+    if an :class:`Alarm` interrupted it (or landed right after it returned).
+
+    SIGALRM is blocked everywhere else, so that the handler's exception can
+    only land inside *call* or in this function's own frame."""
+    done = False
+    try:
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALARM)
+            call(*args)
+            done = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _ALARM)
+    except Alarm:
+        pass
+    return done
+
+
+def alarmed_worker(
+    conn: Connection,
+    name: str,
+    pub_base: int,
+    *,
+    seconds: float = 2.0,
+    interval: float = 0.0007,
+    subscribe_every: float = 0.01,
+    reopen_every: float = 0.1,
+    per_instance: int = 8000,
+    after: int = 100,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """A process using a SIGALRM-based timeout helper whose handler raises.
+
+    Connect, send ``"ready"``, wait for ``"go"``. Then, for *seconds*, with
+    an interval timer firing SIGALRM every *interval* s and a handler that
+    raises :class:`Alarm`, caught around each call (see :func:`_attempt`):
+    publish :func:`make_payload` events with ``publish_nowait``; every
+    *subscribe_every* s subscribe to ``>`` and close that subscription; every
+    *reopen_every* s, or after *per_instance* publishes, close the bus
+    instance and connect a new one (publisher id ``pub_base * 1000 + k`` for
+    the k-th instance, counters from 0). (Give it rings that hold
+    *per_instance* events: then no reader can be lapped, however far behind.)
+
+    Then the timer stops, and the process checks it still works: it
+    publishes *after* more events on its last instance; then, on that
+    instance and on a new one, subscribes, publishes one more event and
+    waits (2 s at most) for it to arrive. Report:
+
+    * ``"attempts"``: publisher id -> publish calls made (counters 0..n-1);
+    * ``"maybe"``: publisher id -> counters whose publish was interrupted
+      (committed or not: nobody can know);
+    * ``"interrupted"``: how many calls of each kind an Alarm interrupted;
+      ``"alarms"``: how many fired; ``"calls"``: calls of each kind;
+    * ``"after"``: ``{"published": n, "same_instance_receives": bool,
+      "new_instance_receives": bool, "error": repr or None}``, and ``"bus"``:
+      the last instance's stats.
+    """
+    kwargs = bus_kwargs or {}
+    # No thread may run with SIGALRM unblocked: it would take the signal and
+    # the handler would then run in this thread at any point.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _ALARM)
+    alarms = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        alarms[0] += 1
+        _raise_alarm(signum, frame)
+
+    async def main() -> dict[str, Any]:
+        index = 0
+        bus = ShmBus(name, **kwargs)
+        bus.connect_sync(30.0)
+        pub = pub_base * 1000
+        attempts: dict[int, int] = {pub: 0}
+        maybe: dict[int, list[int]] = {pub: []}
+        calls = dict.fromkeys(("publish", "subscribe", "unsubscribe", "close", "connect"), 0)
+        interrupted = dict.fromkeys(calls, 0)
+        conn.send("ready")
+        _expect(conn, "go")
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, interval, interval)
+        try:
+            now = time.monotonic()
+            end = now + seconds
+            next_subscribe = now + subscribe_every
+            next_reopen = now + reopen_every
+            while now < end:
+                if now >= next_reopen or attempts[pub] >= per_instance:
+                    next_reopen = now + reopen_every
+                    calls["close"] += 1
+                    if not _attempt(bus.close_sync):
+                        interrupted["close"] += 1
+                    index += 1
+                    bus = ShmBus(name, **kwargs)
+                    pub = pub_base * 1000 + index
+                    attempts[pub] = 0
+                    maybe[pub] = []
+                    while True:  # a process retries its connect when it times out
+                        calls["connect"] += 1
+                        if _attempt(bus.connect_sync):
+                            break
+                        interrupted["connect"] += 1
+                elif now >= next_subscribe:
+                    next_subscribe = now + subscribe_every
+                    subs: list[Any] = []
+                    calls["subscribe"] += 1
+                    if not _attempt(_subscribe_into, bus, subs):
+                        interrupted["subscribe"] += 1
+                    if subs:
+                        calls["unsubscribe"] += 1
+                        if not _attempt(_run_now, subs[0].aclose):
+                            interrupted["unsubscribe"] += 1
+                else:
+                    n = attempts[pub]
+                    attempts[pub] = n + 1
+                    calls["publish"] += 1
+                    payload = make_payload(pub, n)
+                    if not _attempt(bus.publish_nowait, _TOPIC, payload):
+                        interrupted["publish"] += 1
+                        maybe[pub].append(n)
+                now = time.monotonic()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALARM)
+        after_report: dict[str, Any] = {
+            "published": 0,
+            "same_instance_receives": None,
+            "new_instance_receives": None,
+            "error": None,
+        }
+        try:
+            for _ in range(after):
+                n = attempts[pub]
+                bus.publish_nowait(_TOPIC, make_payload(pub, n))
+                attempts[pub] = n + 1
+                after_report["published"] += 1
+            after_report["same_instance_receives"] = await _receives_own(bus, pub_base, 1)
+            fresh = ShmBus(name, **kwargs)
+            await fresh.connect()
+            try:
+                after_report["new_instance_receives"] = await _receives_own(fresh, pub_base, 2)
+            finally:
+                await fresh.close()
+        except Exception as exc:
+            after_report["error"] = repr(exc)
+        stats = dict(bus.stats())
+        bus.close_sync()
+        return {
+            "attempts": attempts,
+            "maybe": maybe,
+            "interrupted": interrupted,
+            "calls": calls,
+            "alarms": alarms[0],
+            "after": after_report,
+            "bus": stats,
+        }
+
+    report = asyncio.run(main())
+    conn.send(report)
+    _expect(conn, "close")
+    conn.send("closed")
+
+
+async def _receives_own(bus: ShmBus, pub: int, n: int) -> bool:
+    """Whether a new subscription of *bus* receives, within 2 s, an event
+    *bus* itself publishes."""
+    async with bus.subscribe(f"{_TOPIC}.own") as sub:
+        bus.publish_nowait(f"{_TOPIC}.own", make_payload(pub, n))
+        try:
+            event = await asyncio.wait_for(anext(aiter(sub)), 2.0)
+        except TimeoutError:
+            return False
+        return bool(event.payload == make_payload(pub, n))
+
+
+def _subscribe_into(bus: ShmBus, subs: list[Any]) -> None:
+    subs.append(bus.subscribe(">"))
+
+
+def _run_now(make: Callable[[], Any]) -> None:
+    """Run the coroutine *make* returns, which never suspends, to its end,
+    without the event loop."""
+    coroutine = make()
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("the coroutine suspended")
+
+
+#: Where :func:`interrupted_once` raises, once: (the call interrupted, what
+#: raises inside it) -> (module, attribute) to wrap.
+INTERRUPTIONS = {
+    ("connect", "slot claim"): ("shmbus.segment", "Segment._claim_slot"),
+    ("connect", "waker setup"): ("shmbus.shm", "Waker"),
+    ("close", "reader stop"): ("shmbus.reader", "BusReader.stop"),
+    ("close", "ring retirement"): ("shmbus.directory", "retire_ring"),
+}
+
+
+def _raise_once_in(module_name: str, attribute: str) -> None:
+    """Wrap *attribute* of *module_name* (``"Class.method"`` or a name) so
+    that its next call raises :class:`Alarm` first, as a signal handler that
+    raises would at that moment; later calls go through."""
+    owner: Any = importlib.import_module(module_name)
+    *path, leaf = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original = getattr(owner, leaf)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        setattr(owner, leaf, original)
+        raise Alarm
+
+    setattr(owner, leaf, interrupted)
+
+
+def interrupted_once(
+    conn: Connection, name: str, call: str, where: str, *, bus_kwargs: dict[str, Any] | None = None
+) -> None:
+    """Connect, publish one event and subscribe (so the instance has a ring
+    and a reader), and close; the one *call* (``"connect"`` or ``"close"``)
+    is interrupted once by an :class:`Alarm` raised at *where* (see
+    :data:`INTERRUPTIONS`), caught, and the call retried, as a process with
+    a raising SIGALRM timeout would. Then send ``"closed"`` and wait, alive,
+    for ``"exit"``."""
+    module_name, attribute = INTERRUPTIONS[(call, where)]
 
     async def main() -> None:
         bus = ShmBus(name, **(bus_kwargs or {}))
+        if call == "connect":
+            _raise_once_in(module_name, attribute)
+            with contextlib.suppress(Alarm):
+                await bus.connect()
         await bus.connect()
-        _install_crash_point(bus, point, armed, die)
-        conn.send("ready")
-        message = conn.recv()
-        if message != "go":
-            raise RuntimeError(f"doomed publisher expected 'go', got {message!r}")
-        for seq in range(before):
-            await bus.publish(topic, {"pub": pub_id, "seq": seq})
-        armed.on = True
-        await bus.publish(topic, {"pub": pub_id, "seq": before})
-        if not stall:
-            raise RuntimeError(f"the publish did not stop at crash point {point!r}")
-        conn.send({"bus": dict(bus.stats())})
-        message = conn.recv()
-        if message != "close":
-            raise RuntimeError(f"stalled publisher expected 'close', got {message!r}")
+        bus.publish_nowait(_TOPIC, make_payload(1, 0))
+        bus.subscribe(">")
+        if call == "close":
+            _raise_once_in(module_name, attribute)
+            with contextlib.suppress(Alarm):
+                await bus.close()
         await bus.close()
 
     asyncio.run(main())
+    conn.send("closed")
+    _expect(conn, "exit")
 
 
-def timed_publisher(
-    conn: Connection,
-    name: str,
-    pub_id: int,
-    count: int,
-    *,
-    topic: str = "fault.survivor",
-    bus_kwargs: dict[str, Any] | None = None,
-) -> None:
-    """Connect, send ``"ready"``, wait for ``"go"``, send ``"started"`` and
-    publish *count* events; report when the first and the last publish
-    returned (``time.monotonic()``, one clock for the whole host) and the
-    instance's stats, then close."""
-
-    async def main() -> None:
-        bus = ShmBus(name, **(bus_kwargs or {}))
-        await bus.connect()
-        try:
-            conn.send("ready")
-            message = conn.recv()
-            if message != "go":
-                raise RuntimeError(f"timed publisher expected 'go', got {message!r}")
-            conn.send("started")
-            first_done = 0.0
-            for seq in range(count):
-                await bus.publish(topic, {"pub": pub_id, "seq": seq})
-                if seq == 0:
-                    first_done = time.monotonic()
-            report = {
-                "published": count,
-                "first_done": first_done,
-                "last_done": time.monotonic(),
-                "bus": dict(bus.stats()),
-            }
-        finally:
-            await bus.close()
-        conn.send(report)
-
-    asyncio.run(main())
+# ─── Event-loop lag ──────────────────────────────────────────────────────────
 
 
-def busy_publisher(
+def lag_probe(
     conn: Connection,
     name: str,
     pub_id: int,
     *,
-    topic: str = "fault.busy",
-    progress_at: int | None = None,
-    max_pad: int = 200,
+    seconds: float = 3.0,
+    tick: float = 0.001,
     seed: int = 0,
     bus_kwargs: dict[str, Any] | None = None,
 ) -> None:
-    """Connect and send ``"ready"``. Then, for every ``"go"``: publish as fast
-    as it can (payloads padded with 0 to *max_pad* random bytes) until
-    ``"stop"`` arrives, and send ``{"published": n, "bus": stats}`` for that
-    round (``seq`` keeps counting across rounds). ``"close"`` ends it.
+    """An asyncio application on a bus whose other processes misbehave.
 
-    With *progress_at*, sends ``"progress"`` once that many events of the
-    first round are out, and keeps publishing: the parent kills it at a
-    moment of its choosing.
-    """
+    Connect, send ``"ready"``, wait for ``"go"``. Then for *seconds*, a
+    ticker task wakes every *tick* s and records how late it woke, while the
+    main task loops at random over the async API: ``await bus.publish`` (20
+    events), ``subscribe`` (then a few ms of receiving, then ``aclose``),
+    and ``close`` followed by a new instance's ``await connect()``. Report
+    ``"max_late"`` (seconds), ``"ticks"``, ``"ops"`` (how many of each) and
+    ``"blocked"``: the longest time each synchronous call held the loop."""
     rng = random.Random(seed)
+    kwargs = bus_kwargs or {}
 
-    async def main() -> None:
-        bus = ShmBus(name, **(bus_kwargs or {}))
-        await bus.connect()
-        try:
-            conn.send("ready")
-            seq = 0
-            while True:
-                message = conn.recv()
-                if message == "close":
-                    return
-                if message != "go":
-                    raise RuntimeError(f"busy publisher expected 'go', got {message!r}")
-                first = seq
-                while True:
-                    payload = {"pub": pub_id, "seq": seq, "pad": "x" * rng.randrange(max_pad + 1)}
-                    await bus.publish(topic, payload)
-                    seq += 1
-                    if progress_at is not None and seq == progress_at:
-                        conn.send("progress")
-                    if seq % _CHECK_PIPE_EVERY == 0 and conn.poll():
-                        message = conn.recv()
-                        if message != "stop":
-                            raise RuntimeError(f"busy publisher expected 'stop', got {message!r}")
-                        break
-                conn.send({"published": seq - first, "bus": dict(bus.stats())})
-        finally:
-            await bus.close()
-
-    asyncio.run(main())
-
-
-def tally_subscriber(
-    conn: Connection,
-    name: str,
-    pattern: str,
-    *,
-    bus_kwargs: dict[str, Any] | None = None,
-    timeout: float = 60.0,
-) -> None:
-    """Subscribe to *pattern*, send ``"ready"`` and consume continuously,
-    keeping ``(pub, seq)`` of every event. Answers:
-
-    * ``("tally", expected, quiet)``: once received + dropped reaches
-      *expected* and no event came for *quiet* seconds (or *timeout* passed),
-      send ``{"events": [(pub, seq), ...] since the last tally, "received":
-      total, "dropped": total, "bus": stats}``;
-    * ``"close"``: close the bus and send ``"closed"``.
-    """
-
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        bus = ShmBus(name, **(bus_kwargs or {}))
+        bus = ShmBus(name, **kwargs)
         await bus.connect()
-        messages: asyncio.Queue[Any] = asyncio.Queue()
+        conn.send("ready")
+        _expect(conn, "go")  # the loop has nothing else to do yet
+        done = False
+        max_late = 0.0
+        ticks = 0
 
-        def on_readable() -> None:
-            try:
-                while conn.poll():
-                    messages.put_nowait(conn.recv())
-            except (EOFError, OSError):
-                loop.remove_reader(conn.fileno())
-                messages.put_nowait("close")
+        async def ticker() -> None:
+            nonlocal max_late, ticks
+            due = loop.time()
+            while not done:
+                due += tick
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                late = loop.time() - due
+                ticks += 1
+                max_late = max(max_late, late)
+                if late > tick:
+                    due = loop.time()  # do not try to catch up
 
+        ops = dict.fromkeys(("publish", "subscribe", "close", "connect"), 0)
+        blocked = dict.fromkeys(ops, 0.0)
+
+        def held(op: str, start: float) -> None:
+            blocked[op] = max(blocked[op], time.perf_counter() - start)
+
+        ticking = asyncio.ensure_future(ticker())
+        index = 0
+        sent = 0
+        end = loop.time() + seconds
         try:
-            sub = bus.subscribe(pattern)
-            events: list[tuple[Any, Any]] = []
-            received = 0
-            last_event = loop.time()
-
-            async def consume() -> None:
-                nonlocal received, last_event
-                async for event in sub:
-                    events.append((event.payload.get("pub"), event.payload.get("seq")))
-                    received += 1
-                    last_event = loop.time()
-
-            consumer = asyncio.ensure_future(consume())
-            loop.add_reader(conn.fileno(), on_readable)
-            conn.send("ready")
-            while True:
-                message = await messages.get()
-                if message == "close":
-                    break
-                if not (isinstance(message, tuple) and message[0] == "tally"):
-                    raise RuntimeError(f"tally subscriber got {message!r}")
-                _, expected, quiet = message
-                deadline = loop.time() + timeout
-                while loop.time() < deadline and (
-                    received + sub.dropped < expected or loop.time() - last_event < quiet
-                ):
-                    await asyncio.sleep(0.01)
-                batch, events[:] = list(events), []
-                conn.send(
-                    {
-                        "events": batch,
-                        "received": received,
-                        "dropped": sub.dropped,
-                        "bus": dict(bus.stats()),
-                    }
-                )
-            loop.remove_reader(conn.fileno())
-            consumer.cancel()
+            while loop.time() < end:
+                choice = rng.random()
+                if choice < 0.7:
+                    for _ in range(20):
+                        start = time.perf_counter()
+                        await bus.publish(_TOPIC, make_payload(pub_id * 1000 + index, sent))
+                        held("publish", start)
+                        sent += 1
+                    ops["publish"] += 1
+                elif choice < 0.9:
+                    start = time.perf_counter()
+                    sub = bus.subscribe(">")
+                    held("subscribe", start)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(anext(aiter(sub)), 0.005)
+                    await sub.aclose()
+                    ops["subscribe"] += 1
+                else:
+                    start = time.perf_counter()
+                    await bus.close()
+                    held("close", start)
+                    index += 1
+                    sent = 0
+                    bus = ShmBus(name, **kwargs)
+                    start = time.perf_counter()
+                    await bus.connect()
+                    blocked["connect"] = max(blocked["connect"], time.perf_counter() - start)
+                    ops["close"] += 1
+                    ops["connect"] += 1
+                await asyncio.sleep(0.001)
         finally:
+            done = True
+            await ticking
             await bus.close()
-        conn.send("closed")
+        return {"max_late": max_late, "ticks": ticks, "ops": ops, "blocked": blocked}
 
-    asyncio.run(main())
+    report = asyncio.run(main())
+    conn.send(report)
+    _expect(conn, "close")
+    conn.send("closed")
+
+
+# ─── Memory scribbled on ─────────────────────────────────────────────────────
 
 
 def scribbler(
     conn: Connection,
-    name: str,
+    path: str,
     *,
     start: int,
     end: int,
@@ -376,16 +877,14 @@ def scribbler(
     max_len: int = 16,
     per_ms: int = 4,
 ) -> None:
-    """Map the segment of bus *name* (without attaching to the bus), send
+    """Map the file *path* (a ring file; without attaching to its bus), send
     ``"ready"``, and after ``"go"`` write random runs of 1 to *max_len*
     random bytes at random offsets in ``[start, end)``, about *per_ms* runs
     per millisecond, until ``"stop"``; then send ``{"writes": n}``."""
     rng = random.Random(seed)
-    with open(f"/dev/shm/shmbus.{name}", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
         conn.send("ready")
-        message = conn.recv()
-        if message != "go":
-            raise RuntimeError(f"scribbler expected 'go', got {message!r}")
+        _expect(conn, "go")
         writes = 0
         while not conn.poll():
             for _ in range(per_ms):
@@ -394,79 +893,42 @@ def scribbler(
                 mm[offset : offset + size] = rng.randbytes(size)
                 writes += 1
             time.sleep(0.001)
-        message = conn.recv()
-        if message != "stop":
-            raise RuntimeError(f"scribbler expected 'stop', got {message!r}")
+        _expect(conn, "stop")
     conn.send({"writes": writes})
 
 
-def as_user(
-    conn: Connection,
-    name: str,
-    uid: int,
-    gid: int,
-    groups: list[int],
-    *,
-    bus_kwargs: dict[str, Any] | None = None,
-    pattern: str | None = None,
-) -> None:
-    """Become user *uid* (primary group *gid*, supplementary *groups*), then
-    connect. If that raises, send ``("refused", type name, message)`` and
-    stop. Otherwise subscribe to *pattern* (if given), send ``"ready"`` and
-    answer:
+# ─── Removal and fork ────────────────────────────────────────────────────────
 
-    * ``("publish", topic)``: publish ``{"uid": uid}`` on *topic*, send
-      ``"published"``;
-    * ``"receive"``: send ``("got", topic, payload)`` for the next event;
-    * ``"close"``: close the bus, send ``("closed", None)`` or
-      ``("closed", "TypeName: message")`` if close() raised, and stop.
-    """
-    # Everything is imported by now: after the switch, this user may not be
-    # able to read the interpreter's library (a pyenv under /root, say).
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
+
+def stalled_closer(
+    conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | None = None
+) -> None:
+    """Connect, send ``"attached"``; on ``"close"``, close the bus as its
+    last instance, but stop inside the removal of its files right after the
+    first file other than the segment is unlinked (the segment, removed
+    last, is still there): send ``"removing"`` and block until killed.
+
+    Wraps ``os.unlink``. The closer neither publishes nor subscribes, so it
+    has no ring or FIFO of its own to unlink before that removal: the parent
+    must leave a file behind for it (a killed subscriber's FIFO, say)."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         bus = ShmBus(name, **(bus_kwargs or {}))
-        try:
-            await bus.connect()
-        except Exception as exc:
-            conn.send(("refused", type(exc).__name__, str(exc)))
-            return
-        sub = bus.subscribe(pattern) if pattern is not None else None
-        messages: asyncio.Queue[Any] = asyncio.Queue()
+        await bus.connect()
+        unlink = os.unlink
+        segment = f"/dev/shm/shmbus.{name}"
 
-        def on_readable() -> None:
-            try:
-                messages.put_nowait(conn.recv())
-            except (EOFError, OSError):  # the parent went away
-                loop.remove_reader(conn.fileno())
-                messages.put_nowait("close")
+        def unlink_then_stop(path: Any, *args: Any, **kwargs: Any) -> None:
+            unlink(path, *args, **kwargs)
+            if str(path).startswith(segment + ":"):
+                conn.send("removing")
+                _block_forever()
 
-        loop.add_reader(conn.fileno(), on_readable)
-        conn.send("ready")
-        while True:
-            message = await messages.get()
-            if isinstance(message, tuple) and message[0] == "publish":
-                await bus.publish(message[1], {"uid": uid})
-                conn.send("published")
-            elif message == "receive":
-                assert sub is not None
-                event = await asyncio.wait_for(anext(aiter(sub)), 30)
-                conn.send(("got", event.topic, event.payload))
-            elif message == "close":
-                loop.remove_reader(conn.fileno())
-                try:
-                    await bus.close()
-                except Exception as exc:
-                    conn.send(("closed", f"{type(exc).__name__}: {exc}"))
-                else:
-                    conn.send(("closed", None))
-                return
-            else:
-                raise RuntimeError(f"as_user got {message!r}")
+        os.unlink = unlink_then_stop  # type: ignore[assignment]
+        conn.send("attached")
+        _expect(conn, "close")
+        await bus.close()
+        raise RuntimeError("close() removed no file of the bus but its segment")
 
     asyncio.run(main())
 
@@ -558,7 +1020,7 @@ def forking_owner(conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | N
             "parent_stats": dict(bus.stats()),
         }
         await bus.close()
-        report["files_after_parent_close"] = resource_paths(name)
+        report["files_after_parent_close"] = bus_file_paths(name)
         return report
 
     try:
@@ -571,34 +1033,3 @@ def forking_owner(conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | N
     report["child"] = child_results
     report["child_exit"] = os.waitstatus_to_exitcode(status)
     conn.send(report)
-
-
-def stalled_closer(
-    conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | None = None
-) -> None:
-    """Connect, send ``"attached"``; on ``"close"``, close the bus as its
-    last instance, but stop inside the removal of its files right after the
-    writer semaphore is unlinked (the segment is still there): send
-    ``"removing"`` and block until killed. Wraps ``os.unlink``, which the
-    removal calls for each file, semaphore first."""
-
-    async def main() -> None:
-        bus = ShmBus(name, **(bus_kwargs or {}))
-        await bus.connect()
-        unlink = os.unlink
-
-        def unlink_then_stop(path: Any, *args: Any, **kwargs: Any) -> None:
-            unlink(path, *args, **kwargs)
-            if str(path).endswith(f"sem.shmbus.{name}:lock"):
-                conn.send("removing")
-                _block_forever()
-
-        os.unlink = unlink_then_stop  # type: ignore[assignment]
-        conn.send("attached")
-        message = conn.recv()
-        if message != "close":
-            raise RuntimeError(f"stalled closer expected 'close', got {message!r}")
-        await bus.close()
-        raise RuntimeError("close() did not remove the bus's files")
-
-    asyncio.run(main())

@@ -86,6 +86,7 @@ class Reader:
             if not ring.from_start:
                 reader.cursor, reader.expected_seq = reader.snapshot()
             self.rings[(mapping.entry, mapping.gen)] = reader
+            self.finder.adopted(ring)
         return found
 
     def read(self, key: tuple[int, int]) -> list[bytes]:

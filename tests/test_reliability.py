@@ -1,19 +1,30 @@
-"""Fault injection across real processes: publishers SIGKILLed inside the
-writer's critical section or at random moments, subscribers killed, whole
-buses killed, and memory scribbled on.
+"""Fault injection across real processes, for the single-writer rings.
+
+Publishers SIGSTOPped (at random points, and mid-record), SIGKILLed at every
+step of their write path and at random moments, hit by signal storms (a
+no-op handler, and a SIGALRM handler that raises); event loops watched
+while the bus's other processes are stopped and killed; subscribers killed;
+every process of a bus killed; bus-segment headers corrupted; ring files
+scribbled on.
 
 Every process is a spawned interpreter (:mod:`spawn`); the child-side code is
 in :mod:`fault_agents` (and :mod:`agents`). Synchronisation is by handshake
 (a child reports where it stopped) or by bounded polling with a deadline.
-Recovery times are measured and recorded (:mod:`figures`) but only bounded by
-a generous hang guard: timing belongs in docs/RELIABILITY.md.
+Figures are recorded (:mod:`figures`) for docs/RELIABILITY.md; bounds here
+are generous hang guards, never timing claims.
 
-The accounting checked everywhere is conservation: for a subscription with a
-catch-all pattern, ``received + dropped`` equals the sequence numbers the bus
-handed out while it was open (events committed, plus events reserved by a
-writer that died before committing), with no duplicate and per-publisher order
-kept. A gap that is not counted is a loss nobody would ever learn about; these
-tests call such a loss *uncounted* and require zero of them.
+The books kept everywhere, per publisher (one publisher = one bus instance =
+one ring; each event carries its publisher's id and counter, see
+:func:`fault_agents.make_payload`):
+
+* **nothing that returned is lost**: every event whose ``publish_nowait``
+  returned is delivered to a catch-all subscriber process, in its
+  publisher's order, once, with the payload it was published with;
+* **conservation**: delivered + dropped == published, exactly (these tests
+  size rings and queues so that nothing is dropped, so dropped is 0);
+* **nobody waits**: a publisher that was not itself stopped never spends
+  :data:`NEVER_WAITS` in one ``publish_nowait`` call, whatever the other
+  processes are doing (stopped mid-record, killed, interrupted).
 """
 
 from __future__ import annotations
@@ -23,17 +34,18 @@ import contextlib
 import mmap
 import os
 import random
+import signal
 import struct
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import agents
 import fault_agents
 import figures
-import posix_ipc
 import psutil
 import pytest
 from conftest import SMALL_RING, new_bus_name
@@ -41,27 +53,35 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from spawn import Agent, AgentError, running, stop_resource_tracker
 
+import shmbus.reader
 from shmbus import ShmBus
-from shmbus.inspect import read_bus
+from shmbus.inspect import RingInfo, read_bus
 from shmbus.layout import (
+    LAYOUT_VERSION,
     OFF_SLEEP_FLAGS,
     RING_OFFSET,
-    W_LOCK_PID,
-    W_NEXT_SEQ,
     W_WRITE_CURSOR,
 )
 from shmbus.leftovers import cleanup
-from shmbus.segment import SHM_DIR, lock_semaphore_name, resource_paths
+from shmbus.shmfiles import bus_file_paths, segment_path
 
 #: Hang guard for a child to finish its part (the box is shared and slow).
 FINISH = 60.0
-#: Generous bound on recovering the writer lock from a dead holder. The
-#: design says about lock_timeout (1 s); this only turns a hang into a failure.
-RECOVERY_BOUND = 10.0
-#: A subscriber queue no test here fills: only the ring can lose events.
-BIG_QUEUE = {"queue_size": 1 << 20}
-#: Random-kill trials: a short run in the default suite, a long one on demand.
+#: The longest a single ``publish_nowait`` call of a publisher that was not
+#: itself stopped may take. Every stop here lasts 0.3 s or more, so a
+#: publisher that waited for a stopped one would take longer; a descheduled
+#: but unhindered call takes milliseconds.
+NEVER_WAITS = 0.2
+#: Long forms of the storms and of the random kills: SHMBUS_LONG=1.
 LONG = os.environ.get("SHMBUS_LONG") == "1"
+#: Rings no subscriber here is lapped in (every test publishes far less, or
+#: paces itself), with small events.
+ROOMY = {"capacity": 4 << 20, "max_event_size": 4096}
+#: A subscriber queue no test here fills.
+BIG_QUEUE = {"queue_size": 1 << 20}
+SUBSCRIBER = {**ROOMY, **BIG_QUEUE}
+#: Quiet time after which a subscriber's tally is taken.
+QUIET = 0.3
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,469 +90,43 @@ def _no_resource_tracker_left() -> Iterator[None]:
     stop_resource_tracker()
 
 
+@pytest.fixture(autouse=True)
+def _remove_what_killed_processes_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A bus whose processes were all killed keeps its files: remove them
+    once the test is over (its agents are dead by then)."""
+    name = request.getfixturevalue("bus_name") if "bus_name" in request.fixturenames else None
+    yield
+    if name is not None:
+        cleanup(name)
+
+
 # ─── Helpers ────────────────────────────────────────────────────────────────
 
 
-def _blocked_in_futex(pid: int) -> bool:
-    """True if process *pid* sleeps in futex(2): a semaphore wait."""
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            if "futex" in f.read():
-                return True
-        with open(f"/proc/{pid}/syscall") as f:
-            number = f.read().split(" ", 1)[0]
-    except OSError:
-        return False
-    return number in {"202", "98"}  # futex on x86-64, arm64
-
-
-def wait_until_blocked(pids: list[int], what: str, timeout: float = 30.0) -> None:
-    """Poll until every process in *pids* waits on a semaphore at once."""
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while not all(_blocked_in_futex(pid) for pid in pids):
+    while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(0.002)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.005)
 
 
-def seqs_by_publisher(events: list[tuple[Any, Any]]) -> dict[Any, list[int]]:
-    seqs: dict[Any, list[int]] = {}
-    for pub, seq in events:
-        seqs.setdefault(pub, []).append(seq)
-    return seqs
+def process_state(pid: int) -> str:
+    """The state letter of process *pid* in /proc (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
-def order_violations(events: list[tuple[Any, Any]]) -> dict[Any, list[tuple[int, int]]]:
-    """Per publisher, the places where its sequence goes back or repeats."""
-    bad = {}
-    for pub, seqs in seqs_by_publisher(events).items():
-        wrong = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
-        if wrong:
-            bad[pub] = wrong[:5]
-    return bad
+def wait_stopped(pid: int) -> None:
+    wait_until(lambda: process_state(pid) == "T", f"pid {pid} to be stopped")
 
 
-def header_word(name: str, word: int) -> int:
-    with open(f"{SHM_DIR}/shmbus.{name}", "rb") as f:
-        f.seek(word * 8)
-        value: int = struct.unpack("<Q", f.read(8))[0]
-    return value
+def ring_files(name: str) -> set[str]:
+    return {path for path in bus_file_paths(name) if ":ring." in path}
 
 
-@contextlib.contextmanager
-def mapped_segment(name: str) -> Iterator[mmap.mmap]:
-    """A second, independent read-write mapping of the bus's segment file."""
-    with open(f"{SHM_DIR}/shmbus.{name}", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
-        yield mm
-
-
-# ─── A publisher dies inside the writer's critical section ─────────────────
-
-#: Events the doomed publisher commits before the one it dies in.
-BEFORE = 25
-#: Publishers waiting for the lock when the holder dies, and their events.
-WAITERS = 3
-PER_WAITER = 200
-
-
-@dataclass
-class WriterDeath:
-    """What happened when a publisher died at one crash point."""
-
-    point: str
-    victim_exit: int | None
-    waiter_reports: list[dict[str, Any]]
-    tally: dict[str, Any]
-    lock_recoveries: int
-    torn_records: int
-    published_word: int
-    next_seq: int
-    recovery_s: float
-
-
-@pytest.fixture(scope="module", params=fault_agents.CRASH_POINTS)
-def writer_death(request: pytest.FixtureRequest) -> WriterDeath:
-    """A publisher process stops at a crash point of the writer's critical
-    section (holding the writer lock) and is SIGKILLed there while three
-    other publisher processes wait for the lock; a catch-all subscriber
-    process tallies what arrives. Runs once per crash point; each test below
-    checks one aspect of the outcome."""
-    point: str = request.param
-    name = new_bus_name(f"dies-{point}")
-    subscriber = Agent(
-        fault_agents.tally_subscriber, name, ">", bus_kwargs={**SMALL_RING, **BIG_QUEUE}
-    )
-    victim = Agent(
-        fault_agents.doomed_publisher, name, 100, point, before=BEFORE, bus_kwargs=SMALL_RING
-    )
-    waiters = [
-        Agent(fault_agents.timed_publisher, name, i, PER_WAITER, bus_kwargs=SMALL_RING)
-        for i in range(1, WAITERS + 1)
-    ]
-    with running(subscriber, victim, *waiters):
-        for agent in (subscriber, victim, *waiters):
-            agent.expect("ready", FINISH)
-        victim.send("go")
-        victim.expect(("dying", point), FINISH)
-        for waiter in waiters:
-            waiter.send("go")
-        for waiter in waiters:
-            waiter.expect("started", FINISH)
-        wait_until_blocked([w.pid for w in waiters], "every waiter waits for the writer lock")
-        killed_at = time.monotonic()
-        victim.kill()
-        reports = [waiter.recv(FINISH) for waiter in waiters]
-        info = read_bus(name)
-        reserved = 1 if point in fault_agents.RESERVED_AT else 0
-        expected = BEFORE + WAITERS * PER_WAITER + reserved
-        subscriber.send(("tally", expected, 0.3))
-        tally = subscriber.recv(FINISH)
-        subscriber.send("close")
-        subscriber.expect("closed", FINISH)
-    death = WriterDeath(
-        point=point,
-        victim_exit=victim.process.exitcode,
-        waiter_reports=reports,
-        tally=tally,
-        lock_recoveries=info.lock_recoveries,
-        torn_records=info.torn_records,
-        published_word=info.published,
-        next_seq=info.next_seq,
-        recovery_s=min(r["first_done"] for r in reports) - killed_at,
-    )
-    figures.record(
-        f"writer-death[{point}]",
-        {
-            "waiters": WAITERS,
-            "recovery_s": round(death.recovery_s, 3),
-            "lock_recoveries": death.lock_recoveries,
-            "torn_records": death.torn_records,
-            "received": tally["received"],
-            "dropped": tally["dropped"],
-            "uncounted": expected - tally["received"] - tally["dropped"],
-        },
-    )
-    return death
-
-
-def test_publishers_waiting_for_a_dead_writers_lock_all_complete(
-    writer_death: WriterDeath,
-) -> None:
-    """Every publisher that was waiting for the lock when its holder was
-    killed completes all its publishes, without a publish error, well within
-    the hang guard (the measured recovery time is recorded, not asserted)."""
-    assert writer_death.victim_exit == -9
-    for report in writer_death.waiter_reports:
-        assert report["published"] == PER_WAITER
-        assert report["bus"]["publish_errors"] == 0, report["bus"]
-    assert writer_death.recovery_s < RECOVERY_BOUND, writer_death.recovery_s
-
-
-def test_exactly_one_waiter_takes_over_a_dead_writers_lock(writer_death: WriterDeath) -> None:
-    """Three publishers wait when the holder dies; exactly one takes the lock
-    over: the segment's lock_recoveries word is 1, and so is the sum of the
-    survivors' stats()["lock_recoveries"]."""
-    assert writer_death.lock_recoveries == 1
-    assert sum(r["bus"]["lock_recoveries"] for r in writer_death.waiter_reports) == 1
-
-
-def test_readers_count_the_dead_writers_reserved_event_and_lose_nothing_else(
-    writer_death: WriterDeath,
-) -> None:
-    """A catch-all subscriber receives every committed event exactly once,
-    in per-publisher order, and counts as dropped exactly the event whose
-    sequence number the dead writer reserved but never committed (none if it
-    died before reserving one; its event is received if it died after the
-    commit)."""
-    tally = writer_death.tally
-    point = writer_death.point
-    reserved = point in fault_agents.RESERVED_AT
-    committed = point in fault_agents.COMMITTED_AT
-    events = tally["events"]
-    assert order_violations(events) == {}
-    seqs = seqs_by_publisher(events)
-    victim_seqs = list(range(BEFORE + (1 if committed else 0)))
-    assert seqs.pop(100) == victim_seqs
-    assert seqs == {i: list(range(PER_WAITER)) for i in range(1, WAITERS + 1)}
-    assert tally["dropped"] == (1 if reserved and not committed else 0)
-    expected = BEFORE + WAITERS * PER_WAITER + (1 if reserved else 0)
-    assert tally["received"] + tally["dropped"] == expected
-    assert writer_death.next_seq == expected
-
-
-def test_the_bus_counters_account_for_a_dead_writers_reserved_event(
-    writer_death: WriterDeath,
-) -> None:
-    """The segment's counters agree with what readers saw: torn_records is 1
-    if the dead writer reserved a sequence number it never committed, else
-    0, and published + torn_records == next_seq."""
-    point = writer_death.point
-    torn = 1 if point in fault_agents.RESERVED_AT and point not in fault_agents.COMMITTED_AT else 0
-    assert writer_death.torn_records == torn
-    assert writer_death.published_word + writer_death.torn_records == writer_death.next_seq
-
-
-# ─── A publisher stalls (alive) where a dead one would be taken over ──────
-
-
-#: The default lock_timeout: a dead holder is taken over well within it.
-STALL_BOUND = 1.0
-
-
-@pytest.mark.parametrize("point", ["unrecorded", "unreleased"])
-async def test_a_writer_stalled_where_its_holder_record_is_empty_keeps_the_lock_exclusive(
-    bus_name: str, point: str
-) -> None:
-    """A publisher stalls, alive, for longer than lock_timeout between taking
-    the semaphore and recording itself (or between clearing its record and
-    releasing), as a SIGSTOP or a long descheduling would make it. Its record
-    is empty, but no dead instance had announced it was acquiring, so a
-    waiter does not take the lock over: it waits, publishes once the holder
-    goes on, and the writer semaphore is back at 1 (one writer at a time)."""
-    host = ShmBus(bus_name, **SMALL_RING)
-    await host.connect()
-    try:
-        stalled = Agent(
-            fault_agents.doomed_publisher,
-            bus_name,
-            100,
-            point,
-            before=3,
-            stall=True,
-            bus_kwargs=SMALL_RING,
-        )
-        waiter = Agent(fault_agents.timed_publisher, bus_name, 1, 10, bus_kwargs=SMALL_RING)
-        with running(stalled, waiter):
-            stalled.expect("ready", FINISH)
-            waiter.expect("ready", FINISH)
-            stalled.send("go")
-            stalled.expect(("stalled", point), FINISH)
-            waiter.send("go")
-            waiter.expect("started", FINISH)
-            # Not synchronisation: a bound on how long it must keep waiting,
-            # twice the lock_timeout after which a dead holder is taken over.
-            with pytest.raises(AgentError):
-                waiter.recv(2 * STALL_BOUND)
-            stalled.send("resume")
-            stalled.recv(FINISH)
-            report = waiter.recv(FINISH)
-            assert report["bus"]["lock_recoveries"] == 0  # a live holder is never taken over
-            stalled.send("close")
-            assert stalled.join(FINISH) == 0
-        semaphore = posix_ipc.Semaphore(lock_semaphore_name(bus_name))
-        try:
-            value = semaphore.value
-        finally:
-            semaphore.close()
-    finally:
-        await host.close()
-    assert value == 1
-
-
-# ─── Publishers killed at random moments ───────────────────────────────────
-
-#: Ring for the random-kill trials: roomy, so that the subscriber is rarely
-#: lapped and losses are mostly the dead writers' own.
-KILL_RING = {"capacity": 4 << 20, "max_event_size": 64 * 1024}
-SURVIVORS = 2
-
-
-@dataclass
-class KillTally:
-    """Running totals over the random-kill trials."""
-
-    trials: int = 0
-    held_lock: int = 0
-    recoveries: int = 0
-    torn: int = 0
-    worst_recovery_s: float = 0.0
-    uncounted: int = 0
-    corrupt: int = 0
-    counter_mismatches: int = 0
-
-
-def _spin(seconds: float) -> None:
-    """Busy-wait: shifts the kill to a random point of the victim's loop
-    (a sleep's wake-up jitter would cluster the kills)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
-
-
-def run_random_kills(trials: int, seed: int) -> KillTally:
-    """*trials* times: a fresh busy publisher process is SIGKILLed at a
-    random moment (every other trial: at a random point while it holds the
-    writer lock) while two other busy publishers run; then the test process
-    publishes a probe event, and the books are checked: the writer lock was
-    taken over exactly once if the victim died holding it (never otherwise),
-    every event is received or counted dropped (conservation against the
-    sequence numbers handed out), nothing is duplicated or reordered, and the
-    probe arrives."""
-    print(f"random kills: seed {seed}")  # shown if the test fails
-    rng = random.Random(seed)
-    name = new_bus_name("random-kills")
-    tally = KillTally()
-    host = ShmBus(name, **KILL_RING)
-    asyncio.run(host.connect())
-    subscriber = Agent(
-        fault_agents.tally_subscriber, name, ">", bus_kwargs={**KILL_RING, **BIG_QUEUE}
-    )
-    survivors = [
-        Agent(fault_agents.busy_publisher, name, i, seed=seed + i, bus_kwargs=KILL_RING)
-        for i in range(1, SURVIVORS + 1)
-    ]
-
-    def new_victim(trial: int) -> Agent:
-        return Agent(
-            fault_agents.busy_publisher,
-            name,
-            1000 + trial,
-            progress_at=rng.randint(1, 2000),
-            seed=seed + 1000 + trial,
-            bus_kwargs=KILL_RING,
-        ).start()
-
-    victims: list[Agent] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            words = memoryview(stack.enter_context(mapped_segment(name))).cast("Q")
-            stack.callback(words.release)
-            stack.enter_context(running(subscriber, *survivors))
-            for agent in (subscriber, *survivors):
-                agent.expect("ready", FINISH)
-            base_seq = header_word(name, W_NEXT_SEQ)
-            survivor_next = [0] * len(survivors)
-            last_seq: dict[Any, int] = {}
-            stats_recoveries = 0
-            dropped_before = 0
-            received_before = 0
-            info = read_bus(name)
-            victims.append(new_victim(0))
-            for trial in range(trials):
-                victim = victims[-1]
-                victim.expect("ready", FINISH)
-                victims.append(new_victim(trial + 1))  # boots while this trial runs
-                seq_before, torn_before = info.next_seq, info.torn_records
-                recoveries_before = info.lock_recoveries
-                for agent in (*survivors, victim):
-                    agent.send("go")
-                victim.expect("progress", FINISH)
-                _spin(rng.uniform(0, 0.003))
-                if trial % 2:  # every other trial: somewhere inside the lock
-                    _wait_for_lock_holder(words, victim.pid)
-                killed_at = time.monotonic()
-                victim.kill()
-                held = header_word(name, W_LOCK_PID) == victim.pid
-                host.publish_nowait("fault.probe", {"pub": 0, "seq": trial})
-                recovery = time.monotonic() - killed_at
-                for agent in survivors:
-                    agent.send("stop")
-                reports = [agent.recv(FINISH) for agent in survivors]
-                info = read_bus(name)
-                subscriber.send(("tally", info.next_seq - base_seq, 0.2))
-                seen = subscriber.recv(FINISH)
-
-                assert victim.process.exitcode == -9
-                assert recovery < RECOVERY_BOUND, f"trial {trial}: probe took {recovery:.1f} s"
-                assert host.stats()["publish_errors"] == 0
-                recovered = info.lock_recoveries - recoveries_before
-                assert recovered in (0, 1), f"trial {trial}: {recovered} takeovers for one death"
-                if held:
-                    assert recovered == 1, f"trial {trial}: victim died holding the lock"
-                stats_total = host.stats()["lock_recoveries"] + sum(
-                    r["bus"]["lock_recoveries"] for r in reports
-                )
-                assert stats_total - stats_recoveries == recovered
-                stats_recoveries = stats_total
-                issued = info.next_seq - seq_before
-                received = seen["received"] - received_before
-                dropped = seen["dropped"] - dropped_before
-                received_before, dropped_before = seen["received"], seen["dropped"]
-                assert received + dropped == issued, (
-                    f"trial {trial}: {issued} sequence numbers handed out, "
-                    f"{received} received + {dropped} dropped"
-                )
-                events = seen["events"]
-                for pub, seq in events:
-                    assert seq > last_seq.get(pub, -1), f"trial {trial}: {pub} went back to {seq}"
-                    last_seq[pub] = seq
-                assert (0, trial) in events, f"trial {trial}: the probe was not received"
-                missing = 1 - sum(1 for pub, _ in events if pub == 0)
-                for i, report in enumerate(reports):
-                    got = [seq for pub, seq in events if pub == i + 1]
-                    first = survivor_next[i]
-                    survivor_next[i] = first + report["published"]
-                    assert all(first <= seq < survivor_next[i] for seq in got)
-                    missing += report["published"] - len(got)
-                assert missing <= dropped, f"trial {trial}: {missing} lost, {dropped} counted"
-                tally.trials += 1
-                tally.held_lock += held
-                tally.recoveries += recovered
-                tally.torn += info.torn_records - torn_before
-                tally.worst_recovery_s = max(tally.worst_recovery_s, recovery)
-                tally.uncounted += issued - received - dropped
-                tally.corrupt = seen["bus"]["corrupt"]
-                tally.counter_mismatches += info.published + info.torn_records != info.next_seq
-            for agent in survivors:
-                agent.send("close")
-            subscriber.send("close")
-            subscriber.expect("closed", FINISH)
-            for agent in survivors:
-                agent.join(FINISH)
-    finally:
-        for victim in victims:
-            victim.kill()
-            victim.close()
-        asyncio.run(host.close())
-    return tally
-
-
-def _wait_for_lock_holder(words: memoryview, pid: int, timeout: float = 10.0) -> None:
-    """Busy-poll the segment's holder record until *pid* holds the writer
-    lock: the kill that follows lands at a random point of its critical
-    section."""
-    deadline = time.monotonic() + timeout
-    while words[W_LOCK_PID] != pid:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"pid {pid} never held the writer lock in {timeout:.0f} s")
-
-
-def _record_kills(test_id: str, tally: KillTally) -> None:
-    figures.record(
-        test_id,
-        {
-            "trials": tally.trials,
-            "died_holding_lock": tally.held_lock,
-            "lock_recoveries": tally.recoveries,
-            "torn_records": tally.torn,
-            "worst_probe_publish_s": round(tally.worst_recovery_s, 3),
-            "corrupt": tally.corrupt,
-            "uncounted": tally.uncounted,
-            "torn_counter_mismatches": tally.counter_mismatches,
-        },
-    )
-
-
-def test_busy_publishers_killed_at_random_moments_lose_nothing_uncounted() -> None:
-    """Ten busy publisher processes, one per trial, SIGKILLed at random
-    moments next to two others: after every kill the bus works (a probe
-    event is published and received), takeovers match deaths inside the
-    lock, and conservation holds (see :func:`run_random_kills`)."""
-    tally = run_random_kills(10, seed=random.randrange(1 << 30))
-    _record_kills("random-kills[short]", tally)
-    assert tally.uncounted == 0
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="long form: set SHMBUS_LONG=1")
-def test_busy_publishers_killed_at_random_moments_lose_nothing_uncounted_long() -> None:
-    """The same with 60 trials (run with SHMBUS_LONG=1)."""
-    tally = run_random_kills(60, seed=random.randrange(1 << 30))
-    _record_kills("random-kills[long]", tally)
-    assert tally.uncounted == 0
-
-
-# ─── A subscriber process dies ─────────────────────────────────────────────
+def rings_of(name: str, pid: int) -> list[RingInfo]:
+    return [ring for ring in read_bus(name).rings if ring.writer_pid == pid]
 
 
 def slot_of(name: str, pid: int) -> int:
@@ -542,12 +136,733 @@ def slot_of(name: str, pid: int) -> int:
     return slots[0]
 
 
-def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.005)
+@contextlib.contextmanager
+def mapped(path: str) -> Iterator[mmap.mmap]:
+    """An independent read-write mapping of a file of a bus."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        yield mm
+
+
+def tally(subscriber: Agent, expected: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The subscriber's tally once *expected* events are in and it is quiet."""
+    subscriber.send(("tally", expected, QUIET, timeout))
+    report: dict[str, Any] = subscriber.recv(timeout + FINISH)
+    return report
+
+
+def whole(report: dict[str, Any], pub: int) -> list[tuple[int, int]]:
+    """Publisher *pub*'s counters the subscriber received, as runs."""
+    return [tuple(run) for run in report["runs"].get(pub, [])]
+
+
+def delivered_count(report: dict[str, Any], pub: int) -> int:
+    return sum(end - first for first, end in whole(report, pub))
+
+
+def assert_clean(report: dict[str, Any]) -> None:
+    """No event out of order or twice, none mangled, none dropped."""
+    assert report["disorder"] == {}, report["disorder"]
+    assert report["invalid"] == [], report["invalid"]
+    assert report["dropped"] == 0, (report["dropped"], report["evicted"], report["lost"])
+    assert report["bus"]["corrupt"] == 0, report["bus"]
+
+
+def waits(publisher: dict[str, Any], own_stops: list[tuple[float, float]]) -> list[float]:
+    """Durations of the publisher's slow calls that did not overlap one of
+    its own stops: the times it waited for something else."""
+    return [
+        took
+        for start, took in publisher["slow_calls"]
+        if not any(start < cont and start + took > stop for stop, cont in own_stops)
+    ]
+
+
+def close_all(*agents_: Agent) -> None:
+    """Tell every agent to close, one after the other (the last one out
+    removes the bus's files)."""
+    for agent in agents_:
+        agent.send("close")
+        agent.expect("closed", FINISH)
+
+
+def connect_and_close(name: str) -> None:
+    """Connect an instance and close it: both reclaim the rings of dead
+    writers that no reader is owed (and only then)."""
+    probe = ShmBus(name, **SMALL_RING)
+    probe.connect_sync()
+    probe.close_sync()
+
+
+def _spin(seconds: float) -> None:
+    """Busy-wait: a kill lands at a random point of the victim's loop (a
+    sleep's wake-up jitter would cluster the kills)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+# ─── Publishers stopped (SIGSTOP) ──────────────────────────────────────────
+
+
+def run_stop_storm(name: str, *, seconds: float, pause: tuple[float, float], seed: int) -> None:
+    """Three publisher processes publish continuously (paced, so that one
+    subscriber process keeps up); the test SIGSTOPs one at a time, at a
+    random point, for *pause* seconds, again and again for *seconds*."""
+    print(f"stop storm: seed {seed}")  # shown if the test fails
+    rng = random.Random(seed)
+    subscriber = Agent(fault_agents.tally_subscriber, name, bus_kwargs=SUBSCRIBER)
+    publishers = [
+        Agent(fault_agents.steady_publisher, name, pub, burst=50, pause=0.002, bus_kwargs=ROOMY)
+        for pub in (1, 2, 3)
+    ]
+    stops: dict[int, list[tuple[float, float]]] = {pub: [] for pub in (1, 2, 3)}
+    with running(subscriber, *publishers):
+        for agent in (subscriber, *publishers):
+            agent.expect("ready", FINISH)
+        for agent in publishers:
+            agent.send("go")
+        end = time.monotonic() + seconds
+        order: list[int] = []
+        while time.monotonic() < end:
+            if not order:
+                order = rng.sample([1, 2, 3], 3)  # each is stopped, in random turns
+            pub = order.pop()
+            victim = publishers[pub - 1]
+            _spin(rng.uniform(0.0, 0.05))
+            stopped_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGSTOP)
+            time.sleep(rng.uniform(*pause))
+            os.kill(victim.pid, signal.SIGCONT)
+            stops[pub].append((stopped_at, time.monotonic()))
+        for agent in publishers:
+            agent.send("stop")
+        reports = {pub: agent.recv(FINISH) for pub, agent in enumerate(publishers, 1)}
+        seen = tally(subscriber, sum(r["published"] for r in reports.values()))
+        close_all(*publishers, subscriber)
+    all_waits = {pub: waits(reports[pub], stops[pub]) for pub in reports}
+    figures.record(
+        "stop-storm[long]" if LONG else "stop-storm",
+        {
+            "seconds": seconds,
+            "stops": {pub: len(s) for pub, s in stops.items()},
+            "published": {pub: r["published"] for pub, r in reports.items()},
+            "longest_wait_s": round(max(max(w, default=0.0) for w in all_waits.values()), 4),
+            "dropped": seen["dropped"],
+        },
+    )
+    for pub, report in reports.items():
+        assert stops[pub], f"publisher {pub} was never stopped"
+        assert (report["errors"], report["bus"]["publish_errors"]) == (0, 0), report
+        assert max(all_waits[pub], default=0.0) < NEVER_WAITS, (pub, all_waits[pub], stops[pub])
+        assert whole(seen, pub) == [(0, report["published"])], (pub, whole(seen, pub))
+    assert_clean(seen)
+    assert seen["delivered"] + seen["dropped"] == sum(r["published"] for r in reports.values())
+
+
+def test_publishers_stopped_at_random_points_delay_no_other_publisher_and_lose_nothing(
+    bus_name: str,
+) -> None:
+    """SIGSTOP storm: three publisher processes publish continuously; each
+    in turn is SIGSTOPped at a random point of its loop (inside a publish
+    or between two) for 0.3-1 s, again and again for 4 s. (Shorter stops
+    than the 1-2 s of the issue, to fit the suite's time budget; the long
+    form below has them.) No publisher ever waits for a stopped one, no
+    publish fails, and a subscriber process gets every event of every
+    publisher in its order, intact, none dropped."""
+    run_stop_storm(bus_name, seconds=4.0, pause=(0.3, 1.0), seed=random.randrange(1 << 30))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="long form: set SHMBUS_LONG=1")
+def test_publishers_stopped_for_seconds_at_random_points_delay_no_other_publisher_long(
+    bus_name: str,
+) -> None:
+    """The SIGSTOP storm with 1-2 s stops, for 30 s (SHMBUS_LONG=1)."""
+    run_stop_storm(bus_name, seconds=30.0, pause=(1.0, 2.0), seed=random.randrange(1 << 30))
+
+
+def test_a_publisher_stopped_mid_record_delays_no_other_process(bus_name: str) -> None:
+    """A publisher process SIGSTOPs itself mid-record (record written, not
+    committed). While it is stopped, another publisher process completes
+    1000 publishes without waiting and a subscriber process receives all of
+    them (and the stopped one's earlier events); once continued, the stopped
+    publisher's event is delivered too."""
+    stopped = Agent(
+        fault_agents.doomed_publisher,
+        bus_name,
+        100,
+        "mid-record",
+        before=5,
+        stop=True,
+        bus_kwargs=ROOMY,
+    )
+    other = Agent(
+        fault_agents.steady_publisher, bus_name, 1, count=1000, burst=1000, bus_kwargs=ROOMY
+    )
+    subscriber = Agent(fault_agents.tally_subscriber, bus_name, bus_kwargs=SUBSCRIBER)
+    with running(subscriber, stopped, other):
+        for agent in (subscriber, stopped, other):
+            agent.expect("ready", FINISH)
+        stopped.send("go")
+        stopped.expect(("stopping", "mid-record"), FINISH)
+        wait_stopped(stopped.pid)
+        other.send("go")
+        report = other.recv(FINISH)
+        while_stopped = tally(subscriber, 5 + 1000)
+        assert process_state(stopped.pid) == "T", "the stopped publisher was continued"
+        os.kill(stopped.pid, signal.SIGCONT)
+        assert stopped.recv(FINISH)["published"] == 6
+        after = tally(subscriber, 5 + 1000 + 1)
+        close_all(stopped, other, subscriber)
+    assert (report["published"], report["errors"], report["bus"]["publish_errors"]) == (1000, 0, 0)
+    assert report["max_call"] < NEVER_WAITS, report["max_call"]
+    assert whole(while_stopped, 1) == [(0, 1000)]
+    assert whole(while_stopped, 100) == [(0, 5)]
+    assert_clean(while_stopped)
+    assert whole(after, 100) == [(0, 6)]
+    assert_clean(after)
+
+
+# ─── Publishers killed (SIGKILL) ───────────────────────────────────────────
+
+
+#: Events the doomed publisher publishes before the one it dies in (its
+#: first publish is the one that dies at a FIRST_PUBLISH_POINTS point).
+BEFORE = 25
+#: How long the doomed publisher holds still at its crash point before the
+#: kill: well over NEVER_WAITS.
+HOLD = 0.5
+
+
+@pytest.mark.parametrize("point", fault_agents.CRASH_POINTS)
+def test_a_publisher_killed_at_each_step_of_its_write_path_loses_nothing_that_returned(
+    bus_name: str, point: str
+) -> None:
+    """A publisher process is SIGKILLed at crash point *point* of its write
+    path (see :mod:`fault_agents`), after holding still there for
+    :data:`HOLD` s, while another publisher process publishes continuously:
+    that publisher never waits, not before the kill and not after; a
+    subscriber process receives every event of the dead publisher whose
+    publish returned (and the one it died in once it was committed) and
+    every event of the other, in order, none dropped; and the dead
+    publisher's ring file is removed once the subscriber has read it (an
+    installer that died before its ring was LIVE, which no reader follows,
+    by the next instance that connects)."""
+    before = 0 if point in fault_agents.FIRST_PUBLISH_POINTS else BEFORE
+    victim = Agent(
+        fault_agents.doomed_publisher, bus_name, 100, point, before=before, bus_kwargs=ROOMY
+    )
+    other = Agent(
+        fault_agents.steady_publisher, bus_name, 1, burst=20, pause=0.001, bus_kwargs=ROOMY
+    )
+    subscriber = Agent(fault_agents.tally_subscriber, bus_name, bus_kwargs=SUBSCRIBER)
+    with running(subscriber, victim, other):
+        for agent in (subscriber, victim, other):
+            agent.expect("ready", FINISH)
+        other.send("go")
+        wait_until(lambda: rings_of(bus_name, other.pid), "the other publisher's ring")
+        victim.send("go")
+        victim.expect(("dying", point), FINISH)
+        own = [ring.path for ring in read_bus(bus_name).rings if ring.writer_pid == victim.pid]
+        if point == "installing":  # the entry names no writer yet
+            own = [ring.path for ring in read_bus(bus_name).rings if ring.state == "installing"]
+        time.sleep(HOLD)  # a publisher waiting for it would wait this long
+        victim.kill()
+        time.sleep(0.2)
+        other.send("stop")
+        report = other.recv(FINISH)
+        committed = before + (1 if point in fault_agents.COMMITTED_AT else 0)
+        seen = tally(subscriber, report["published"] + committed)
+        if point == "installing":
+            connect_and_close(bus_name)
+        wait_until(
+            lambda: not ring_files(bus_name) & set(own),
+            f"the dead publisher's ring file to go ({read_bus(bus_name).rings})",
+        )
+        close_all(other, subscriber)
+    assert victim.process.exitcode == -9
+    assert len(own) == (0 if point == "before-ring" else 1), own
+    assert (report["errors"], report["bus"]["publish_errors"]) == (0, 0), report
+    assert report["max_call"] < NEVER_WAITS, report["slow_calls"]
+    assert whole(seen, 100) == ([(0, committed)] if committed else [])
+    assert whole(seen, 1) == [(0, report["published"])]
+    assert_clean(seen)
+    assert bus_file_paths(bus_name) == []
+
+
+@dataclass
+class KillTally:
+    """Running totals over the random-kill trials."""
+
+    trials: int = 0
+    returned: int = 0
+    delivered: int = 0
+    committed_unreturned: int = 0
+    early: int = 0
+
+
+def run_random_kills(trials: int, seed: int, tmp_path: Path) -> KillTally:
+    """*trials* times: a fresh publisher process publishing as fast as it
+    can is SIGKILLed at a random moment (every other trial within the first
+    5 ms of its publishing, when it creates its ring; the others after a
+    random number of events), next to another publisher that publishes
+    throughout. Each victim notes in a shared file how many of its publishes
+    returned, after each one. Then: every returned event of every victim was
+    delivered, plus at most the one it was killed in; the other publisher
+    never waited and lost nothing; the victims' ring files are all removed."""
+    print(f"random kills: seed {seed}")  # shown if the test fails
+    rng = random.Random(seed)
+    name = new_bus_name("random-kills")
+    progress = fault_agents.Counters(str(tmp_path / "returned"), trials)
+    totals = KillTally()
+    subscriber = Agent(fault_agents.tally_subscriber, name, bus_kwargs=SUBSCRIBER)
+    other = Agent(fault_agents.steady_publisher, name, 1, burst=20, pause=0.001, bus_kwargs=ROOMY)
+
+    def new_victim(trial: int) -> Agent:
+        return Agent(
+            fault_agents.steady_publisher,
+            name,
+            1000 + trial,
+            burst=1 << 30,
+            progress_at=rng.randint(1, 2000) if trial % 2 else None,
+            progress=(str(tmp_path / "returned"), trial),
+            bus_kwargs=ROOMY,
+        )
+
+    victims = [new_victim(trial) for trial in range(trials)]
+    try:
+        with running(subscriber, other):
+            subscriber.expect("ready", FINISH)
+            other.expect("ready", FINISH)
+            other.send("go")
+            victims[0].start()
+            for trial, victim in enumerate(victims):
+                victim.expect("ready", FINISH)
+                if trial + 1 < trials:
+                    victims[trial + 1].start()  # boots while this trial runs
+                victim.send("go")
+                if trial % 2:
+                    victim.expect("progress", FINISH)
+                    _spin(rng.uniform(0, 0.003))
+                else:
+                    _spin(rng.uniform(0, 0.005))
+                    totals.early += 1
+                victim.kill()
+                assert victim.process.exitcode == -9
+            other.send("stop")
+            report = other.recv(FINISH)
+            returned = [progress[trial] for trial in range(trials)]
+            seen = tally(subscriber, report["published"] + sum(returned))
+            connect_and_close(name)  # for a victim killed while installing its ring
+            wait_until(
+                lambda: len(ring_files(name)) == 1, "the killed publishers' ring files to go"
+            )
+            close_all(other, subscriber)
+    finally:
+        for victim in victims:
+            victim.kill()
+            victim.close()
+        progress.close()
+        cleanup(name)
+    assert (report["errors"], report["bus"]["publish_errors"]) == (0, 0), report
+    assert report["max_call"] < NEVER_WAITS, report["slow_calls"]
+    assert whole(seen, 1) == [(0, report["published"])]
+    assert_clean(seen)
+    for trial, count in enumerate(returned):
+        got = delivered_count(seen, 1000 + trial)
+        assert whole(seen, 1000 + trial) == ([(0, got)] if got else []), trial
+        assert count <= got <= count + 1, f"trial {trial}: {count} returned, {got} delivered"
+        totals.trials += 1
+        totals.returned += count
+        totals.delivered += got
+        totals.committed_unreturned += got - count
+    return totals
+
+
+def _record_kills(test_id: str, totals: KillTally) -> None:
+    figures.record(
+        test_id,
+        {
+            "trials": totals.trials,
+            "killed_while_starting": totals.early,
+            "returned": totals.returned,
+            "delivered": totals.delivered,
+            "committed_not_returned": totals.committed_unreturned,
+        },
+    )
+
+
+def test_publishers_killed_at_random_moments_lose_nothing_that_returned(tmp_path: Path) -> None:
+    """Six publisher processes, one per trial, SIGKILLed at random moments
+    next to a publisher that keeps publishing (see :func:`run_random_kills`)."""
+    totals = run_random_kills(6, random.randrange(1 << 30), tmp_path)
+    _record_kills("random-kills[short]", totals)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="long form: set SHMBUS_LONG=1")
+def test_publishers_killed_at_random_moments_lose_nothing_that_returned_long(
+    tmp_path: Path,
+) -> None:
+    """The same with 60 trials (SHMBUS_LONG=1)."""
+    totals = run_random_kills(60, random.randrange(1 << 30), tmp_path)
+    _record_kills("random-kills[long]", totals)
+
+
+# ─── Signal storms ─────────────────────────────────────────────────────────
+
+#: A ring that holds everything the storm publishes: no reader is ever
+#: lapped, so any loss would be the signals' doing.
+STORM_RING = {"capacity": 48 << 20, "max_event_size": 4096}
+#: The most the storm's publisher publishes (about 160 bytes a record).
+STORM_EVENTS = 250_000
+
+
+def test_a_noop_signal_handler_hit_at_1khz_costs_no_event(bus_name: str) -> None:
+    """A publisher process publishing as fast as it can and a subscriber
+    process each have a SIGUSR1 handler that does nothing; the test sends
+    both SIGUSR1 about every millisecond for 2 s. No publish raises or
+    fails, and the subscriber receives every event, in order, none
+    dropped (ring and queue are large enough that nothing else can drop)."""
+    publisher = Agent(
+        fault_agents.steady_publisher,
+        bus_name,
+        1,
+        count=STORM_EVENTS,
+        burst=100,
+        noop_signal=signal.SIGUSR1,
+        bus_kwargs=STORM_RING,
+    )
+    subscriber = Agent(
+        fault_agents.tally_subscriber,
+        bus_name,
+        noop_signal=signal.SIGUSR1,
+        bus_kwargs={**STORM_RING, **BIG_QUEUE},
+    )
+    with running(subscriber, publisher):
+        subscriber.expect("ready", FINISH)
+        publisher.expect("ready", FINISH)
+        publisher.send("go")
+        sent = 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            os.kill(publisher.pid, signal.SIGUSR1)
+            os.kill(subscriber.pid, signal.SIGUSR1)
+            sent += 1
+            time.sleep(0.001)
+        publisher.send("stop")
+        report = publisher.recv(FINISH)
+        seen = tally(subscriber, report["published"])
+        close_all(publisher, subscriber)
+    figures.record(
+        "noop-signal-storm",
+        {
+            "signals_sent_each": sent,
+            "publisher_handled": report["signals"],
+            "subscriber_handled": seen["signals"],
+            "published": report["published"],
+            "delivered": seen["delivered"],
+            "dropped": seen["dropped"],
+        },
+    )
+    assert (report["errors"], report["bus"]["publish_errors"]) == (0, 0), report["first_error"]
+    assert report["signals"] > sent // 4 and seen["signals"] > sent // 4, (sent, report, seen)
+    assert whole(seen, 1) == [(0, report["published"])]
+    assert_clean(seen)
+
+
+#: The alarmed process's rings: small, so that creating one (on an
+#: instance's first publish) takes well under the 0.7 ms between alarms,
+#: yet big enough for the 3000 events (about 160 bytes a record) each of its
+#: instances publishes: no reader is ever lapped in them.
+ALARMED_RING = {"capacity": 512 << 10, "max_event_size": 4096}
+
+
+def test_a_sigalrm_handler_that_raises_wedges_no_process(bus_name: str) -> None:
+    """A process uses a SIGALRM timeout helper whose handler raises, every
+    0.7 ms for 2 s, while it publishes, subscribes and unsubscribes, closes
+    its instance and connects a new one in a loop, catching the exception
+    around each call (:func:`fault_agents.alarmed_worker`). Afterwards:
+
+    * it still publishes on its last instance, and subscribes and receives
+      on a new one;
+    * another process publishes 1000 events at full speed (no call waits)
+      and a process that subscribes after the storm receives them all;
+    * a subscriber process that was there throughout received every event
+      whose publish returned, and of the interrupted ones (which may or may
+      not have been committed) nothing else, each once, in order."""
+    worker = Agent(
+        fault_agents.alarmed_worker,
+        bus_name,
+        7,
+        seconds=2.0,
+        per_instance=3000,
+        bus_kwargs=ALARMED_RING,
+    )
+    witness = Agent(fault_agents.tally_subscriber, bus_name, bus_kwargs=SUBSCRIBER)
+    late = Agent(fault_agents.tally_subscriber, bus_name, lazy=True, bus_kwargs=SUBSCRIBER)
+    bystander = Agent(
+        fault_agents.steady_publisher, bus_name, 2, count=1000, burst=1000, bus_kwargs=ROOMY
+    )
+    host = ShmBus(bus_name, **SMALL_RING)  # keeps the bus while the worker comes and goes
+    host.connect_sync()
+    try:
+        with running(witness, late, bystander, worker):
+            witness.expect("ready", FINISH)
+            late.expect("connected", FINISH)
+            bystander.expect("ready", FINISH)
+            worker.expect("ready", FINISH)
+            worker.send("go")
+            work = worker.recv(FINISH)
+            # Its instances are all closed by now; those still attached were
+            # left so by a connect or close that was interrupted.
+            leaked = sum(1 for s in read_bus(bus_name).live_instances if s.pid == worker.pid)
+            late.send("subscribe")
+            late.expect("ready", FINISH)
+            bystander.send("go")
+            report = bystander.recv(FINISH)
+            late_seen = tally(late, 1000)
+            returned = {
+                int(pub): attempts - len(work["maybe"][pub])
+                for pub, attempts in work["attempts"].items()
+            }
+            seen = tally(witness, 1000 + sum(returned.values()))
+            worker.send("close")
+            worker.expect("closed", FINISH)
+            close_all(bystander, late, witness)
+    finally:
+        host.close_sync()
+    figures.record(
+        "raising-sigalrm",
+        {
+            "alarms": work["alarms"],
+            "calls": work["calls"],
+            "interrupted": work["interrupted"],
+            "instances": len(work["attempts"]),
+            "instances_left_attached_by_interrupted_calls": leaked,
+            "last_instance_still_receives": work["after"]["same_instance_receives"],
+        },
+    )
+    # Whether the last instance's own subscriptions still work is left to
+    # the deterministic tests below (a subscribe interrupted at the wrong
+    # point breaks them: core bugs); a new instance's must.
+    after = work["after"]
+    assert (after["published"], after["new_instance_receives"], after["error"]) == (100, True, None)
+    assert work["alarms"] > 1000 and work["interrupted"]["publish"] > 0, work
+    assert (report["published"], report["errors"]) == (1000, 0), report
+    assert report["max_call"] < NEVER_WAITS, report["max_call"]
+    assert whole(late_seen, 2) == [(0, 1000)] and set(late_seen["runs"]) == {2}
+    assert_clean(late_seen)
+    assert whole(seen, 2) == [(0, 1000)]
+    assert seen["disorder"] == {} and seen["invalid"] == [] and seen["dropped"] == 0
+    for pub, attempts in work["attempts"].items():
+        maybe = set(work["maybe"][pub])
+        got = {n for first, end in whole(seen, int(pub)) for n in range(first, end)}
+        missing = set(range(attempts)) - maybe - got
+        assert not missing, f"publisher {pub}: returned but never delivered: {sorted(missing)[:10]}"
+        assert got <= set(range(attempts)), f"publisher {pub}: delivered what it never published"
+
+
+
+
+@pytest.mark.parametrize(
+    ("call", "where"),
+    [
+        ("connect", "slot claim"),
+        ("connect", "waker setup"),
+        ("close", "reader stop"),
+        ("close", "ring retirement"),
+    ],
+)
+def test_a_connect_or_close_interrupted_by_a_raising_signal_handler_leaves_nothing_attached(
+    bus_name: str, call: str, where: str
+) -> None:
+    """A process's only instance of a bus (it has published and subscribed)
+    has its *call* interrupted by an exception raised at *where* (as a
+    raising SIGALRM handler can, at any point), catches it and retries the
+    call, then closes. While the process lives on, it holds nothing of the
+    bus: no instance of it is attached, and, as it was the bus's last
+    instance, the bus's files are gone."""
+    child = Agent(fault_agents.interrupted_once, bus_name, call, where, bus_kwargs=SMALL_RING)
+    with running(child):
+        child.expect("closed", FINISH)
+        files = bus_file_paths(bus_name)
+        attached = (
+            [s.slot for s in read_bus(bus_name).live_instances if s.pid == child.pid]
+            if os.path.exists(segment_path(bus_name))
+            else []
+        )
+        child.send("exit")
+        assert child.join(FINISH) == 0
+    assert attached == []
+    assert files == []
+
+
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "following a ring it found",
+        "scheduling its next step",
+    ],
+)
+async def test_a_subscribe_interrupted_by_a_raising_signal_handler_leaves_the_reader_working(
+    bus_name: str, where: str
+) -> None:
+    """An instance has a subscription and another publisher has just
+    installed its ring when a ``subscribe()`` of the instance is
+    interrupted by an exception raised as its reader is *where* (as a
+    raising SIGALRM handler can, at any point). The subscription made
+    before and one made afterwards both receive what both publishers
+    publish from then on (and the one before, the new ring's first event)."""
+    bus, first, second = (ShmBus(bus_name, **SMALL_RING) for _ in range(3))
+    for instance in (bus, first, second):
+        await instance.connect()
+    try:
+        first.publish_nowait("a.b", {"n": 0})
+        before = bus.subscribe(">")
+        await asyncio.sleep(0.05)  # the reader follows first's ring, and goes idle
+        second.publish_nowait("a.b", {"n": 0})  # a new ring, not followed yet
+        loop = asyncio.get_running_loop()
+        call_soon = loop.call_soon
+        followed = shmbus.reader._Followed
+
+        def interrupted_call_soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(callback, "__name__", "") == "_step":
+                loop.call_soon = call_soon  # type: ignore[method-assign]
+                raise fault_agents.Alarm
+            return call_soon(callback, *args, **kwargs)
+
+        def interrupted_follow(*args: Any, **kwargs: Any) -> Any:
+            shmbus.reader._Followed = followed  # type: ignore[misc]
+            raise fault_agents.Alarm
+
+        if where == "scheduling its next step":
+            loop.call_soon = interrupted_call_soon  # type: ignore[method-assign]
+        else:
+            shmbus.reader._Followed = interrupted_follow  # type: ignore[misc,assignment]
+        try:
+            with contextlib.suppress(fault_agents.Alarm):
+                bus.subscribe("x.>")
+        finally:
+            loop.call_soon = call_soon  # type: ignore[method-assign]
+            shmbus.reader._Followed = followed  # type: ignore[misc]
+        after = bus.subscribe(">")
+        first.publish_nowait("a.b", {"n": 1})
+        second.publish_nowait("a.b", {"n": 2})
+        # before also gets second's first event: second's ring is younger than it.
+        for sub, expected in ((before, [0, 1, 2]), (after, [1, 2])):
+            got = [(await asyncio.wait_for(anext(aiter(sub)), 3)).payload["n"] for _ in expected]
+            assert sorted(got) == expected
+    finally:
+        for instance in (first, second, bus):
+            await instance.close()
+
+
+# ─── Event loops next to stopped and killed processes ──────────────────────
+
+#: The most the probe's ticker may be late: generous (a busy 2-core box
+#: deschedules a process for tens of ms); a wait for a stopped process
+#: would be seconds.
+LOOP_LAG_BOUND = 0.1
+PROBE_RING = {"capacity": 1 << 20, "max_event_size": 4096}
+
+
+def test_an_event_loop_never_waits_for_the_buses_stopped_or_killed_processes(
+    bus_name: str,
+) -> None:
+    """A probe process runs a 1 ms ticker on its event loop while it loops
+    over ``await bus.publish``, ``subscribe``/``aclose``, ``close`` and
+    ``await connect()`` for 3 s; meanwhile the test SIGSTOPs (for 0.1-0.6 s)
+    and SIGKILLs (then replaces) the bus's other publisher and subscriber
+    processes at random. The ticker is never late by more than
+    :data:`LOOP_LAG_BOUND` and no call of the probe holds its loop that
+    long."""
+    seed = random.randrange(1 << 30)
+    print(f"loop lag: seed {seed}")  # shown if the test fails
+    rng = random.Random(seed)
+    probe = Agent(
+        fault_agents.lag_probe, bus_name, 9, seconds=3.0, seed=seed, bus_kwargs=PROBE_RING
+    )
+    spawned: list[Agent] = []
+
+    def new_other() -> Agent:
+        if len(spawned) % 3 == 2:
+            agent = Agent(fault_agents.tally_subscriber, bus_name, bus_kwargs=PROBE_RING)
+        else:
+            agent = Agent(
+                fault_agents.steady_publisher,
+                bus_name,
+                len(spawned),
+                burst=20,
+                pause=0.002,
+                bus_kwargs=PROBE_RING,
+            )
+        spawned.append(agent)
+        return agent.start()
+
+    def ready(agent: Agent) -> Agent:
+        agent.expect("ready", FINISH)
+        if agent.name == "steady_publisher":
+            agent.send("go")
+        return agent
+
+    others: list[Agent] = []
+    stopped = killed = 0
+    try:
+        with running(probe):
+            others = [ready(agent) for agent in [new_other() for _ in range(3)]]
+            probe.expect("ready", FINISH)
+            probe.send("go")
+            report = None
+            deadline = time.monotonic() + FINISH
+            while report is None:
+                assert time.monotonic() < deadline, "the probe never reported"
+                time.sleep(rng.uniform(0.05, 0.2))
+                victim = rng.choice(others)
+                if rng.random() < 0.7:
+                    os.kill(victim.pid, signal.SIGSTOP)
+                    stopped += 1
+                    time.sleep(rng.uniform(0.1, 0.6))
+                    os.kill(victim.pid, signal.SIGCONT)
+                else:
+                    victim.kill()
+                    killed += 1
+                    others.remove(victim)
+                    others.append(ready(new_other()))
+                try:
+                    report = probe.recv(0.001)
+                except AgentError:
+                    if not probe.process.is_alive():
+                        raise
+            for agent in spawned:
+                agent.kill()
+            probe.send("close")  # the last instance: removes the bus
+            probe.expect("closed", FINISH)
+    finally:
+        for agent in spawned:
+            agent.kill()
+            agent.close()
+    figures.record(
+        "loop-lag",
+        {
+            "max_late_ms": round(report["max_late"] * 1000, 2),
+            "ticks": report["ticks"],
+            "ops": report["ops"],
+            "blocked_ms": {op: round(s * 1000, 2) for op, s in report["blocked"].items()},
+            "stops": stopped,
+            "kills": killed,
+        },
+    )
+    assert stopped + killed > 0
+    assert report["ops"]["publish"] and report["ops"]["subscribe"] and report["ops"]["connect"]
+    assert report["max_late"] < LOOP_LAG_BOUND, report
+    for op in ("publish", "subscribe", "close"):
+        assert report["blocked"][op] < LOOP_LAG_BOUND, report
+
+
+# ─── A subscriber process dies ─────────────────────────────────────────────
 
 
 async def test_a_killed_subscriber_process_is_reported_dead_by_read_bus(bus_name: str) -> None:
@@ -586,7 +901,7 @@ async def test_publishers_complete_after_a_sleeping_subscriber_is_killed(bus_nam
             victim.expect("ready", FINISH)
             publisher.expect("ready", FINISH)
             flag = OFF_SLEEP_FLAGS + slot_of(bus_name, victim.pid)
-            with mapped_segment(bus_name) as mm:
+            with mapped(segment_path(bus_name)) as mm:
                 wait_until(lambda: mm[flag] == 1, "the idle subscriber to go to sleep")
                 victim.kill()
                 assert mm[flag] == 1
@@ -596,6 +911,31 @@ async def test_publishers_complete_after_a_sleeping_subscriber_is_killed(bus_nam
         assert report["published"] == n
         assert report["bus"]["published"] == n
         assert report["bus"]["publish_errors"] == 0
+    finally:
+        await host.close()
+
+
+async def test_a_killed_subscriber_is_owed_nothing_a_closing_publisher_removes_its_ring(
+    bus_name: str,
+) -> None:
+    """A subscriber process is killed before a publisher process installs
+    its ring: the dead reader never maps that ring, but it is owed nothing,
+    so the publisher's close removes its ring file at once (a live reader
+    that had not mapped it yet would keep it)."""
+    host = ShmBus(bus_name, **SMALL_RING)
+    await host.connect()
+    try:
+        victim = Agent(agents.subscriber, bus_name, ">", bus_kwargs=SMALL_RING)
+        publisher = Agent(agents.publisher, bus_name, 1, ["x.y"], 10, bus_kwargs=SMALL_RING)
+        with running(victim, publisher):
+            victim.expect("ready", FINISH)
+            publisher.expect("ready", FINISH)  # attached: it cannot take the dead one's slot
+            victim.kill()
+            publisher.send("go")
+            assert publisher.recv(FINISH)["published"] == 10
+            assert publisher.join(FINISH) == 0
+        assert ring_files(bus_name) == set()
+        assert any(":wake." in path for path in bus_file_paths(bus_name))
     finally:
         await host.close()
 
@@ -612,10 +952,10 @@ async def test_the_last_live_process_removes_the_files_of_a_bus_with_a_killed_su
         with running(victim):
             victim.expect("ready", FINISH)
             victim.kill()
-        assert any(":wake." in path for path in resource_paths(bus_name))
+        assert any(":wake." in path for path in bus_file_paths(bus_name))
     finally:
         await host.close()
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 # ─── Every process of a bus dies ───────────────────────────────────────────
@@ -623,124 +963,131 @@ async def test_the_last_live_process_removes_the_files_of_a_bus_with_a_killed_su
 
 @contextlib.contextmanager
 def bus_killed_mid_publish(name: str) -> Iterator[list[str]]:
-    """A bus whose every process was SIGKILLed: a publisher inside the
-    writer's critical section (semaphore taken, half a record written) and a
-    subscriber (its FIFO left). Yields the files left in /dev/shm; removes
-    whatever is left on exit."""
-    try:
-        subscriber = Agent(agents.subscriber, name, ">", bus_kwargs=SMALL_RING)
-        doomed = Agent(
-            fault_agents.doomed_publisher, name, 1, "mid-record", before=3, bus_kwargs=SMALL_RING
-        )
-        with running(subscriber, doomed):
-            subscriber.expect("ready", FINISH)
-            doomed.expect("ready", FINISH)
-            doomed.send("go")
-            doomed.expect(("dying", "mid-record"), FINISH)
-            subscriber.kill()
-            doomed.kill()
-        left = resource_paths(name)
-        assert not read_bus(name).live, "a killed process still holds the bus"
-        yield left
-    finally:
-        with contextlib.suppress(Exception):
-            cleanup(name, force=True)
+    """A bus whose every process was SIGKILLed: a publisher mid-record (a
+    record written past its ring's commit point) and a subscriber (its FIFO
+    left). Yields the files left in /dev/shm."""
+    subscriber = Agent(agents.subscriber, name, ">", bus_kwargs=SMALL_RING)
+    doomed = Agent(
+        fault_agents.doomed_publisher, name, 1, "mid-record", before=3, bus_kwargs=SMALL_RING
+    )
+    with running(subscriber, doomed):
+        subscriber.expect("ready", FINISH)
+        doomed.expect("ready", FINISH)
+        doomed.send("go")
+        doomed.expect(("dying", "mid-record"), FINISH)
+        subscriber.kill()
+        doomed.kill()
+    left = bus_file_paths(name)
+    assert not read_bus(name).live, "a killed process still holds the bus"
+    yield left
 
 
-async def test_connect_rebuilds_a_bus_whose_processes_all_died_holding_the_writer_lock(
+async def test_connect_rebuilds_a_bus_whose_processes_all_died_mid_publish(
     bus_name: str,
 ) -> None:
-    """After every process of a bus was killed, one of them mid-record with
-    the writer lock held, the next connect() rebuilds the bus (fresh
-    counters, a fresh semaphore: no lock takeover is needed) and pub/sub
-    works at once."""
-    with bus_killed_mid_publish(bus_name):
+    """After every process of a bus was killed, a publisher mid-record among
+    them, the next connect() rebuilds the bus: the dead publisher's ring and
+    the dead subscriber's FIFO are gone, no ring is listed, and pub/sub
+    works at once; its close removes every file."""
+    with bus_killed_mid_publish(bus_name) as left:
+        assert len([path for path in left if ":ring." in path]) == 1, left
         bus = ShmBus(bus_name, **SMALL_RING)
         await bus.connect()
         try:
             info = read_bus(bus_name)
-            assert (info.next_seq, info.lock_recoveries, info.torn_records) == (0, 0, 0)
+            assert info.rings == ()
+            assert [s.pid for s in info.instances] == [os.getpid()]
+            assert bus_file_paths(bus_name) == [segment_path(bus_name)]
             async with bus.subscribe("a.>") as sub:
                 await bus.publish("a.b", {"n": 1})
                 event = await asyncio.wait_for(anext(aiter(sub)), FINISH)
             assert event.payload == {"n": 1}
-            assert bus.stats()["lock_recoveries"] == 0
         finally:
             await bus.close()
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
 
 
 def test_cleanup_removes_and_reports_every_file_of_a_bus_killed_mid_publish(
     bus_name: str,
 ) -> None:
     """shmbus.cleanup(name) on a bus whose processes were all killed (one
-    holding the writer lock) removes the segment, the semaphore and the
-    FIFOs, and returns exactly those paths."""
+    mid-record) removes the segment, the ring file and the FIFO, and
+    returns exactly those paths."""
     with bus_killed_mid_publish(bus_name) as left:
-        assert f"{SHM_DIR}/sem.shmbus.{bus_name}:lock" in left
+        assert any(":ring." in path for path in left)
         assert any(":wake." in path for path in left)
+        assert segment_path(bus_name) in left
         assert sorted(cleanup(bus_name)) == sorted(left)
-        assert resource_paths(bus_name) == []
+        assert bus_file_paths(bus_name) == []
 
 
 def _waits_for_the_attach_lock(pid: int, name: str) -> bool:
-    """True once process *pid* has the bus's segment open and sleeps (the
-    attach lock is polled with sleeps: shmbus.ofd.wait_lock)."""
-    segment = f"{SHM_DIR}/shmbus.{name}"
+    """True once process *pid* has the bus's segment open and one of its
+    threads sleeps (connect() attaches in a worker thread, polling the
+    attach lock with sleeps: shmbus.ofd.wait_lock)."""
+    segment = segment_path(name)
     try:
         opened = any(
             os.readlink(f"/proc/{pid}/fd/{fd}") == segment for fd in os.listdir(f"/proc/{pid}/fd")
         )
-        with open(f"/proc/{pid}/syscall") as f:
-            number = f.read().split(" ", 1)[0]
+        numbers = set()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/syscall") as f:
+                numbers.add(f.read().split(" ", 1)[0])
     except OSError:
         return False
-    return opened and number in {"230", "35", "101", "115"}  # (clock_)nanosleep x86-64, arm64
+    return opened and bool(numbers & {"230", "35", "101", "115"})  # (clock_)nanosleep
 
 
 def test_a_newcomer_connects_when_the_last_instance_is_killed_while_removing_the_bus(
     bus_name: str,
 ) -> None:
     """The last instance of a bus is closing and is killed halfway through
-    removing the bus's files (semaphore gone, segment still there) while a
-    newcomer waits to attach: the newcomer, alone on the bus, connects."""
+    removing the bus's files (a dead subscriber's FIFO gone, the segment
+    still there) while a newcomer waits to attach: the newcomer, alone on
+    the bus, connects, and its close removes every file."""
+    subscriber = Agent(agents.subscriber, bus_name, ">", bus_kwargs=SMALL_RING)
     closer = Agent(fault_agents.stalled_closer, bus_name, bus_kwargs=SMALL_RING)
     newcomer = Agent(agents.holder, bus_name, bus_kwargs=SMALL_RING)
-    try:
-        with running(closer):
-            closer.expect("attached", FINISH)
-            closer.send("close")
-            closer.expect("removing", FINISH)
-            with running(newcomer):
-                wait_until(
-                    lambda: _waits_for_the_attach_lock(newcomer.pid, bus_name),
-                    "the newcomer to wait for the attach lock",
-                )
-                closer.kill()
-                answer = newcomer.recv(FINISH)
-                if answer == "attached":
-                    newcomer.send("close")
-                    newcomer.expect("closed", FINISH)
-    finally:
-        cleanup(bus_name, force=True)
+    with running(subscriber, closer):
+        subscriber.expect("ready", FINISH)
+        closer.expect("attached", FINISH)
+        subscriber.kill()
+        closer.send("close")
+        closer.expect("removing", FINISH)
+        assert os.path.exists(segment_path(bus_name))
+        with running(newcomer):
+            wait_until(
+                lambda: _waits_for_the_attach_lock(newcomer.pid, bus_name),
+                "the newcomer to wait for the attach lock",
+            )
+            closer.kill()
+            answer = newcomer.recv(FINISH)
+            if answer == "attached":
+                newcomer.send("close")
+                newcomer.expect("closed", FINISH)
     assert answer == "attached"
+    assert bus_file_paths(bus_name) == []
 
 
-# ─── A corrupted segment header ────────────────────────────────────────────
+# ─── A corrupted bus-segment header ────────────────────────────────────────
 
 #: field: (offset, struct format, corrupt value, error class, text the message must hold)
 HEADER_DAMAGE = {
     "magic": (0, "<Q", 0x0123456789ABCDEF, "SegmentCorruptError", "0x0123456789abcdef"),
     "layout_version": (8, "<I", 7, "IncompatibleSegmentError", "version 7"),
     "state": (12, "<I", 0xDEAD, "SegmentCorruptError", "0xdead"),
-    "capacity": (16, "<Q", 3 << 20, "SegmentCorruptError", str(3 << 20)),
-    "ring_offset": (32, "<Q", 12345, "SegmentCorruptError", "12345"),
+    "capacity": (16, "<Q", 12345, "SegmentCorruptError", "capacity 12345"),
+    "max_event_size": (24, "<Q", 17, "SegmentCorruptError", "max_event_size 17"),
+    "mode": (48, "<I", 0o666, "ForeignFileError", "mode 0o666"),
+    "gid": (52, "<I", 4242, "ForeignFileError", "gid 4242"),
+    "uid": (56, "<I", 4242, "ForeignFileError", "uid 4242"),
 }
 
 
 def damage_header(name: str, field: str) -> None:
     offset, fmt, value, _, _ = HEADER_DAMAGE[field]
-    with mapped_segment(name) as mm:
+    with mapped(segment_path(name)) as mm:
         struct.pack_into(fmt, mm, offset, value)
 
 
@@ -749,9 +1096,10 @@ async def test_joining_a_live_bus_with_a_corrupted_header_raises_naming_the_valu
     bus_name: str, field: str
 ) -> None:
     """While this process holds a bus whose header field *field* was
-    overwritten, a process that connects gets a clear error (corrupt, or
-    another layout version) whose message names the value it found, rather
-    than crashing or hanging; this process's instance keeps working."""
+    overwritten, a process that connects gets a clear error (corrupt,
+    another layout version, or a header that does not match the file) whose
+    message names the bus and the value it found, rather than crashing or
+    hanging; this process's instance keeps working."""
     _, _, _, error, text = HEADER_DAMAGE[field]
     host = ShmBus(bus_name, **SMALL_RING)
     await host.connect()
@@ -764,13 +1112,13 @@ async def test_joining_a_live_bus_with_a_corrupted_header_raises_naming_the_valu
         assert answer[:2] == ("refused", error), answer
         assert text in answer[2] and bus_name in answer[2], answer[2]
         if field == "layout_version":
-            assert "layout version 1" in answer[2], answer[2]
+            assert f"layout version {LAYOUT_VERSION}" in answer[2], answer[2]
         async with host.subscribe(">") as sub:
             await host.publish("still.works", {})
             assert (await asyncio.wait_for(anext(aiter(sub)), FINISH)).topic == "still.works"
     finally:
         await host.close()
-    assert resource_paths(bus_name) == []
+    assert bus_file_paths(bus_name) == []
 
 
 @pytest.mark.parametrize("field", sorted(HEADER_DAMAGE))
@@ -783,24 +1131,21 @@ async def test_connect_rebuilds_a_bus_with_a_corrupted_header_and_no_live_proces
     with running(holder):
         holder.expect("attached", FINISH)
         holder.kill()
+    damage_header(bus_name, field)
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
     try:
-        damage_header(bus_name, field)
-        bus = ShmBus(bus_name, **SMALL_RING)
-        await bus.connect()
-        try:
-            info = read_bus(bus_name)
-            assert (info.layout_version, info.capacity) == (1, SMALL_RING["capacity"])
-            async with bus.subscribe(">") as sub:
-                await bus.publish("rebuilt", {})
-                assert (await asyncio.wait_for(anext(aiter(sub)), FINISH)).topic == "rebuilt"
-        finally:
-            await bus.close()
+        info = read_bus(bus_name)
+        assert (info.layout_version, info.capacity) == (LAYOUT_VERSION, SMALL_RING["capacity"])
+        async with bus.subscribe(">") as sub:
+            await bus.publish("rebuilt", {})
+            assert (await asyncio.wait_for(anext(aiter(sub)), FINISH)).topic == "rebuilt"
     finally:
-        cleanup(bus_name, force=True)
-    assert resource_paths(bus_name) == []
+        await bus.close()
+    assert bus_file_paths(bus_name) == []
 
 
-# ─── Untrusted memory: scribbling on the ring ──────────────────────────────
+# ─── Untrusted memory: scribbling on a ring file ───────────────────────────
 
 #: Small ring, so that scribbles often land on live records and the writer
 #: wraps (and reclaims over scribbled records) within a few dozen events.
@@ -846,7 +1191,7 @@ class ScribbleOutcome:
     resume_expected: list[int]
 
 
-def _record_starts(mm: mmap.mmap, wc_before: int, wc_after: int) -> int:
+def _record_start(mm: mmap.mmap, wc_before: int, wc_after: int) -> int:
     """Ring offset of the record one publish wrote between the two cursors
     (at the old cursor, or at the next lap if it padded to the wrap)."""
     capacity = SCRIBBLE_RING["capacity"]
@@ -872,12 +1217,18 @@ def _apply(mm: mmap.mmap, starts: list[int], scribble: tuple[Any, ...]) -> None:
     )
 
 
+def _own_ring_path(name: str) -> str:
+    (ring,) = read_bus(name).rings
+    return ring.path
+
+
 def scribble_scenario(pads: list[int], scribbles: list[Any], read_first: bool) -> ScribbleOutcome:
     """Publish one event per entry of *pads* (payload padded by that many
-    bytes) with a catch-all subscription open; apply *scribbles* through a
-    separate mapping of the segment, after the reader had a go at the
-    records or before; let the reader run; then publish three more events
-    once the reader is past the damage."""
+    bytes) with a catch-all subscription of the same instance open; apply
+    *scribbles* to the ring's records through a separate read-write mapping
+    of the ring file (the reader maps it read-only), after the reader had a
+    go at the records or before; let the reader run; then publish three more
+    events once the reader is past the damage."""
     name = new_bus_name("scribble")
 
     async def main() -> ScribbleOutcome:
@@ -889,15 +1240,11 @@ def scribble_scenario(pads: list[int], scribbles: list[Any], read_first: bool) -
         received: list[int] = []
         try:
             sub = bus.subscribe(">")
-            segment = bus._segment
-            assert segment is not None
-
-            def write_cursor() -> int:
-                return int(segment.words[W_WRITE_CURSOR])
+            bus.publish_nowait("s.ev", {"n": 0, "pad": "p" * pads[0]})
 
             def caught_up() -> bool:
-                mine = [s for s in read_bus(name).instances if s.pid == os.getpid()]
-                return bool(mine) and mine[0].read_cursor == write_cursor()
+                reader = bus._reader
+                return reader is not None and not reader._pending()
 
             async def settle() -> None:
                 deadline = loop.time() + 30
@@ -907,12 +1254,16 @@ def scribble_scenario(pads: list[int], scribbles: list[Any], read_first: bool) -
                     assert loop.time() < deadline, "the reader hung"
                     await asyncio.sleep(0.001)
 
-            with mapped_segment(name) as mm:
-                starts = []
-                for n, pad in enumerate(pads):
-                    before = write_cursor()
-                    bus.publish_nowait("s.ev", {"n": n, "pad": "p" * pad})
-                    starts.append(_record_starts(mm, before, write_cursor()))
+            with mapped(_own_ring_path(name)) as mm:
+                words = memoryview(mm).cast("Q")
+                try:
+                    starts = [_record_start(mm, 0, int(words[W_WRITE_CURSOR]))]
+                    for n, pad in enumerate(pads[1:], 1):
+                        before = int(words[W_WRITE_CURSOR])
+                        bus.publish_nowait("s.ev", {"n": n, "pad": "p" * pad})
+                        starts.append(_record_start(mm, before, int(words[W_WRITE_CURSOR])))
+                finally:
+                    words.release()
                 if read_first:
                     await asyncio.sleep(0)  # the reader reads some or all of them
                 tracemalloc.reset_peak()
@@ -943,7 +1294,10 @@ def scribble_scenario(pads: list[int], scribbles: list[Any], read_first: bool) -
         finally:
             await bus.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        cleanup(name)
 
 
 #: A flipped bit in a high byte of an unread record's seq field.
@@ -977,14 +1331,15 @@ _SCRIBBLE_TOTALS = {
 @_SCRIBBLE_SETTINGS
 @given(pads=_pads, scribbles=_scribbles, read_first=st.booleans())
 @example(*_SEQ_BIT_FLIP)
-def test_a_reader_survives_arbitrary_bytes_in_the_ring(
+def test_a_reader_survives_arbitrary_bytes_in_a_ring_file(
     traced: None, pads: list[int], scribbles: list[Any], read_first: bool
 ) -> None:
-    """Whatever bytes are written over the ring and the records' headers
+    """Whatever bytes are written over a ring and its records' headers
     while a subscription reads it, the reader never raises out of its step,
     never hangs, never allocates more than a bounded amount, delivers only
     events that were published (each at most once, in order), and counts at
-    least every event it did not deliver (over-counting is allowed here)."""
+    least every event it did not deliver (over-counting is allowed here);
+    the ring's writer never fails."""
     outcome = scribble_scenario(pads, scribbles, read_first)
     _SCRIBBLE_TOTALS["examples"] += 1
     _SCRIBBLE_TOTALS["scribbles"] += len(scribbles)
@@ -1010,10 +1365,10 @@ def test_a_reader_survives_arbitrary_bytes_in_the_ring(
 def test_a_reader_counts_scribbled_records_exactly_and_resumes_after_them(
     traced: None, pads: list[int], scribbles: list[Any], read_first: bool
 ) -> None:
-    """Whatever bytes are written over the ring and the records' headers,
-    the catch-all subscription's received + dropped equals the events
-    published, exactly (every loss counted, none invented), and events
-    published once the reader is past the damage are all delivered."""
+    """Whatever bytes are written over a ring and its records' headers, the
+    catch-all subscription's received + dropped equals the events published,
+    exactly (every loss counted, none invented), and events published once
+    the reader is past the damage are all delivered."""
     outcome = scribble_scenario(pads, scribbles, read_first)
     assert len(outcome.received) + outcome.dropped == outcome.published
     assert outcome.resumed == outcome.resume_expected
@@ -1029,10 +1384,9 @@ async def test_a_flipped_bit_in_an_unread_records_seq_does_not_stop_later_delive
     await bus.connect()
     try:
         sub = bus.subscribe(">")
-        start = RING_OFFSET + int(bus._segment.words[W_WRITE_CURSOR]) % SCRIBBLE_RING["capacity"]  # type: ignore[union-attr]
-        bus.publish_nowait("a.b", {"n": 0})
-        with mapped_segment(bus_name) as mm:
-            mm[start + RECORD_FIELDS["seq"][0] + 5] ^= 0x01  # bit 40 of seq
+        bus.publish_nowait("a.b", {"n": 0})  # the ring's first record, at offset 0
+        with mapped(_own_ring_path(bus_name)) as mm:
+            mm[RING_OFFSET + RECORD_FIELDS["seq"][0] + 5] ^= 0x01  # bit 40 of seq
         bus.publish_nowait("a.b", {"n": 1})
         event = await asyncio.wait_for(anext(aiter(sub)), 3)
         assert event.payload == {"n": 1}
@@ -1041,15 +1395,16 @@ async def test_a_flipped_bit_in_an_unread_records_seq_does_not_stop_later_delive
         await bus.close()
 
 
-async def test_a_reader_keeps_going_while_another_process_scribbles_on_the_ring(
+async def test_a_reader_keeps_going_while_another_process_scribbles_on_a_ring_file(
     bus_name: str,
 ) -> None:
-    """A helper process writes random bytes all over the ring while a
-    publisher process publishes and this process's subscription reads:
-    nothing raises on the event loop, the publisher never fails, every
-    delivered event is one that was published, intact, in order and once,
-    the reader counts what it rejected, memory stays bounded, and once the
-    scribbling stops a new instance on the bus gets what is published."""
+    """A helper process writes random bytes all over a publisher process's
+    ring file while that publisher publishes and this process's
+    subscription reads: nothing raises on the event loop, the publisher
+    never fails, every delivered event is one that was published, intact,
+    in order and once, the reader counts what it rejected, memory stays
+    bounded, and once the scribbling stops a new instance on the bus gets
+    what is published."""
     ring = {"capacity": 64 * 1024, "max_event_size": 1024}
     loop = asyncio.get_running_loop()
     loop_errors: list[str] = []
@@ -1057,38 +1412,42 @@ async def test_a_reader_keeps_going_while_another_process_scribbles_on_the_ring(
     host = ShmBus(bus_name, queue_size=1 << 16, **ring)
     await host.connect()
     rss_before = psutil.Process().memory_info().rss
-    received: list[dict[str, Any]] = []
+    tally_ = fault_agents.Tally()
     try:
         sub = host.subscribe(">")
-        publisher = Agent(
-            fault_agents.busy_publisher, bus_name, 1, max_pad=600, seed=1, bus_kwargs=ring
-        )
+        publisher = Agent(fault_agents.steady_publisher, bus_name, 1, burst=100, bus_kwargs=ring)
         seed = random.randrange(1 << 30)
         print(f"scribbler seed {seed}")  # shown if the test fails
-        scribbler = Agent(
-            fault_agents.scribbler,
-            bus_name,
-            start=RING_OFFSET,
-            end=RING_OFFSET + ring["capacity"],
-            seed=seed,
-        )
-        with running(publisher, scribbler):
+        with running(publisher):
             publisher.expect("ready", FINISH)
-            scribbler.expect("ready", FINISH)
             publisher.send("go")
-            scribbler.send("go")
             deadline = loop.time() + FINISH
-            while host.stats()["corrupt"] < 50 and loop.time() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    received.append((await asyncio.wait_for(anext(aiter(sub)), 0.05)).payload)
-            scribbler.send("stop")
-            writes = scribbler.recv(FINISH)["writes"]
+            while not rings_of(bus_name, publisher.pid):
+                assert loop.time() < deadline, "the publisher never made its ring"
+                await asyncio.sleep(0.001)
+            (own,) = rings_of(bus_name, publisher.pid)
+            scribbler = Agent(
+                fault_agents.scribbler,
+                own.path,
+                start=RING_OFFSET,
+                end=RING_OFFSET + ring["capacity"],
+                seed=seed,
+            )
+            with running(scribbler):
+                scribbler.expect("ready", FINISH)
+                scribbler.send("go")
+                while host.stats()["corrupt"] < 50 and loop.time() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        event = await asyncio.wait_for(anext(aiter(sub)), 0.05)
+                        tally_.add(event.payload)
+                scribbler.send("stop")
+                writes = scribbler.recv(FINISH)["writes"]
             publisher.send("stop")
-            published = publisher.recv(FINISH)["published"]
+            report = publisher.recv(FINISH)
             publisher.send("close")
-            publisher.join(FINISH)
+            publisher.expect("closed", FINISH)
         while sub.statistics().queued:
-            received.append((await anext(aiter(sub))).payload)
+            tally_.add((await anext(aiter(sub))).payload)
         corrupt = host.stats()["corrupt"]
         rss_growth = psutil.Process().memory_info().rss - rss_before
         async with ShmBus(bus_name, **ring) as fresh:
@@ -1101,21 +1460,23 @@ async def test_a_reader_keeps_going_while_another_process_scribbles_on_the_ring(
                 ]
     finally:
         await host.close()
+    seen = tally_.report()
     figures.record(
         "scribbler-process",
         {
             "scribbles": writes,
-            "published": published,
-            "delivered": len(received),
+            "published": report["published"],
+            "delivered": seen["delivered"],
             "corrupt": corrupt,
             "rss_growth_mib": round(rss_growth / 2**20, 1),
         },
     )
     assert loop_errors == []
-    assert host.stats()["publish_errors"] == 0
+    assert (report["errors"], report["bus"]["publish_errors"]) == (0, 0), report
     assert corrupt >= 50
-    seqs = [payload["seq"] for payload in received]
-    assert seqs == sorted(set(seqs)) and all(0 <= s < published for s in seqs)
-    assert all(set(payload["pad"]) <= {"x"} and payload["pub"] == 1 for payload in received)
+    assert seen["disorder"] == {} and seen["invalid"] == [], seen
+    assert set(seen["runs"]) <= {1} and all(
+        end <= report["published"] for _, end in seen["runs"].get(1, [])
+    )
     assert rss_growth < 256 << 20, rss_growth
     assert got == [0, 1, 2]
