@@ -528,9 +528,17 @@ def _attempt(call: Callable[..., object], *args: Any) -> bool:
             done = True
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _ALARM)
+            # A SIGALRM the kernel delivered before the block runs its Python
+            # handler at the next check of the interpreter, which may come
+            # after this function returned; a call makes that check here.
+            _handle_pending_signals()
     except Alarm:
         pass
     return done
+
+
+def _handle_pending_signals() -> None:
+    """Nothing: entering a Python function runs pending signal handlers."""
 
 
 def alarmed_worker(
