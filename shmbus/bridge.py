@@ -29,6 +29,10 @@ Guarantees
 * :meth:`Bridge.run` returns after closing both buses when its stop event
   is set; :func:`main` sets it on SIGTERM and SIGINT and exits 0.
 
+Needs the ``nats`` extra: without nats-py, importing this module (and so
+``shmbus bridge``) fails with :class:`~shmbus.errors.MissingExtraError`, whose
+message names ``pip install 'shmbus[nats]'``.
+
 Counters (:meth:`Bridge.counters`): ``exported``, ``imported``,
 ``not_reexported`` (imported events seen on the shm bus and held back),
 ``duplicates`` (ids received twice in one direction, dropped),
@@ -45,6 +49,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ._checks import check_int
 from .contract import Event, Subscription, TopicMatcher, validate_pattern
 from .nats import DEFAULT_NATS_URL, NatsBus
 from .recent import RecentIds
@@ -332,8 +337,8 @@ def main(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> Bridge:
     from .urls import get_bus
 
-    if args.queue_size < 1:
-        raise ValueError(f"--queue-size must be at least 1, got {args.queue_size}")
+    check_int("--queue-size", args.queue_size, minimum=1)
+    check_int("--memory", args.memory, minimum=1)
     bus = args.bus
     if "://" in bus:
         shm = get_bus(bus, queue_size=args.queue_size)

@@ -12,8 +12,9 @@ argument checking, its output and its exit codes. Subcommands::
 
 Invariants
 ----------
-* This is the only module of the package that prints; it writes to
-  ``sys.stdout`` (results) and ``sys.stderr`` (errors) explicitly.
+* This is the only module of the bus that prints (the demo, benchmark and
+  soak tools print their own reports); it writes to ``sys.stdout`` (results)
+  and ``sys.stderr`` (errors) explicitly.
 * Exit codes: 0 success (and Ctrl-C on ``sub``, ``stat --watch`` and
   ``metrics``, which run until stopped); 1 a runtime failure, reported as one
   line ``shmbus: error: ...`` (the traceback only with ``-v``); 2 bad
@@ -21,7 +22,10 @@ Invariants
 * ``demo``, ``bench`` and ``bridge`` live in their own modules and are
   imported only when that subcommand is run (or its help asked for), so a
   missing module or optional dependency fails that subcommand alone, with
-  ``not available: ...``. Each module exposes ``add_arguments(parser)`` and
+  ``not available: ...``; a missing extra (``bridge`` without ``nats``,
+  ``metrics`` without ``metrics``) says so with the
+  :class:`~shmbus.errors.MissingExtraError` message, which names the ``pip``
+  command. Each module exposes ``add_arguments(parser)`` and
   ``main(args) -> int``.
 * Commands that join a bus (``pub``, ``sub``) use the ring geometry of the
   bus if it already exists, so they never clash with it.
@@ -43,11 +47,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, ModuleType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .contract import Event, validate_pattern, validate_topic
-from .errors import ShmBusError
+from ._checks import check_int
+from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .errors import MissingExtraError, ShmBusError
 from .shmfiles import validate_bus_name
+
+if TYPE_CHECKING:
+    from .inspect import BusInfo
 
 __all__ = ["build_parser", "main"]
 
@@ -136,6 +144,8 @@ def _load_plugin(command: str) -> ModuleType:
     module_name, _ = PLUGINS[command]
     try:
         module = importlib.import_module(module_name)
+    except MissingExtraError as exc:
+        raise CliError(str(exc)) from None
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
             raise CliError(f"module {module_name} is not part of this installation") from None
@@ -353,7 +363,8 @@ def _add_clean(add: _Add) -> None:
         "examples:\n"
         "  shmbus clean            # every bus on this host with no live process\n"
         "  shmbus clean orders\n"
-        "  shmbus clean orders --force\n\n"
+        "  shmbus clean orders --force\n"
+        "  shmbus clean --dry-run   # list what would be removed, remove nothing\n\n"
         "A live bus is refused (exit 1) unless --force: then its processes keep\n"
         "working on their mappings until they close, but processes that connect\n"
         "afterwards get a fresh, separate bus.",
@@ -367,6 +378,11 @@ def _add_clean(add: _Add) -> None:
         help="bus to clean (default: every bus with no live process)",
     )
     p.add_argument("--force", action="store_true", help="remove a live bus's files too")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be removed (and what left alone) and remove nothing",
+    )
     p.set_defaults(**{_HANDLER: _cmd_clean})
 
 
@@ -442,10 +458,23 @@ def _json_payload(value: str) -> dict[str, Any] | _Stdin:
         ) from None
     if not isinstance(payload, dict):
         raise argparse.ArgumentTypeError(
-            f"JSON payload {value!r} is a {type(payload).__name__}; "
+            f"JSON payload {value!r} is {_json_kind(payload)}; "
             "it must be an object, e.g. '{\"id\": 1}'"
         )
     return payload
+
+
+def _json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words: "a JSON array", ..."""
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if value is None:
+        return "JSON null"
+    kinds = ((dict, "object"), (list, "array"), (str, "string"), ((int, float), "number"))
+    for cls, kind in kinds:
+        if isinstance(value, cls):
+            return f"a JSON {kind}"
+    return f"a {type(value).__name__}"  # pragma: no cover - json.loads makes no other type
 
 
 def _positive_int(value: str) -> int:
@@ -453,9 +482,10 @@ def _positive_int(value: str) -> int:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} is too small: the minimum is 1")
-    return number
+    try:
+        return check_int("the count", number, minimum=1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _float(value: str) -> float:
@@ -509,16 +539,24 @@ async def _pub(args: argparse.Namespace) -> int:
         payload = STDIN
     bus = _bus_for(args.bus)
     await bus.connect()
+    sent = 0
+    stopped: CliError | None = None
     try:
-        sent = 0
         if isinstance(payload, _Stdin):
-            for line_number, payload_of_line in _stdin_payloads():
-                for _ in range(args.count):
-                    _publish(
-                        bus, args.topic, payload_of_line, args.event_type, f"line {line_number}"
-                    )
-                    sent += 1
-            if sent == 0:
+            try:
+                for line_number, payload_of_line in _stdin_payloads():
+                    for _ in range(args.count):
+                        _publish(
+                            bus,
+                            args.topic,
+                            payload_of_line,
+                            args.event_type,
+                            f"standard input line {line_number}",
+                        )
+                        sent += 1
+            except CliError as exc:
+                stopped = exc  # after the lines before it went out: say how many
+            if sent == 0 and stopped is None:
                 log.warning("standard input held no events: nothing was published")
         else:
             for _ in range(args.count):
@@ -527,6 +565,18 @@ async def _pub(args: argparse.Namespace) -> int:
         failed = bus.stats().publish_errors
     finally:
         await bus.close()
+    if stopped is not None:
+        went_out = sent - failed
+        raise CliError(
+            f"{stopped}; stopped there: "
+            + (
+                f"{went_out} event(s) from the lines before it were published on bus "
+                f"{args.bus!r}"
+                if went_out
+                else "nothing was published"
+            )
+            + (f" ({failed} more could not be)" if failed else "")
+        )
     if failed:
         raise CliError(
             f"{failed} of {sent} event(s) could not be published on bus {args.bus!r} "
@@ -549,20 +599,22 @@ def _stdin_payloads() -> Iterator[tuple[int, dict[str, Any]]]:
             raise CliError(f"standard input line {line_number} is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise CliError(
-                f"standard input line {line_number} is a JSON {type(payload).__name__}; "
+                f"standard input line {line_number} is {_json_kind(payload)}; "
                 "each line must be a JSON object"
             )
         yield line_number, payload
 
 
-def _publish(bus: Any, topic: str, payload: dict[str, Any], event_type: str, what: str) -> None:
+def _publish(
+    bus: BaseBus, topic: str, payload: dict[str, Any], event_type: str, what: str
+) -> None:
     try:
         bus.publish_nowait(topic, payload, event_type=event_type)
     except (TypeError, ValueError) as exc:
         raise CliError(f"{what}: {exc}") from None
 
 
-def _bus_for(name: str) -> Any:
+def _bus_for(name: str) -> BaseBus:
     """A ShmBus on *name* with the geometry of the existing bus, if any."""
     from .shm import ShmBus
 
@@ -666,7 +718,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_stat(args: argparse.Namespace) -> int:
-    from .inspect import BusInfo, read_bus
+    from .inspect import read_bus
 
     def sample(previous: BusInfo, previous_at: float) -> tuple[BusInfo, float, float | None]:
         current = read_bus(args.name)
@@ -698,7 +750,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
         restore()
 
 
-def _print_stat(info: Any, rate: float | None, as_json: bool, *, clear: bool) -> None:
+def _print_stat(info: BusInfo, rate: float | None, as_json: bool, *, clear: bool) -> None:
     if as_json:
         data = _bus_json(info)
         data["publish_rate"] = rate
@@ -759,7 +811,7 @@ def _print_stat(info: Any, rate: float | None, as_json: bool, *, clear: bool) ->
         _out(f"{cells}  {_one_line(slot.command)}")
 
 
-def _bus_json(info: Any) -> dict[str, Any]:
+def _bus_json(info: BusInfo) -> dict[str, Any]:
     data: dict[str, Any] = dataclasses.asdict(info)
     data["readers"] = info.readers
     return data
@@ -771,6 +823,8 @@ def _bus_json(info: Any) -> dict[str, Any]:
 def _cmd_clean(args: argparse.Namespace) -> int:
     from .leftovers import BusInUseError, cleanup_report
 
+    if args.dry_run:
+        return _clean_dry_run(args.name, force=args.force)
     try:
         report = cleanup_report(args.name, force=args.force, strict=True)
     except BusInUseError as exc:
@@ -784,17 +838,68 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_dry_run(name: str | None, *, force: bool) -> int:
+    """Print what ``clean`` would remove and leave alone; remove nothing.
+
+    A bus is live, as for the real command, while some process holds its
+    attach lock; the answer may change before a real ``clean`` runs.
+    """
+    from .leftovers import leftover_names
+    from .shmfiles import bus_file_paths
+
+    found = False
+    for bus in [name] if name is not None else leftover_names():
+        paths = bus_file_paths(bus)
+        if not paths:
+            continue
+        found = True
+        try:
+            live = _is_live(bus)
+        except OSError as exc:
+            if name is not None:
+                raise
+            _out(f"would leave {bus} alone: {_describe(exc)}")
+            continue
+        if live and not force:
+            if name is not None:
+                raise CliError(
+                    f"bus {bus!r} is live: clean would refuse it without --force "
+                    "(dry run: nothing was removed)"
+                )
+            _out(f"would leave {bus} alone: it is live (processes are attached)")
+            continue
+        for path in paths:
+            _out(f"would remove {path}")
+    if not found:
+        _out(f"nothing to remove for bus {name!r}" if name else "nothing to remove")
+    return 0
+
+
+def _is_live(name: str) -> bool:
+    """True if a process is attached to bus *name* (holds its attach lock);
+    False if it has no segment (only orphaned rings or FIFOs are left)."""
+    from . import ofd
+    from .layout import LOCK_ATTACH
+    from .shmfiles import segment_path
+
+    try:
+        fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return ofd.holds_conflicting(fd, LOCK_ATTACH, exclusive=True)
+    finally:
+        os.close(fd)
+
+
 # ─── metrics ─────────────────────────────────────────────────────────────────
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
     try:
         from . import metrics
-    except ImportError as exc:
-        raise CliError(
-            f"metrics needs the prometheus-client package ({exc}); "
-            "install it with: pip install 'shmbus[metrics]'"
-        ) from None
+    except MissingExtraError as exc:
+        raise CliError(f"metrics: not available: {exc}") from None
     host, port = args.listen
     restore = _sigterm_raises_keyboard_interrupt()
     try:

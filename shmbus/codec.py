@@ -26,12 +26,16 @@ from typing import Any
 import msgpack
 
 from .contract import EVENT_SCHEMA_VERSION, Event, new_event_id
+from .errors import ShmBusError
 
 __all__ = ["EnvelopeDecodeError", "decode_envelope", "encode_envelope", "make_event"]
 
 
-class EnvelopeDecodeError(ValueError):
-    """Bytes that should hold an envelope do not (corrupt or foreign data)."""
+class EnvelopeDecodeError(ShmBusError, ValueError):
+    """Bytes that should hold an envelope do not (corrupt or foreign data).
+
+    A :class:`~shmbus.errors.ShmBusError` (the fault is in the bytes, not in
+    the caller) and, as before, a :class:`ValueError`."""
 
 
 _packers = threading.local()

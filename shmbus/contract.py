@@ -13,8 +13,10 @@ Contract
   ``payload`` (a dict). On the receiving side the topic always comes from the
   transport, never from the decoded wire bytes, so a publisher cannot make an
   event appear on a topic it did not publish to.
-* :meth:`BaseBus.subscribe` returns a :class:`Subscription`, which is both an
-  async context manager and an async iterator::
+* :meth:`BaseBus.subscribe` returns a :class:`Subscription` (every transport
+  here hands out a :class:`~shmbus.delivery.QueueSubscription`, which adds
+  ``statistics()``), which is both an async context manager and an async
+  iterator::
 
       async with bus.subscribe("decky.*.traffic") as sub:
           async for event in sub:
@@ -22,8 +24,12 @@ Contract
 
   Leaving the ``async with`` (or :meth:`Subscription.aclose`) ends the
   iteration promptly; events still buffered for it are discarded.
-* ``connect()`` and ``close()`` are idempotent; ``publish()`` or
-  ``subscribe()`` on a closed bus raise :class:`RuntimeError`.
+* ``connect()`` and ``close()`` are idempotent; ``publish()``,
+  ``publish_nowait()`` or ``subscribe()`` on a closed bus raise
+  :class:`RuntimeError`.
+* ``publish_nowait()`` publishes without awaiting, from any thread;
+  ``stats()`` returns the instance's counters as a
+  :class:`~shmbus.stats.BusStats`.
 * Delivery is at-most-once and fire-and-forget: a transport failure while
   publishing is logged and counted, never raised, because losing a
   notification must not take a worker down (the database stays the source of
@@ -48,7 +54,12 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+from .stats import BusStats
+
+if TYPE_CHECKING:  # delivery imports this module: no runtime import back
+    from .delivery import QueueSubscription
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
@@ -359,8 +370,13 @@ class BaseBus(abc.ABC):
     """The publish/subscribe transport contract.
 
     ``connect()`` and ``close()`` may be awaited any number of times.
-    ``publish()`` and ``subscribe()`` on a closed bus raise
-    :class:`RuntimeError`. ``async with bus:`` connects and closes.
+    ``publish()``, ``publish_nowait()`` and ``subscribe()`` on a closed bus
+    raise :class:`RuntimeError`. ``async with bus:`` connects and closes.
+    Every transport of this package implements all of it: :class:`ShmBus
+    <shmbus.shm.ShmBus>`, :class:`MemoryBus <shmbus.memory.MemoryBus>`,
+    :class:`NullBus <shmbus.memory.NullBus>`, :class:`NatsBus
+    <shmbus.nats.NatsBus>` and :class:`FallbackBus
+    <shmbus.fallback.FallbackBus>`.
     """
 
     @abc.abstractmethod
@@ -376,12 +392,29 @@ class BaseBus(abc.ABC):
         """
 
     @abc.abstractmethod
-    def subscribe(self, pattern: str) -> Subscription:
-        """Return a :class:`Subscription` to events whose topic matches *pattern*.
+    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+        """Publish without awaiting, from any thread (with or without an event
+        loop). Same semantics and errors as :meth:`publish`; a transport that
+        needs a connection made on a loop (NATS) raises :class:`RuntimeError`
+        before :meth:`connect`.
+        """
+
+    @abc.abstractmethod
+    def subscribe(self, pattern: str) -> QueueSubscription:
+        """Return a subscription to events whose topic matches *pattern*.
 
         ``*`` matches one token, a final ``>`` one or more trailing tokens:
         ``decky.*.traffic``, ``topology.abc.mutation.*``, ``topology.>``.
+        The subscription is a :class:`~shmbus.delivery.QueueSubscription`: a
+        :class:`Subscription` with a bounded drop-oldest queue and
+        :meth:`~shmbus.delivery.QueueSubscription.statistics`.
         """
+
+    @abc.abstractmethod
+    def stats(self) -> BusStats:
+        """Counters of this instance since it connected (see
+        :class:`~shmbus.stats.BusStats`); transports without a given notion
+        report 0 for it."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -3,7 +3,9 @@
 Owns
 ----
 :class:`QueueSubscription`, the :class:`~shmbus.contract.Subscription` that all
-transports in this package hand out, and its counters.
+transports in this package hand out (exported as ``shmbus.QueueSubscription``;
+:meth:`BaseBus.subscribe <shmbus.contract.BaseBus.subscribe>` is typed to
+return it), and its counters (:class:`SubscriptionStatistics`).
 
 Invariants
 ----------

@@ -6,9 +6,18 @@
 * :class:`SegmentError` and its subclasses: the shared state is not usable
   as found (corrupted by someone else, made by an incompatible version or
   with options that cannot coexist, out of room).
+* :class:`TransportUnavailableError`: a server-based transport (NATS) could
+  not be reached or did not answer.
+* :class:`MissingExtraError`: a transport or command needs an optional
+  dependency that is not installed; the message names the ``pip`` command.
+* :class:`~shmbus.codec.EnvelopeDecodeError` (defined next to the codec):
+  bytes that should hold an envelope do not.
 
 Every class here derives from :class:`ShmBusError`, so one ``except`` catches
-everything specific to shmbus.
+everything specific to shmbus. Each also derives from the built-in a caller
+would catch without knowing shmbus (:class:`RuntimeError`,
+:class:`ConnectionError`, :class:`ImportError`, :class:`PermissionError`,
+:class:`OSError`, :class:`ValueError`).
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ __all__ = [
     "ForeignFileError",
     "ForkedBusError",
     "IncompatibleSegmentError",
+    "MissingExtraError",
     "NoFreeSlotError",
     "SegmentCorruptError",
     "SegmentError",
     "SegmentSpaceError",
     "ShmBusError",
+    "TransportUnavailableError",
 ]
 
 
@@ -74,3 +85,39 @@ class SegmentSpaceError(SegmentError, OSError):
 
 class NoFreeSlotError(SegmentError):
     """Every instance slot of the segment is held by a live process."""
+
+
+class TransportUnavailableError(ShmBusError, ConnectionError):
+    """A server-based transport (NATS) could not be reached in time, or its
+    connection is down; the message names the servers and the cause."""
+
+
+#: The optional extras: name -> (the package it installs, what needs it).
+EXTRAS: dict[str, tuple[str, str]] = {
+    "nats": ("nats-py", "the NATS transports (NatsBus, FallbackBus, nats:// URLs, shmbus bridge)"),
+    "metrics": ("prometheus-client", "the Prometheus exporter (shmbus metrics)"),
+}
+
+
+class MissingExtraError(ShmBusError, ImportError):
+    """An optional dependency is not installed.
+
+    The message names what needs it and the exact command that installs it,
+    e.g. ``pip install 'shmbus[nats]'``; :attr:`extra` is the extra's name
+    and :attr:`name` (as on every :class:`ImportError`) the missing module.
+    """
+
+    def __init__(self, extra: str, module: str | None = None) -> None:
+        package, needed_by = EXTRAS[extra]
+        #: The extra that installs the missing dependency ("nats", "metrics").
+        self.extra = extra
+        #: The command that installs it.
+        self.pip_command = f"pip install 'shmbus[{extra}]'"
+        super().__init__(
+            f"missing optional dependency {package}, used by {needed_by}; "
+            f"install it with: {self.pip_command}",
+            name=module,
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.extra, self.name))

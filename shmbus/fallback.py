@@ -17,10 +17,12 @@ import threading
 import time
 from typing import Any
 
+from ._checks import check_int, check_seconds
 from .codec import encode_envelope
-from .contract import BaseBus, Event, Subscription, validate_pattern, validate_topic
+from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .delivery import QueueSubscription
 from .errors import BusClosedError
+from .lifecycle import LifecycleState
 from .nats import NatsBus
 from .recent import RecentIds
 from .shm import ShmBus
@@ -30,15 +32,14 @@ __all__ = ["FallbackBus"]
 
 log = logging.getLogger("shmbus.fallback")
 
-_NEW, _OPEN, _CLOSED = "new", "open", "closed"
-
-
 class _Merged:
     """One subscription handed out, fed by one subscription per transport."""
 
     __slots__ = ("out", "inner", "pumps", "seen", "duplicates")
 
-    def __init__(self, out: QueueSubscription, inner: list[Subscription], seen: RecentIds) -> None:
+    def __init__(
+        self, out: QueueSubscription, inner: list[QueueSubscription], seen: RecentIds
+    ) -> None:
         self.out = out
         self.inner = inner
         self.pumps: list[asyncio.Task[None]] = []
@@ -124,32 +125,19 @@ class FallbackBus(BaseBus):
             raise TypeError(f"primary must be a NatsBus, not {type(primary).__name__}")
         if not isinstance(fallback, ShmBus):
             raise TypeError(f"fallback must be a ShmBus, not {type(fallback).__name__}")
-        queue_size = primary.queue_size if queue_size is None else queue_size
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
+        if queue_size is None:
+            queue_size = primary.queue_size
         if overlap is None:
             overlap = 2 * primary.reconnect_time_wait + 2
-        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or overlap < 0:
-            raise ValueError(f"overlap must be a number of seconds >= 0, got {overlap!r}")
-        if isinstance(dedupe_size, bool) or not isinstance(dedupe_size, int) or dedupe_size < 1:
-            raise ValueError(f"dedupe_size must be an int of at least 1, got {dedupe_size!r}")
         if retry_interval is None:
             retry_interval = max(0.1, primary.reconnect_time_wait)
-        if (
-            isinstance(retry_interval, bool)
-            or not isinstance(retry_interval, (int, float))
-            or retry_interval <= 0
-        ):
-            raise ValueError(
-                f"retry_interval must be a number of seconds > 0, got {retry_interval!r}"
-            )
         self.primary = primary
         self.fallback = fallback
-        self.queue_size = queue_size
-        self.overlap = float(overlap)
-        self.dedupe_size = dedupe_size
-        self.retry_interval = float(retry_interval)
-        self._state = _NEW
+        self.queue_size = check_int("queue_size", queue_size, minimum=1)
+        self.overlap = check_seconds("overlap", overlap)
+        self.dedupe_size = check_int("dedupe_size", dedupe_size, minimum=1)
+        self.retry_interval = check_seconds("retry_interval", retry_interval, above=True)
+        self._state = LifecycleState.NEW
         self._lock = threading.RLock()
         self._nats_up = False
         self._dual_until = 0.0
@@ -176,7 +164,7 @@ class FallbackBus(BaseBus):
     @property
     def using_nats(self) -> bool:
         """True while publishes go to NATS (possibly to shm as well)."""
-        return self._state is _OPEN and self._nats_up
+        return self._state is LifecycleState.OPEN and self._nats_up
 
     @property
     def double_sending(self) -> bool:
@@ -198,11 +186,11 @@ class FallbackBus(BaseBus):
         keeps trying in the background. Raises what ``ShmBus.connect``
         raises, and :class:`BusClosedError` on a closed bus.
         """
-        if self._state is _OPEN:
+        if self._state is LifecycleState.OPEN:
             return
         self._check_not_closed("connect")
         await self.fallback.connect()
-        self._state = _OPEN
+        self._state = LifecycleState.OPEN
         try:
             await self.primary.connect()
         except ConnectionError as exc:
@@ -215,7 +203,7 @@ class FallbackBus(BaseBus):
             self._retry = asyncio.get_running_loop().create_task(self._keep_connecting())
 
     async def _keep_connecting(self) -> None:
-        while self._state is _OPEN and self.primary.loop is None:
+        while self._state is LifecycleState.OPEN and self.primary.loop is None:
             await asyncio.sleep(self.retry_interval)  # back off between attempts
             try:
                 await self.primary.connect()
@@ -227,9 +215,9 @@ class FallbackBus(BaseBus):
     async def close(self) -> None:
         """End every subscription and close both transports. Idempotent."""
         with self._lock:
-            if self._state is _CLOSED:
+            if self._state is LifecycleState.CLOSED:
                 return
-            self._state = _CLOSED
+            self._state = LifecycleState.CLOSED
             merged = list(self._merged.values())
         retry = self._retry
         if retry is not None and not retry.done():
@@ -244,8 +232,13 @@ class FallbackBus(BaseBus):
         finally:
             await self.fallback.close()
 
+    def _is_closed(self) -> bool:
+        """The state now (a call, so that a type checker does not assume it
+        is still what an earlier check found)."""
+        return self._state is LifecycleState.CLOSED
+
     def _check_not_closed(self, action: str) -> None:
-        if self._state is _CLOSED:
+        if self._is_closed():
             raise BusClosedError(f"cannot {action}: {self!r} is closed")
 
     # ─── Publishing ───
@@ -254,7 +247,7 @@ class FallbackBus(BaseBus):
         """Publish on NATS or shm (see the class docstring); connects first if
         needed. Waits for the NATS client to take the event when called on
         the NATS bus's loop. Same errors as :meth:`publish_nowait`."""
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
         event, body = self._encode(topic, payload, event_type)
@@ -272,7 +265,7 @@ class FallbackBus(BaseBus):
         RuntimeError
             The bus is closed or was never connected.
         """
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             raise RuntimeError(f"cannot publish on {self!r} before connect(); await connect()")
         event, body = self._encode(topic, payload, event_type)
@@ -302,7 +295,7 @@ class FallbackBus(BaseBus):
         event to NATS (after this returns: a failure there is covered by the
         re-send on the switch to shm)."""
         with self._lock:
-            if self._state is not _OPEN:
+            if self._state is not LifecycleState.OPEN:
                 self._check_not_closed("publish")
             up = self.primary.connected
             if up != self._nats_up:
@@ -325,7 +318,7 @@ class FallbackBus(BaseBus):
     def _on_nats_state(self, connected: bool) -> None:
         """NATS connection listener (on the NATS bus loop)."""
         with self._lock:
-            if self._state is _OPEN and connected != self._nats_up:
+            if self._state is LifecycleState.OPEN and connected != self._nats_up:
                 self._switch(connected)
 
     def _switch(self, up: bool) -> None:
@@ -357,14 +350,14 @@ class FallbackBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> Subscription:
+    def subscribe(self, pattern: str) -> QueueSubscription:
         """Subscribe on both transports; each event is delivered once.
 
         Must be called with an event loop running (it runs the forwarding
         from both transports) on a connected bus.
         """
         validate_pattern(pattern)
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed("subscribe")
             raise RuntimeError(f"cannot subscribe on {self!r} before connect(); await connect()")
         try:
@@ -378,19 +371,18 @@ class FallbackBus(BaseBus):
         try:
             nats_sub = self.primary.subscribe(pattern)
         except BaseException:
-            if isinstance(shm_sub, QueueSubscription):
-                shm_sub.close_from_transport()
+            shm_sub.close_from_transport()
             raise
         inner = [shm_sub, nats_sub]
         entry = _Merged(out, inner, RecentIds(self.dedupe_size))
         entry.pumps = [loop.create_task(self._pump(entry, source)) for source in inner]
         with self._lock:
             self._merged[out] = entry
-        if self._state is _CLOSED:  # closed meanwhile
+        if self._is_closed():  # closed meanwhile, by another thread
             out.close_from_transport()
         return out
 
-    async def _pump(self, entry: _Merged, source: Subscription) -> None:
+    async def _pump(self, entry: _Merged, source: QueueSubscription) -> None:
         seen = entry.seen
         out = entry.out
         async for event in source:
@@ -409,8 +401,7 @@ class FallbackBus(BaseBus):
             self._retired_dropped += out.dropped + _inner_dropped(entry)
             self._duplicates += entry.duplicates
         for source in entry.inner:
-            if isinstance(source, QueueSubscription):
-                source.close_from_transport()
+            source.close_from_transport()
         for pump in entry.pumps:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nothing runs it
                 pump.get_loop().call_soon_threadsafe(pump.cancel)
@@ -459,4 +450,4 @@ class FallbackBus(BaseBus):
 
 
 def _inner_dropped(entry: _Merged) -> int:
-    return sum(s.dropped for s in entry.inner if isinstance(s, QueueSubscription))
+    return sum(s.dropped for s in entry.inner)

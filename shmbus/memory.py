@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._checks import check_int
 from .codec import decode_envelope, encode_envelope
 from .contract import BaseBus, validate_pattern, validate_topic
 from .delivery import QueueSubscription
@@ -27,16 +28,10 @@ class _LocalBus(BaseBus):
     """Lifecycle and argument checks shared by the in-process transports."""
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
-        for label, value, least in (
-            ("max_event_size", max_event_size, MIN_MAX_EVENT_SIZE),
-            ("queue_size", queue_size, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{label} must be an int, not {type(value).__name__} ({value!r})")
-            if value < least:
-                raise ValueError(f"{label} must be at least {least}, got {value}")
-        self.max_event_size = max_event_size
-        self.queue_size = queue_size
+        self.max_event_size = check_int(
+            "max_event_size", max_event_size, minimum=MIN_MAX_EVENT_SIZE
+        )
+        self.queue_size = check_int("queue_size", queue_size, minimum=1)
         self._closed = False
         self._published = 0
         self._lock = threading.Lock()
@@ -52,17 +47,16 @@ class _LocalBus(BaseBus):
     async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
         self.publish_nowait(topic, payload, event_type=event_type)
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
-        """Publish without an event loop; safe from any thread."""
-        raise NotImplementedError  # pragma: no cover - both subclasses override
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {state}>"
 
 
 class MemoryBus(_LocalBus):
-    """Publish/subscribe between the tasks and threads of one process."""
+    """Publish/subscribe between the tasks and threads of one process.
+
+    ``publish_nowait()`` may be called from any thread.
+    """
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
         super().__init__(max_event_size=max_event_size, queue_size=queue_size)

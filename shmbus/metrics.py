@@ -4,7 +4,9 @@ Owns
 ----
 :class:`BusCollector`, which turns :func:`shmbus.inspect.list_buses` into
 Prometheus metric families, and :func:`serve`, which serves them over HTTP.
-Needs the optional ``prometheus-client`` package (``shmbus[metrics]``).
+Needs the optional ``prometheus-client`` package: without it, importing this
+module raises :class:`~shmbus.errors.MissingExtraError`, whose message names
+the command that installs it (``pip install 'shmbus[metrics]'``).
 
 Invariants
 ----------
@@ -26,9 +28,16 @@ import threading
 from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from .errors import MissingExtraError
+
+try:
+    from prometheus_client import start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector, CollectorRegistry
+except ImportError as exc:  # the optional extra is not installed
+    if exc.name is not None and exc.name.split(".")[0] == "prometheus_client":
+        raise MissingExtraError("metrics", exc.name) from exc
+    raise
 
 from .inspect import BusInfo, list_buses
 

@@ -40,6 +40,10 @@ connection is handed to the bus loop with ``call_soon_threadsafe``.
 
 The client reconnects by itself (forever, by default: ``max_reconnect_attempts
 = -1``); NATS replays the subscriptions after a reconnect.
+
+Needs the optional nats-py package: without it, importing this module raises
+:class:`~shmbus.errors.MissingExtraError`, whose message names the command
+that installs it (``pip install 'shmbus[nats]'``).
 """
 
 from __future__ import annotations
@@ -55,22 +59,30 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
-import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
+from .errors import MissingExtraError
 
+try:
+    import nats.errors
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription as NatsSubscription
+except ImportError as exc:  # the optional extra is not installed
+    if exc.name is not None and exc.name.split(".")[0] == "nats":
+        raise MissingExtraError("nats", exc.name) from exc
+    raise
+
+from ._checks import check_int, check_seconds
 from .codec import EnvelopeDecodeError, decode_envelope, encode_envelope
 from .contract import (
     EVENT_SCHEMA_VERSION,
     BaseBus,
     Event,
-    Subscription,
     validate_pattern,
     validate_topic,
 )
 from .delivery import QueueSubscription
-from .errors import BusClosedError
+from .errors import BusClosedError, TransportUnavailableError
+from .lifecycle import LifecycleState
 from .stats import BusStats
 
 __all__ = ["DEFAULT_NATS_URL", "NATS_CONNECT_OPTIONS", "NatsBus"]
@@ -95,8 +107,6 @@ _CALLBACK_OPTIONS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb
 #: this the bus is not keeping up with its publishers: further events are
 #: dropped and counted as publish errors.
 OUTBOX_LIMIT = 65_536
-
-_NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
 #: Connection errors the client reports on every failed (re)connect attempt;
 #: logged at debug level to keep an outage from flooding the log.
@@ -133,7 +143,8 @@ class NatsBus(BaseBus):
         Connection name shown in the server's monitoring.
     connect_timeout:
         Seconds :meth:`connect` keeps trying before it raises
-        :class:`ConnectionError` (also the timeout of each attempt).
+        :class:`~shmbus.errors.TransportUnavailableError` (a
+        :class:`ConnectionError`; also the timeout of each attempt).
     **nats_options:
         Passed to ``nats.aio.client.Client.connect`` (see
         :data:`NATS_CONNECT_OPTIONS`), e.g. ``reconnect_time_wait``,
@@ -152,16 +163,11 @@ class NatsBus(BaseBus):
         **nats_options: Any,
     ) -> None:
         self.servers = _check_servers(servers)
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
-        if (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, (int, float))
-            or not 0 < connect_timeout <= 3600
-        ):
-            raise ValueError(
-                f"connect_timeout must be between 0 and 3600 seconds, got {connect_timeout!r}"
-            )
+        self.queue_size = check_int("queue_size", queue_size, minimum=1)
+        #: Seconds connect() keeps trying; also each attempt's and flush's timeout.
+        self.connect_timeout = check_seconds(
+            "connect_timeout", connect_timeout, above=True, maximum=3600
+        )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         unknown = sorted(set(nats_options) - NATS_CONNECT_OPTIONS)
@@ -176,15 +182,11 @@ class NatsBus(BaseBus):
                 raise TypeError(f"{option} must be an async function, got {callback!r}")
         nats_options.setdefault("max_reconnect_attempts", -1)
         wait = nats_options.setdefault("reconnect_time_wait", 2)
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
-            raise ValueError(f"reconnect_time_wait must be a number of seconds >= 0, got {wait!r}")
         #: Seconds between reconnect attempts to one server.
-        self.reconnect_time_wait = float(wait)
-        self.queue_size = queue_size
+        self.reconnect_time_wait = check_seconds("reconnect_time_wait", wait)
         self.name = name
-        self.connect_timeout = float(connect_timeout)
         self._nats_options = nats_options
-        self._state = _NEW
+        self._state = LifecycleState.NEW
         self._lock = threading.Lock()
         self._connect_lock: asyncio.Lock | None = None
         self._nc: Client | None = None
@@ -214,8 +216,8 @@ class NatsBus(BaseBus):
         self._retired_dropped = 0
 
     def __repr__(self) -> str:
-        state = self._state
-        if state is _OPEN and not self.connected:
+        state: str = self._state
+        if self._state is LifecycleState.OPEN and not self.connected:
             state = "reconnecting"
         return f"<NatsBus {','.join(self.servers)} {state}>"
 
@@ -225,7 +227,7 @@ class NatsBus(BaseBus):
     def connected(self) -> bool:
         """True while the bus is open and its connection is up."""
         nc = self._nc
-        return self._state is _OPEN and nc is not None and nc.is_connected
+        return self._state is LifecycleState.OPEN and nc is not None and nc.is_connected
 
     @property
     def max_payload(self) -> int:
@@ -257,24 +259,26 @@ class NatsBus(BaseBus):
 
         Raises
         ------
-        ConnectionError
-            No server could be reached in time; the bus stays unconnected
-            and :meth:`connect` may be retried.
+        TransportUnavailableError
+            No server could be reached in time (a :class:`ConnectionError`);
+            the bus stays unconnected and :meth:`connect` may be retried.
         BusClosedError
             The bus was closed.
         """
-        if self._state is _OPEN:
+        if self._state is LifecycleState.OPEN:
             return
         self._check_not_closed("connect")
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
-            if self._state is _OPEN:
-                return
-            self._check_not_closed("connect")
             await self._connect()
 
     async def _connect(self) -> None:
+        """Connect, holding the connect lock; whoever held it before may have
+        connected or closed the bus meanwhile."""
+        if self._state is LifecycleState.OPEN:
+            return
+        self._check_not_closed("connect")
         nc = Client()
         options: dict[str, Any] = dict(self._nats_options)
         user_callbacks = {key: options.pop(key, None) for key in _CALLBACK_OPTIONS}
@@ -304,11 +308,11 @@ class NatsBus(BaseBus):
             with contextlib.suppress(Exception):
                 await nc.close()
             cause = self._last_error or exc
-            raise ConnectionError(
+            raise TransportUnavailableError(
                 f"cannot connect to NATS at {', '.join(self.servers)} within "
                 f"{self.connect_timeout:g} s: {_describe(cause)}"
             ) from exc
-        if self._state is _CLOSED:  # closed while we were connecting
+        if self._state is LifecycleState.CLOSED:  # closed while we were connecting
             await nc.close()
             self._check_not_closed("connect")
         loop = asyncio.get_running_loop()
@@ -317,7 +321,7 @@ class NatsBus(BaseBus):
             self._loop = loop
             self._loop_thread = threading.get_ident()
             self._max_payload = nc.max_payload
-            self._state = _OPEN
+            self._state = LifecycleState.OPEN
             routes = list(self._routes.values())
         log.info(
             "connected to NATS at %s (max_payload %d bytes)",
@@ -335,10 +339,10 @@ class NatsBus(BaseBus):
         the connection is up (for at most ``connect_timeout`` seconds).
         """
         with self._lock:
-            if self._state is _CLOSED:
+            if self._state is LifecycleState.CLOSED:
                 return
-            was_open = self._state is _OPEN
-            self._state = _CLOSED
+            was_open = self._state is LifecycleState.OPEN
+            self._state = LifecycleState.CLOSED
             routes = list(self._routes.values())
         for route in routes:
             route.qsub.close_from_transport()
@@ -380,7 +384,7 @@ class NatsBus(BaseBus):
         self._notify(False)
 
     def _check_not_closed(self, action: str) -> None:
-        if self._state is _CLOSED:
+        if self._state is LifecycleState.CLOSED:
             raise BusClosedError(f"cannot {action}: NatsBus {','.join(self.servers)} is closed")
 
     # ─── Publishing ───
@@ -398,7 +402,7 @@ class NatsBus(BaseBus):
         BusClosedError
             The bus is closed.
         """
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
         data = self.encode(topic, payload, event_type)
@@ -408,7 +412,7 @@ class NatsBus(BaseBus):
         """Publish an already-built *event*, keeping its ``id``, ``ts``,
         ``type`` and ``v`` (for bridges and relays). Same errors as
         :meth:`publish`."""
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
         data = self.encode(
@@ -472,7 +476,7 @@ class NatsBus(BaseBus):
             self._count_error(topic, "the bus's event loop is closed")
 
     def _check_ready(self, action: str) -> None:
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             self._check_not_closed(action)
             raise RuntimeError(
                 f"cannot {action} on NatsBus {','.join(self.servers)} before connect(); "
@@ -500,7 +504,7 @@ class NatsBus(BaseBus):
 
     def _enqueue(self, topic: str, data: bytes) -> None:
         """On the bus loop: queue one envelope behind the ones already queued."""
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             return  # closed meanwhile: close() raced this publish
         if not self.connected:
             self._count_error(topic, "not connected to NATS")
@@ -576,7 +580,8 @@ class NatsBus(BaseBus):
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until this instance's SUBs and PUBs so far reached the server.
 
-        Raises :class:`ConnectionError` if the server does not answer within
+        Raises :class:`~shmbus.errors.TransportUnavailableError` (a
+        :class:`ConnectionError`) if the server does not answer within
         *timeout* seconds (default ``connect_timeout``) or the connection is
         down.
         """
@@ -594,15 +599,15 @@ class NatsBus(BaseBus):
         if drainer is not None and not drainer.done():
             await asyncio.wait({drainer}, timeout=timeout)
         if not self._nc.is_connected:
-            raise ConnectionError(f"NatsBus {','.join(self.servers)} is not connected")
+            raise TransportUnavailableError(f"NatsBus {','.join(self.servers)} is not connected")
         try:
             await self._nc.flush(timeout=timeout)  # type: ignore[arg-type]
         except nats.errors.Error as exc:
-            raise ConnectionError(f"NATS flush failed: {_describe(exc)}") from exc
+            raise TransportUnavailableError(f"NATS flush failed: {_describe(exc)}") from exc
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> Subscription:
+    def subscribe(self, pattern: str) -> QueueSubscription:
         """Subscribe to events whose topic matches *pattern* (a NATS subject
         with ``*``/``>`` wildcards, validated by shmbus's rules).
 
@@ -616,14 +621,14 @@ class NatsBus(BaseBus):
         with self._lock:
             self._check_not_closed("subscribe")
             self._routes[qsub] = route
-            is_open = self._state is _OPEN
+            is_open = self._state is LifecycleState.OPEN
         if is_open:
             self._call_on_loop(self._start_route, route)
         return qsub
 
     def _start_route(self, route: _Route) -> None:
         """On the bus loop: make the NATS subscription for *route*."""
-        if route.retired or route.task is not None or self._state is not _OPEN:
+        if route.retired or route.task is not None or self._state is not LifecycleState.OPEN:
             return
         assert self._loop is not None
         route.after_queued = self._queued
@@ -671,13 +676,13 @@ class NatsBus(BaseBus):
             route.retired = True
             self._retired_delivered += qsub.delivered
             self._retired_dropped += qsub.dropped
-            is_open = self._state is _OPEN
+            is_open = self._state is LifecycleState.OPEN
         if is_open:
             self._call_on_loop(self._stop_route, route)
 
     def _stop_route(self, route: _Route) -> None:
         """On the bus loop: drop the NATS subscription of a retired route."""
-        if route.nats_sub is not None and self._state is _OPEN:
+        if route.nats_sub is not None and self._state is LifecycleState.OPEN:
             self._spawn(_unsubscribe(route.nats_sub))
         # A subscribe still in flight unsubscribes itself when it finishes.
 
@@ -719,7 +724,7 @@ class NatsBus(BaseBus):
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
-        if self._state is _CLOSED:
+        if self._state is LifecycleState.CLOSED:
             return
         if isinstance(exc, _CONNECTION_ERRORS):
             log.debug("NATS connection error: %s", _describe(exc))
@@ -727,7 +732,7 @@ class NatsBus(BaseBus):
             log.warning("NATS error: %s", _describe(exc))
 
     async def _on_disconnected(self) -> None:
-        if self._state is not _OPEN:
+        if self._state is not LifecycleState.OPEN:
             return
         dropped = self._discard_unsent()
         log.warning(
@@ -740,7 +745,7 @@ class NatsBus(BaseBus):
 
     async def _on_reconnected(self) -> None:
         nc = self._nc
-        if self._state is not _OPEN or nc is None:
+        if self._state is not LifecycleState.OPEN or nc is None:
             return
         self._max_payload = nc.max_payload
         with self._lock:
@@ -749,7 +754,7 @@ class NatsBus(BaseBus):
         self._notify(True)
 
     async def _on_closed(self) -> None:
-        if self._state is _OPEN:
+        if self._state is LifecycleState.OPEN:
             log.error(
                 "NATS connection to %s closed for good (reconnect attempts exhausted: %s); "
                 "publishes are dropped and counted",

@@ -14,8 +14,9 @@ and, with ``fallback="shm://NAME"``, a :class:`~shmbus.fallback.FallbackBus`
 Guarantees: a bus is returned unconnected; a malformed URL, an unknown
 scheme or option, or a value of the wrong shape raises :class:`ValueError`
 naming it and listing the valid choices. The NATS transports are imported
-only when a ``nats://`` URL asks for them (nats-py is an optional
-dependency: ``pip install shmbus[nats]``).
+only when a ``nats://`` URL asks for them: nats-py is an optional dependency,
+and without it such a URL raises :class:`~shmbus.errors.MissingExtraError`
+naming ``pip install 'shmbus[nats]'``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def get_bus(url: str | None = None, *, fallback: str | None = None, **options: A
         fallback that is not a ``shm://`` URL or not after a ``nats://`` one.
     TypeError
         A URL that is not a string.
+    MissingExtraError
+        A ``nats://`` URL without the ``nats`` extra installed (the message
+        names the ``pip`` command); an :class:`ImportError`.
     """
     if url is None:
         url = os.environ.get(ENV_VAR) or DEFAULT_URL

@@ -6,6 +6,7 @@ by its own bridge process.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import re
@@ -18,8 +19,9 @@ from conftest import SMALL_RING, new_bus_name
 from nats_server import NatsServer, take
 
 from shmbus import ShmBus
-from shmbus.bridge import Bridge
+from shmbus.bridge import Bridge, add_arguments, main
 from shmbus.nats import NatsBus
+from shmbus.shmfiles import bus_file_paths
 
 READY_TIMEOUT = 20.0
 
@@ -209,6 +211,18 @@ async def test_bridge_without_patterns_exits_with_status_2(bus_name: str) -> Non
     _, stderr = await asyncio.wait_for(process.communicate(), READY_TIMEOUT)
     assert process.returncode == 2
     assert b"at least one export or import pattern" in stderr
+
+
+@pytest.mark.parametrize("option", ["--queue-size", "--memory"])
+def test_a_bridge_option_below_one_exits_2_naming_the_option_and_the_limit(
+    option: str, bus_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--bus", bus_name, "--export", "a.>", option, "0"])
+    assert main(args) == 2
+    assert f"{option} must be at least 1, got 0" in caplog.text
+    assert bus_file_paths(bus_name) == []
 
 
 def test_bridge_rejects_an_invalid_pattern() -> None:

@@ -4,6 +4,7 @@ child processes. Argument checks that need no bus run ``cli.main`` in-process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from cli_support import (
 )
 from conftest import SMALL_RING
 
-from shmbus import ShmBus, cli
+from shmbus import MissingExtraError, ShmBus, cli
 from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
 from shmbus.shmfiles import bus_file_paths
 
@@ -93,6 +94,33 @@ def test_pub_reports_the_stdin_line_that_is_not_a_json_object(bus_name: str) -> 
     assert result.returncode == 1
     assert "line 2" in result.stderr and "JSON object" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_pub_stopped_by_a_bad_stdin_line_says_how_many_events_went_out(
+    bus_name: str,
+) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        async with bus.subscribe("n") as sub:
+            result = run_shmbus(
+                "pub", "n", "--bus", bus_name, stdin_text='{"n": 1}\n{"n": 2}\nnot json\n{"n": 4}\n'
+            )
+            received = [(await asyncio.wait_for(anext(sub), DEADLINE)).payload for _ in range(2)]
+    finally:
+        await bus.close()
+    assert result.returncode == 1
+    assert "line 3 is not valid JSON" in result.stderr
+    assert "stopped there: 2 event(s) from the lines before it were published" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert received == [{"n": 1}, {"n": 2}]
+
+
+def test_pub_stopped_by_the_first_stdin_line_says_nothing_was_published(bus_name: str) -> None:
+    result = run_shmbus("pub", "n", "--bus", bus_name, stdin_text="7\n")
+    assert result.returncode == 1
+    assert "line 1 is a JSON number" in result.stderr
+    assert "nothing was published" in result.stderr
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
@@ -206,6 +234,28 @@ def test_clean_removes_a_dead_bus_and_lists_what_it_removed(bus_name: str) -> No
         assert bus_file_paths(bus_name) == []
 
 
+def test_clean_dry_run_lists_what_it_would_remove_and_removes_nothing(bus_name: str) -> None:
+    with crashed_bus(bus_name) as left:
+        result = run_shmbus("clean", bus_name, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        assert sorted(result.stdout.splitlines()) == sorted(f"would remove {p}" for p in left)
+        assert sorted(bus_file_paths(bus_name)) == sorted(left)
+
+
+async def test_clean_dry_run_of_a_live_bus_says_clean_would_refuse_it(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        before = bus_file_paths(bus_name)
+        result = run_shmbus("clean", bus_name, "--dry-run")
+        assert bus_file_paths(bus_name) == before
+    finally:
+        await bus.close()
+    assert result.returncode == 1
+    assert "live" in result.stderr and "--force" in result.stderr
+    assert "nothing was removed" in result.stderr
+
+
 # ─── Exit codes and errors ───────────────────────────────────────────────────
 
 
@@ -220,7 +270,8 @@ def test_bad_arguments_exit_2_with_a_message_naming_the_value(bus_name: str) -> 
     [
         (["pub", "a b"], "whitespace"),
         (["pub", "a.b", "[1, 2]"], "must be an object"),
-        (["pub", "a.b", "--count", "0"], "minimum is 1"),
+        (["pub", "a.b", "42"], "'42' is a JSON number; it must be an object"),
+        (["pub", "a.b", "--count", "0"], "at least 1, got 0"),
         (["sub", "a.>.b"], "a.>.b"),
         (["sub", ">", "--bus", "bad/name"], "may only contain"),
         (["stat", "x", "--watch", "-1"], "-1"),
@@ -316,6 +367,31 @@ def test_missing_plugin_module_is_not_available_and_others_still_work(
         cli.main(["--help"])
     assert exit_info.value.code == 0
     assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "extra"),
+    [
+        (["bridge", "--export", "a.>"], "nats", "nats"),
+        (["metrics"], "prometheus_client", "metrics"),
+    ],
+    ids=["bridge", "metrics"],
+)
+def test_a_command_without_its_extra_says_so_with_the_pip_command(
+    command: list[str], module: str, extra: str
+) -> None:
+    """The same MissingExtraError message as the library raises, one line, exit 1."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from shmbus.cli import main\n"
+        f"sys.exit(main({command!r}))\n"
+    )
+    with started([sys.executable, "-c", code]) as process:
+        out, err = process.communicate(timeout=DEADLINE)
+    assert process.returncode == 1, err
+    message = str(MissingExtraError(extra))
+    assert err == f"shmbus: error: {command[0]}: not available: {message}\n"
+    assert f"pip install 'shmbus[{extra}]'" in message
 
 
 def test_console_script_runs_the_same_command() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from shmbus.codec import EnvelopeDecodeError, decode_envelope, encode_envelope
 from shmbus.contract import EVENT_SCHEMA_VERSION
+from shmbus.errors import ShmBusError
 
 LIMIT = 64 * 1024
 #: Marks a field to leave out of a hand-made envelope.
@@ -146,6 +147,14 @@ def test_a_failed_encode_does_not_corrupt_the_next_envelope():
 def test_decode_rejects_garbage(data):
     with pytest.raises(EnvelopeDecodeError):
         decode_envelope("a", data, LIMIT)
+
+
+@pytest.mark.parametrize("caught", [ShmBusError, ValueError], ids=lambda cls: cls.__name__)
+def test_a_decode_error_is_caught_as_a_shmbus_error_and_as_a_value_error(caught):
+    """The fault is in the bytes, not the caller's: part of the shmbus error
+    tree, and still the ValueError it always was."""
+    with pytest.raises(caught):
+        decode_envelope("a", b"\xc1", LIMIT)
 
 
 def test_decode_rejects_trailing_bytes_after_the_envelope():

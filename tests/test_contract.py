@@ -1,29 +1,36 @@
 """The bus contract itself: the Event envelope, event ids, topic and pattern
-validation, and NATS-style wildcard matching (shmbus.contract)."""
+validation, NATS-style wildcard matching (shmbus.contract), that every
+transport implements all of BaseBus, and the lifecycle states they share."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmbus import MemoryBus, NullBus, QueueSubscription, ShmBus, lifecycle
 from shmbus.contract import (
     EVENT_SCHEMA_VERSION,
     MAX_TOPIC_LENGTH,
+    BaseBus,
     Event,
+    Subscription,
     matches,
     new_event_id,
     validate_pattern,
     validate_topic,
 )
+from shmbus.lifecycle import TRANSITIONS, LifecycleState
 
 EVENT_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -440,3 +447,92 @@ def test_the_contracts_topic_limit_is_the_one_the_segment_layout_reserves_room_f
     from shmbus.layout import MAX_TOPIC_BYTES
 
     assert MAX_TOPIC_LENGTH == MAX_TOPIC_BYTES
+
+
+# ─── Every transport implements the whole contract ───────────────────────────
+
+
+def _transports() -> list[type[BaseBus]]:
+    from shmbus.fallback import FallbackBus
+    from shmbus.nats import NatsBus
+
+    return [ShmBus, MemoryBus, NullBus, NatsBus, FallbackBus]
+
+
+def _parameters(function: Callable[..., object]) -> list[tuple[str, object, object]]:
+    """Name, kind and default of each parameter (annotations aside)."""
+    signature = inspect.signature(function)
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+def test_the_bus_contract_declares_publish_nowait_and_stats():
+    assert BaseBus.__abstractmethods__ == {
+        "connect",
+        "publish",
+        "publish_nowait",
+        "subscribe",
+        "stats",
+        "close",
+    }
+
+
+@pytest.mark.parametrize("method", sorted(BaseBus.__abstractmethods__))
+@pytest.mark.parametrize("transport", _transports(), ids=lambda cls: cls.__name__)
+def test_every_transport_implements_each_contract_method_with_its_signature(transport, method):
+    implementation = getattr(transport, method)
+    assert not getattr(implementation, "__isabstractmethod__", False)
+    assert _parameters(implementation) == _parameters(getattr(BaseBus, method))
+
+
+def test_subscribe_is_typed_to_return_the_exported_subscription_type():
+    import typing
+
+    import shmbus.contract
+
+    hints = typing.get_type_hints(
+        BaseBus.subscribe, {**vars(shmbus.contract), "QueueSubscription": QueueSubscription}
+    )
+    assert hints["return"] is QueueSubscription
+    assert issubclass(QueueSubscription, Subscription)
+    assert callable(QueueSubscription.statistics)
+
+
+# ─── Life cycle ──────────────────────────────────────────────────────────────
+
+
+def test_the_lifecycle_docstring_table_lists_exactly_the_allowed_transitions():
+    table = re.findall(r"^``(\w+)``\s+``(\w+)``", lifecycle.__doc__ or "", re.MULTILINE)
+    assert table, "no transition table in shmbus.lifecycle's docstring"
+    documented = {(LifecycleState[a], LifecycleState[b]) for a, b in table}
+    allowed = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    assert documented == allowed
+    assert set(TRANSITIONS) == set(LifecycleState)
+
+
+def test_a_lifecycle_state_reads_as_its_name_in_text():
+    assert [str(state) for state in LifecycleState] == ["new", "open", "closed", "forked"]
+    assert f"{LifecycleState.OPEN}" == "open"
+
+
+async def test_the_shm_bus_goes_new_open_closed_through_the_lifecycle_states(bus_name):
+    bus = ShmBus(bus_name, capacity=1 << 20, max_event_size=64 * 1024)
+    seen = [bus._state]
+    await bus.connect()
+    seen.append(bus._state)
+    await bus.close()
+    seen.append(bus._state)
+    assert seen == [LifecycleState.NEW, LifecycleState.OPEN, LifecycleState.CLOSED]
+    assert all(type(state) is LifecycleState for state in seen)
+
+
+async def test_the_nats_transports_use_the_lifecycle_states(bus_name):
+    from shmbus.fallback import FallbackBus
+    from shmbus.nats import NatsBus
+
+    bus = FallbackBus(NatsBus(), ShmBus(bus_name))
+    before = (bus._state, bus.primary._state)
+    await bus.close()  # never connected: NEW -> CLOSED, no server needed
+    after = (bus._state, bus.primary._state)
+    assert before == (LifecycleState.NEW, LifecycleState.NEW)
+    assert after == (LifecycleState.CLOSED, LifecycleState.CLOSED)
+    assert all(type(state) is LifecycleState for state in before + after)

@@ -187,6 +187,28 @@ def test_fallback_must_be_a_shm_bus() -> None:
         FallbackBus(NatsBus(), NatsBus())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"queue_size": 0}, ValueError, ["queue_size", "at least 1", "got 0"]),
+        ({"queue_size": 2.0}, TypeError, ["queue_size", "an int", "float", "2.0"]),
+        ({"dedupe_size": True}, TypeError, ["dedupe_size", "an int", "bool", "True"]),
+        ({"dedupe_size": 0}, ValueError, ["dedupe_size", "at least 1", "got 0"]),
+        ({"overlap": -0.5}, ValueError, ["overlap", "at least 0", "-0.5"]),
+        ({"overlap": "1"}, TypeError, ["overlap", "seconds", "'1'"]),
+        ({"retry_interval": 0}, ValueError, ["retry_interval", "above 0", "got 0"]),
+        ({"retry_interval": float("nan")}, ValueError, ["retry_interval", "finite", "nan"]),
+    ],
+)
+def test_a_bad_option_value_is_refused_naming_the_option_the_value_and_the_limit(
+    bus_name: str, options: dict[str, object], error: type[Exception], words: list[str]
+) -> None:
+    """A wrong type is a TypeError, a value out of range a ValueError."""
+    with pytest.raises(error) as info:
+        FallbackBus(NatsBus(), ShmBus(bus_name), **options)  # type: ignore[arg-type]
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
 async def test_publish_nowait_from_a_thread_reaches_a_subscriber_once(
     nats_server: NatsServer, make_bus: Callable[[str], FallbackBus]
 ) -> None:

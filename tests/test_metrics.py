@@ -12,7 +12,7 @@ from cli_support import DEADLINE, LineReader, shmbus_command, started
 from conftest import SMALL_RING
 from prometheus_client.parser import text_string_to_metric_families
 
-from shmbus import ShmBus
+from shmbus import QueueSubscription, ShmBus
 from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
 from shmbus.metrics import registry
 
@@ -46,11 +46,11 @@ def _instance_value(samples: Samples, name: str, bus: str, pid: int) -> float:
     return value
 
 
-async def _publish_and_consume(bus: ShmBus, sub: object, count: int) -> None:
+async def _publish_and_consume(bus: ShmBus, sub: QueueSubscription, count: int) -> None:
     for i in range(count):
         bus.publish_nowait("metrics.test", {"i": i})
     for _ in range(count):
-        await anext(aiter(sub))  # type: ignore[call-overload]
+        await anext(sub)
 
 
 async def test_metrics_endpoint_counters_move_between_scrapes(bus_name: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from nats_server import NatsServer, free_port, take, wait_until
 
 from shmbus import Event
-from shmbus.errors import BusClosedError
+from shmbus.errors import BusClosedError, ShmBusError, TransportUnavailableError
 from shmbus.nats import NatsBus
 
 
@@ -237,6 +237,16 @@ async def test_connect_to_unreachable_server_raises_connection_error() -> None:
     await bus.close()
 
 
+async def test_a_failed_connect_raises_transport_unavailable_error() -> None:
+    """A ShmBusError and a ConnectionError: ``except`` either catches it."""
+    bus = NatsBus(f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)  # nothing listens
+    with pytest.raises(TransportUnavailableError) as info:
+        await bus.connect()
+    await bus.close()
+    assert isinstance(info.value, ShmBusError)
+    assert isinstance(info.value, ConnectionError)
+
+
 async def test_publish_nowait_before_connect_raises_runtime_error(
     nats_server: NatsServer,
 ) -> None:
@@ -310,3 +320,25 @@ def test_bad_server_url_raises_value_error(servers: str | list[str]) -> None:
 def test_bad_queue_size_raises_value_error() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         NatsBus(queue_size=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"queue_size": 0}, ValueError, ["queue_size", "at least 1", "got 0"]),
+        ({"queue_size": True}, TypeError, ["queue_size", "an int", "bool", "True"]),
+        ({"queue_size": "8"}, TypeError, ["queue_size", "an int", "'8'"]),
+        ({"connect_timeout": 0}, ValueError, ["connect_timeout", "above 0", "got 0"]),
+        ({"connect_timeout": 7200}, ValueError, ["connect_timeout", "at most 3600", "7200"]),
+        ({"connect_timeout": float("inf")}, ValueError, ["connect_timeout", "finite", "inf"]),
+        ({"reconnect_time_wait": -1}, ValueError, ["reconnect_time_wait", "at least 0", "-1"]),
+        ({"reconnect_time_wait": False}, TypeError, ["reconnect_time_wait", "bool", "False"]),
+    ],
+)
+def test_a_bad_option_value_is_refused_naming_the_option_the_value_and_the_limit(
+    options: dict[str, object], error: type[Exception], words: list[str]
+) -> None:
+    """A wrong type is a TypeError, a value out of range a ValueError."""
+    with pytest.raises(error) as info:
+        NatsBus(**options)  # type: ignore[arg-type]
+    assert all(word in str(info.value) for word in words), str(info.value)

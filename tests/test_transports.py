@@ -22,9 +22,11 @@ from shmbus import (
     IncompatibleSegmentError,
     MemoryBus,
     NullBus,
+    QueueSubscription,
     SegmentSpaceError,
     ShmBus,
     Subscription,
+    SubscriptionStatistics,
     ofd,
 )
 from shmbus.codec import encode_envelope
@@ -96,10 +98,6 @@ async def assert_bus_works(bus: BaseBus) -> None:
     assert (event.topic, event.payload) == ("still.works", {"ok": True})
 
 
-def stats_of(bus: BaseBus) -> Mapping[str, int]:
-    return bus.stats()  # type: ignore[attr-defined, no-any-return]
-
-
 def make_bus(kind: str, **options: Any) -> BaseBus:
     """A new, unconnected bus of *kind* with a unique name."""
     if kind == "shm":
@@ -165,7 +163,7 @@ async def test_non_matching_topics_are_not_delivered(bus):
     await bus.publish("wanted.not", {"n": 2})
     await bus.publish("wanted", {"n": 3})
     assert (await next_event(sub)).payload == {"n": 3}
-    assert stats_of(bus)["dropped"] == 0
+    assert bus.stats()["dropped"] == 0
     await sub.aclose()
 
 
@@ -359,7 +357,7 @@ async def test_close_is_idempotent(any_bus):
     await any_bus.close()
     with pytest.raises(RuntimeError):
         await any_bus.publish("after.close", {})
-    assert stats_of(any_bus)["published"] == 1
+    assert any_bus.stats()["published"] == 1
     if isinstance(any_bus, ShmBus):
         assert bus_file_paths(any_bus.name) == []
 
@@ -420,7 +418,7 @@ async def test_publish_nowait_from_a_plain_thread_delivers_in_order(bus):
     thread.join(ARRIVAL)
     assert not errors
     assert received == list(range(50))
-    assert stats_of(bus)["published"] == 50
+    assert bus.stats()["published"] == 50
     await sub.aclose()
 
 
@@ -428,7 +426,7 @@ async def test_publish_nowait_from_a_plain_thread_is_counted(any_bus):
     thread = threading.Thread(target=lambda: [any_bus.publish_nowait("t", {}) for _ in range(10)])
     thread.start()
     thread.join(ARRIVAL)
-    assert stats_of(any_bus)["published"] == 10
+    assert any_bus.stats()["published"] == 10
 
 
 async def test_publishers_in_several_threads_each_keep_their_order(bus):
@@ -491,7 +489,7 @@ def short_id(value: object) -> str:
 async def test_a_bad_topic_value_raises_value_error_and_is_harmless(any_bus, topic):
     with pytest.raises(ValueError):
         await any_bus.publish(topic, {})
-    assert stats_of(any_bus)["published"] == 0
+    assert any_bus.stats()["published"] == 0
     await assert_bus_works(any_bus)
 
 
@@ -511,7 +509,7 @@ async def test_a_topic_that_is_not_valid_unicode_raises_value_error(any_bus):
 async def test_a_bad_pattern_raises_value_error_and_is_harmless(any_bus, pattern):
     with pytest.raises(ValueError):
         any_bus.subscribe(pattern)
-    assert stats_of(any_bus)["subscriptions"] == 0
+    assert any_bus.stats()["subscriptions"] == 0
     await assert_bus_works(any_bus)
 
 
@@ -526,7 +524,7 @@ async def test_a_pattern_that_is_not_a_str_raises_type_error_and_is_harmless(any
 async def test_a_payload_that_is_not_a_dict_raises_type_error_and_is_harmless(any_bus, payload):
     with pytest.raises(TypeError):
         await any_bus.publish("a", payload)
-    assert stats_of(any_bus)["published"] == 0
+    assert any_bus.stats()["published"] == 0
     await assert_bus_works(any_bus)
 
 
@@ -535,7 +533,7 @@ async def test_an_unserialisable_payload_raises_type_error_naming_the_topic(any_
     with pytest.raises(TypeError) as info:
         await any_bus.publish("orders.bad", payload)
     assert "'orders.bad'" in str(info.value)
-    assert stats_of(any_bus)["published"] == 0
+    assert any_bus.stats()["published"] == 0
     await assert_bus_works(any_bus)
 
 
@@ -553,7 +551,7 @@ async def test_an_envelope_over_max_event_size_raises_value_error_naming_both_si
         await any_bus.publish("big", payload)
     assert str(size) in str(info.value)
     assert str(MAX_EVENT) in str(info.value)
-    assert stats_of(any_bus)["published"] == 0
+    assert any_bus.stats()["published"] == 0
     await assert_bus_works(any_bus)
 
 
@@ -580,7 +578,7 @@ async def test_an_envelope_just_under_max_event_size_is_delivered(bus):
 
 
 async def test_stats_is_a_mapping_with_the_standard_counters(any_bus):
-    stats = stats_of(any_bus)
+    stats = any_bus.stats()
     assert isinstance(stats, Mapping)
     for key in ("published", "delivered", "dropped", "corrupt"):
         assert stats[key] == 0
@@ -594,7 +592,7 @@ async def test_stats_count_published_and_delivered_events(bus):
     await bus.publish("other", {})
     for _ in range(5):
         await next_event(sub)
-    stats = stats_of(bus)
+    stats = bus.stats()
     assert (stats["published"], stats["delivered"], stats["dropped"], stats["corrupt"]) == (
         6,
         5,
@@ -610,16 +608,30 @@ async def test_stats_keep_counts_of_closed_subscriptions(bus):
     await bus.publish("k", {})
     await next_event(sub)
     await sub.aclose()
-    stats = stats_of(bus)
+    stats = bus.stats()
     assert stats["delivered"] == 1
     assert stats["subscriptions"] == 0
 
 
+async def test_subscribe_hands_out_the_exported_subscription_with_its_statistics(bus):
+    """Every transport returns a QueueSubscription (exported from shmbus), so
+    ``statistics()`` is part of what any subscription offers."""
+    async with bus.subscribe("q.>") as sub:
+        assert isinstance(sub, QueueSubscription)
+        await bus.publish("q.1", {})
+        await bus.publish("q.2", {})
+        await next_event(sub)
+        await eventually(lambda: sub.statistics().queued == 1)
+        statistics = sub.statistics()
+    assert isinstance(statistics, SubscriptionStatistics)
+    assert (statistics.pattern, statistics.delivered, statistics.dropped) == ("q.>", 1, 0)
+
+
 async def test_a_stats_snapshot_does_not_change_afterwards(bus):
-    snapshot = stats_of(bus)
+    snapshot = bus.stats()
     await bus.publish("a", {})
     assert snapshot["published"] == 0
-    assert stats_of(bus)["published"] == 1
+    assert bus.stats()["published"] == 1
 
 
 @pytest.mark.parametrize("kind", ["shm", "memory"])
@@ -635,13 +647,13 @@ async def test_a_slow_consumer_overflows_and_every_event_is_received_or_dropped(
     received: list[int] = []
 
     def settled() -> bool:
-        stats = stats_of(instance)
+        stats = instance.stats()
         return stats["delivered"] + stats["dropped"] + sub.statistics().queued >= published
 
     await eventually(settled)
     while sub.statistics().queued:
         received.append((await next_event(sub)).payload["i"])
-    stats = stats_of(instance)
+    stats = instance.stats()
     assert stats["published"] == published
     assert stats["delivered"] == len(received)
     assert stats["dropped"] > 0
@@ -663,11 +675,11 @@ async def test_a_lapped_shm_reader_counts_every_overwritten_event_as_dropped(bus
     published = 3 * SMALL_RING["capacity"] // 1024
     for i in range(published):
         instance.publish_nowait("lap", {"i": i, "pad": "x" * 1000})
-    await eventually(lambda: stats_of(instance)["dropped"] + sub.statistics().queued >= published)
+    await eventually(lambda: instance.stats()["dropped"] + sub.statistics().queued >= published)
     received = []
     while sub.statistics().queued:
         received.append((await next_event(sub)).payload["i"])
-    stats = stats_of(instance)
+    stats = instance.stats()
     assert stats["lapped"] > 0
     assert len(received) + stats["dropped"] == published
     assert received == list(range(published - len(received), published))
@@ -698,7 +710,7 @@ async def test_a_shm_record_failing_its_checksum_is_counted_corrupt_and_dropped(
     scribble(RECORD_HEADER_SIZE + len("c.bad") + 60, 0x01)  # a body byte, before the reader runs
     await instance.publish("c.good", {})
     assert (await next_event(sub)).topic == "c.good"
-    stats = stats_of(instance)
+    stats = instance.stats()
     assert (stats["published"], stats["delivered"], stats["dropped"], stats["corrupt"]) == (
         2,
         1,
@@ -717,10 +729,10 @@ async def test_a_shm_record_with_a_corrupt_header_is_counted_and_later_events_st
     scribble = scribble_on_next_record(instance)
     await instance.publish("c.bad", {})
     scribble(4, 0x7F)  # the record kind
-    await eventually(lambda: stats_of(instance)["corrupt"] >= 1)
+    await eventually(lambda: instance.stats()["corrupt"] >= 1)
     await instance.publish("c.good", {})
     assert (await next_event(sub)).topic == "c.good"
-    stats = stats_of(instance)
+    stats = instance.stats()
     assert (stats["published"], stats["delivered"], stats["dropped"], stats["corrupt"]) == (
         2,
         1,
@@ -749,11 +761,11 @@ async def test_shm_counts_stay_exact_while_a_thread_floods_a_slow_consumer(bus_n
             pass
     thread.join()
     await eventually(
-        lambda: len(received) + stats_of(instance)["dropped"] + sub.statistics().queued >= published
+        lambda: len(received) + instance.stats()["dropped"] + sub.statistics().queued >= published
     )
     while sub.statistics().queued:
         received.append((await next_event(sub)).payload["i"])
-    assert len(received) + stats_of(instance)["dropped"] == published
+    assert len(received) + instance.stats()["dropped"] == published
     assert received == sorted(set(received))
     await sub.aclose()
 
@@ -771,7 +783,7 @@ async def test_two_shm_instances_with_the_same_name_see_each_others_events(bus_n
     both = ["x.from-first", "x.from-second"]
     assert sorted([(await next_event(sub_first)).topic for _ in range(2)]) == both
     assert sorted([(await next_event(sub_second)).topic for _ in range(2)]) == both
-    assert stats_of(first)["published"] == 1 and stats_of(first)["delivered"] == 2
+    assert first.stats()["published"] == 1 and first.stats()["delivered"] == 2
 
 
 async def test_shm_buses_with_different_names_do_not_see_each_others_events(buses):
@@ -1194,7 +1206,7 @@ async def test_shm_a_ring_larger_than_dev_shm_is_a_clear_error_at_the_first_publ
         with pytest.raises(SegmentSpaceError, match=r"needs \d+ bytes in /dev/shm but only \d+"):
             await greedy.publish("too.big", {})
         assert bus_file_paths(bus_name) == [segment]
-        assert stats_of(greedy)["published"] == 0
+        assert greedy.stats()["published"] == 0
         async with ShmBus(bus_name, **SMALL_RING) as modest:
             sub = greedy.subscribe("still.>")
             await modest.publish("still.works", {})
