@@ -156,25 +156,6 @@ log = logging.getLogger("shmbus.directory")
 _ALL_FLAGS = b"\x01" * MAX_SLOTS
 
 
-@dataclass(slots=True)
-class OwnRing:
-    """The ring this instance writes: its entry, generation and mapping."""
-
-    entry: int
-    gen: int
-    ring_id: int
-    path: str
-    mm: mmap.mmap
-    words: memoryview
-    capacity: int
-    max_event_size: int
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.words.release()
-            self.mm.close()
-
-
 @dataclass(frozen=True, slots=True)
 class EntryView:
     """One directory entry as a reader's scan found it (reader rule 3)."""
@@ -189,7 +170,8 @@ class EntryView:
 
 @dataclass(slots=True)
 class RingMapping:
-    """A read-only mapping of another instance's ring file, checked."""
+    """A mapping of a ring file: read-only for a reader, read-write for the
+    ring's writer (:class:`OwnRing`)."""
 
     entry: int
     gen: int
@@ -202,6 +184,14 @@ class RingMapping:
         with contextlib.suppress(Exception):
             self.words.release()
             self.mm.close()
+
+
+@dataclass(slots=True)
+class OwnRing(RingMapping):
+    """The ring this instance writes, with the id and path of its file."""
+
+    ring_id: int
+    path: str
 
 
 def signal_change(segment: Segment) -> None:
@@ -281,7 +271,7 @@ def _install_owned(segment: Segment, entry: int, capacity: int, max_event_size: 
     words[entry_word(entry, ENTRY_STATE)] = ENTRY_LIVE  # rule 3: the entry's commit
     words[slot_word(segment.slot, SLOT_RING)] = entry + 1
     signal_change(segment)  # rule 4
-    return OwnRing(entry, gen, ring_id, path, mm, ring_words, capacity, max_event_size)
+    return OwnRing(entry, gen, mm, ring_words, capacity, max_event_size, ring_id, path)
 
 
 def retire_ring(segment: Segment, ring: OwnRing) -> None:

@@ -35,6 +35,7 @@ import os
 import pwd
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import ForeignFileError, SegmentSpaceError
@@ -207,16 +208,24 @@ def create_file(path: str, access: Access, size: int) -> int:
     fd = os.open(
         path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, access.mode
     )
-    try:
+    with _removed_on_failure(fd, path):
         _force_access(fd, access)
         if size:
             reserve(fd, path, size)
+    return fd
+
+
+@contextlib.contextmanager
+def _removed_on_failure(fd: int, path: str) -> Iterator[None]:
+    """Close *fd* and unlink *path* (a file just made) if the block raises."""
+    try:
+        yield
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    return fd
 
 
 def reserve(fd: int, path: str, size: int) -> None:
@@ -243,18 +252,9 @@ def make_fifo(path: str, access: Access) -> int:
     writer: reads never see end-of-file and writers' opens never fail while
     it is open). Raises FileExistsError if the name is taken."""
     os.mkfifo(path, access.mode)
-    try:
+    with _removed_on_failure(-1, path):
         # Ours, just made: its group and mode are set below.
         fd = open_checked(path, os.O_RDWR | os.O_NONBLOCK, Access(0o777, None), fifo=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    try:
+    with _removed_on_failure(fd, path):
         _force_access(fd, access)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
     return fd
