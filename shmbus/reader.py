@@ -42,7 +42,8 @@ Invariants
   :mod:`shmbus.wakeup`. Two timers insure against a lost wake-up (a
   publisher killed between its commit and its wake-up): a one-shot re-check
   ``IDLE_RECHECK`` after going idle and a ``HEARTBEAT`` poll, which also
-  notices rings whose writer died.
+  notices rings whose writer died and, every ``RECLAIM_EVERY`` beats,
+  reclaims dead writers' rings nobody is owed.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ BATCH: Final = 256
 IDLE_RECHECK: Final = 0.002
 #: Poll this often regardless, in seconds (about 4 wake-ups/s per idle reader).
 HEARTBEAT: Final = 0.25
+#: Heartbeats between two sweeps for dead writers' rings (about 2 s).
+RECLAIM_EVERY: Final = 8
 #: Low-latency mode: bounds of the adaptive spin before sleeping, in seconds.
 SPIN_MIN: Final = 50e-6
 SPIN_MAX: Final = 2e-3
@@ -187,6 +190,7 @@ class BusReader:
         #: Events handed to subscription queues.
         self.routed = 0
         self._retired_dropped = 0
+        self._beats = 0
         loop.add_reader(self._channel.fd, self._on_wake)
         self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
         self._recheck: asyncio.TimerHandle | None = None
@@ -308,7 +312,10 @@ class BusReader:
             del self._rings[followed.key]
             self._order.remove(followed)
             followed.mapping.close()
-        if finished:
+        self._beats += 1
+        if finished or self._beats % RECLAIM_EVERY == 0:
+            # Also now and then: rings of writers that died installing them,
+            # or that this reader was never owed, have no reader to finish them.
             directory.reclaim_dead(self._segment, own[0] if own else -1)
 
     # ─── Scheduling ───
