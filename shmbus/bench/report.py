@@ -709,13 +709,13 @@ def _check(ours: float | None, theirs: float | None, bound: float, *, at_most: b
 _SHORTFALLS = {
     "T1": "A shmbus subscriber keeps up with its publisher (loss 0, about a quarter of "
     "NATS's CPU per event), so T1 measures the *publisher*: one `publish()` costs "
-    "about 4 µs of Python (envelope encoding 1.5 µs, ring append 1.1 µs, writer lock "
-    "0.4 µs, checksum and bookkeeping; see P1 and `docs/bench/profile.md`), while NATS's "
+    "a few µs of Python (envelope encoding, ring append, checksum and bookkeeping; see "
+    "P1 and `docs/bench/profile.md`), while NATS's "
     "and ZeroMQ's subscribers are their bottleneck.",
     "P1": "A NATS or ZeroMQ publish only appends bytes to a client-side buffer; the "
     "network write and the server's work happen later, elsewhere. A shmbus publish "
-    "returns with the event committed into the ring, visible to every subscriber, "
-    "under a cross-process lock: the whole delivery, not a hand-off. Both encode the "
+    "returns with the event committed into its ring, visible to every subscriber: the "
+    "whole delivery, not a hand-off. Both encode the "
     "same envelope (1.5 µs of the call).",
     "L1": "The floor here is the wake-up of an asyncio event loop, not of a process: the "
     "FIFO reference row (the mechanism alone, no ring or envelope) costs {fifo} µs at "
