@@ -76,7 +76,7 @@ PEERS: Final = {
         "shmbus",
         "asyncio",
         "asyncio",
-        "shmbus.ShmBus, default settings (16 MiB ring, queue 1024); "
+        "shmbus.ShmBus, default settings (a 3 MiB ring per publisher, queue 1024); "
         "`await bus.publish()`, `async for event in sub`",
     ),
     "nats": PeerInfo(
