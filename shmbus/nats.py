@@ -89,6 +89,19 @@ __all__ = ["DEFAULT_NATS_URL", "NATS_CONNECT_OPTIONS", "NatsBus"]
 
 log = logging.getLogger("shmbus.nats")
 
+#: Whether the missing-buffer warning was logged (once per process).
+_warned_no_buffer = False
+
+
+def client_buffer_is_reachable(client: object) -> bool:
+    """True if *client* (a nats-py ``Client``) keeps the private write buffer
+    that :meth:`NatsBus._discard_unsent` trims: a list ``_pending`` and its
+    byte count ``_pending_data_size``. shmbus relies on these private names
+    of nats-py; a test checks them against the installed version."""
+    return isinstance(getattr(client, "_pending", None), list) and hasattr(
+        client, "_pending_data_size"
+    )
+
 #: Server used when none is given.
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -768,9 +781,16 @@ class NatsBus(BaseBus):
         does not deliver events from before the outage (at-most-once, and the
         fallback bus has re-sent them elsewhere). Returns how many."""
         nc = self._nc
-        pending = getattr(nc, "_pending", None)
-        if not isinstance(pending, list) or not hasattr(nc, "_pending_data_size"):
-            return 0  # a nats-py without this buffer: nothing we can do
+        if not client_buffer_is_reachable(nc):
+            global _warned_no_buffer
+            if not _warned_no_buffer:
+                _warned_no_buffer = True
+                log.warning(
+                    "this nats-py client has no '_pending' buffer shmbus knows how to trim: "
+                    "events buffered during an outage may be delivered after the reconnect"
+                )
+            return 0
+        pending = nc._pending  # type: ignore[union-attr]
         keep = [cmd for cmd in pending if not bytes(cmd[:5]).startswith((b"PUB ", b"HPUB "))]
         dropped = len(pending) - len(keep)
         if dropped:

@@ -342,3 +342,15 @@ def test_a_bad_option_value_is_refused_naming_the_option_the_value_and_the_limit
     with pytest.raises(error) as info:
         NatsBus(**options)  # type: ignore[arg-type]
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_the_installed_nats_client_keeps_the_private_buffer_shmbus_trims() -> None:
+    """Canary: NatsBus drops PUBs buffered during an outage by editing
+    nats-py's private ``_pending`` list and ``_pending_data_size``. If an
+    upgrade of nats-py renames them, this fails (and NatsBus logs a warning
+    instead of silently replaying stale events after a reconnect)."""
+    from nats.aio.client import Client
+
+    from shmbus.nats import client_buffer_is_reachable
+
+    assert client_buffer_is_reachable(Client())
