@@ -54,8 +54,10 @@ def test_argument_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(get_bus("null://"), NullBus)
 
 
-def test_null_url_builds_a_null_bus() -> None:
-    assert isinstance(get_bus("null://?max_event_size=1024"), NullBus)
+def test_null_url_builds_a_null_bus_with_its_options() -> None:
+    bus = get_bus("null://?max_event_size=1024&queue_size=4")
+    assert isinstance(bus, NullBus)
+    assert (bus.max_event_size, bus.queue_size) == (1024, 4)
 
 
 def test_keyword_options_override_url_options() -> None:
@@ -70,9 +72,12 @@ def test_nats_url_with_several_servers_builds_a_nats_bus() -> None:
     assert (bus.name, bus.reconnect_time_wait) == ("worker", 0.5)
 
 
-def test_nats_keyword_options_accept_any_client_option() -> None:
+def test_nats_keyword_options_accept_any_client_option_and_pass_it_on() -> None:
     bus = get_bus("nats://127.0.0.1:4222", no_echo=True, pending_size=1024)
     assert isinstance(bus, NatsBus)
+    # what NatsBus.connect() hands to nats-py's Client.connect()
+    assert bus._nats_options["no_echo"] is True
+    assert bus._nats_options["pending_size"] == 1024
 
 
 def test_nats_url_with_shm_fallback_builds_a_fallback_bus() -> None:
