@@ -9,8 +9,9 @@ decode the envelope into a :class:`shmbus.Event`. Both APIs are blocking.
 
 * ``multiprocessing.Queue``: unbounded (a feeder thread writes to a pipe),
   ``q.get()``.
-* ``faster_fifo.Queue``: a 16 MiB circular buffer in shared memory (the size of
-  shmbus's ring), ``q.put()`` blocks while it is full, the subscriber takes
+* ``faster_fifo.Queue``: a 16 MiB circular buffer in shared memory (a generous
+  buffer: more than shmbus's 3 MiB ring per publisher), ``q.put()`` blocks
+  while it is full, the subscriber takes
   what is there with ``q.get_many()``, its natural batch API.
 
 Neither loses events, so each publisher ends its stream with a ``None``
