@@ -45,7 +45,7 @@ __all__ = ["host_facts", "summarise", "write_charts", "write_json", "write_markd
 Key = tuple[str, str, str]
 
 #: Order and colours of the peers in tables and charts.
-PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "shmll", "fifo", "sem", "loop")
+PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "shmll", "shmuv", "fifo", "sem", "loop")
 COLOURS = {
     "shm": "#d62728",
     "nats": "#1f77b4",
@@ -55,6 +55,7 @@ COLOURS = {
     "redis": "#8c564b",
     "fifo": "#17becf",
     "shmll": "#ff7f0e",
+    "shmuv": "#e377c2",
     "sem": "#7f7f7f",
     "loop": "#bcbd22",
 }
@@ -423,7 +424,7 @@ def _l1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
         "shmbus/peer p99",
     )
     ours = summary.get(("L1", "", "shm"), {})
-    for peer in [*peers, "shmll", "fifo", "sem"]:
+    for peer in [*peers, "shmll", "shmuv", "fifo", "sem"]:
         figures = summary.get(("L1", "", peer))
         if figures is None:
             continue

@@ -125,6 +125,13 @@ REFERENCE_PEERS: Final = {
         "as shmbus, but the subscriber's bus is `ShmBus(name, low_latency=True)`: its "
         "reader polls the ring for an adaptive window before it sleeps",
     ),
+    "shmuv": PeerInfo(
+        "shmbus on uvloop",
+        "asyncio (uvloop)",
+        "asyncio (uvloop)",
+        "as shmbus, with publisher and subscriber on uvloop's event loop (`uvloop.run`); "
+        "uvloop is an optional extra",
+    ),
     "sem": PeerInfo(
         "bare POSIX semaphore (reference)",
         "blocking",
@@ -344,7 +351,7 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
     if scenario == "L1":
         return [
             (
-                [*peers, *(["shmll"] if "shm" in peers else []), "fifo", "sem"],
+                [*peers, *(["shmll", "shmuv"] if "shm" in peers else []), "fifo", "sem"],
                 replace(base, rate=LATENCY_RATE, latency=True, duration=s.latency_s),
             )
         ]

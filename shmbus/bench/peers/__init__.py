@@ -83,6 +83,7 @@ class Driver(abc.ABC):
 _MODULES = {
     "shm": "shm_peer",
     "shmll": "shm_peer",
+    "shmuv": "shm_peer",
     "nats": "nats_peer",
     "zmq": "zmq_peer",
     "mpq": "queue_peers",

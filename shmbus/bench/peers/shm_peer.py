@@ -35,7 +35,7 @@ from ..spec import RunSpec
 from ..workload import EVENT_TYPE, PATTERN, Recorder
 from . import Driver, Env
 
-__all__ = ["DRIVERS", "BaselineDriver", "ShmDriver", "bus_name"]
+__all__ = ["DRIVERS", "BaselineDriver", "ShmDriver", "ShmUvloopDriver", "bus_name"]
 
 log = logging.getLogger("shmbus.bench")
 
@@ -74,6 +74,30 @@ class ShmLowLatencyDriver(ShmDriver):
 
     def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
         asyncio.run(_subscriber(conn, spec, str(resources), self.bus_factory(), low_latency=True))
+
+
+class ShmUvloopDriver(ShmDriver):
+    """shmbus with publisher and subscriber on uvloop's event loop."""
+
+    name = "shmuv"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "uvloop is not installed (pip install 'shmbus[uvloop]')"
+        return None
+
+    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        import uvloop
+
+        uvloop.run(_publisher(conn, spec, str(resources), self.bus_factory()))
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        import uvloop
+
+        uvloop.run(_subscriber(conn, spec, str(resources), self.bus_factory()))
 
 
 class BaselineDriver(ShmDriver):
@@ -172,5 +196,6 @@ async def _subscriber(
 DRIVERS: dict[str, type[Driver]] = {
     "shm": ShmDriver,
     "shmll": ShmLowLatencyDriver,
+    "shmuv": ShmUvloopDriver,
     BASELINE_PREFIX: BaselineDriver,
 }
