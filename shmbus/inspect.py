@@ -68,9 +68,6 @@ from .layout import (
     MAX_RINGS,
     MAX_SLOTS,
     NO_RECORD,
-    RECORD,
-    RECORD_EVENT,
-    RECORD_HEADER_SIZE,
     RING_MAGIC,
     RING_OFFSET,
     SEGMENT_READY,
@@ -98,6 +95,7 @@ from .layout import (
     ring_file_size,
     slot_offset,
 )
+from .ring import event_at
 from .shmfiles import SHM_DIR, ring_path, validate_bus_name
 
 __all__ = [
@@ -484,11 +482,9 @@ def _committed(ring_mm: mmap.mmap, ring_words: memoryview, capacity: int) -> int
     last = int(ring_words[W_LAST_RECORD])
     if last == NO_RECORD:
         return 0
-    offset = last % capacity
-    if capacity - offset >= RECORD_HEADER_SIZE:
-        _, kind, _, seq, _, _ = RECORD.unpack_from(ring_mm, RING_OFFSET + offset)
-        if kind == RECORD_EVENT:
-            return int(seq) + 1
+    found = event_at(ring_mm, RING_OFFSET, capacity, last)
+    if found is not None:
+        return int(found[1]) + 1
     return int(ring_words[W_NEXT_SEQ])
 
 

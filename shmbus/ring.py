@@ -104,7 +104,14 @@ from .layout import (
 )
 from .ordering import acquire_fence, release_fence
 
-__all__ = ["UNKNOWN_SEQ", "RingBatch", "RingReader", "RingWriter", "content_checksum"]
+__all__ = [
+    "UNKNOWN_SEQ",
+    "RingBatch",
+    "RingReader",
+    "RingWriter",
+    "content_checksum",
+    "event_at",
+]
 
 log = logging.getLogger("shmbus.ring")
 
@@ -112,6 +119,20 @@ Route = TypeVar("Route")
 
 #: ``expected_seq`` of a reader that adopts the next record's number as is.
 UNKNOWN_SEQ = -1
+
+
+def event_at(
+    mm: mmap.mmap, ring_offset: int, capacity: int, position: int
+) -> tuple[int, int] | None:
+    """(length, seq) of the event record starting at *position*, or None if
+    no event record header fits there (what ``last_record`` points at)."""
+    offset = position % capacity
+    if capacity - offset < RECORD_HEADER_SIZE:
+        return None
+    length, kind, _, seq, _, _ = RECORD.unpack_from(mm, ring_offset + offset)
+    if kind != RECORD_EVENT or not 0 < length <= capacity - offset:
+        return None
+    return length, seq
 
 
 def content_checksum(topic: bytes, body: bytes) -> int:
@@ -218,11 +239,9 @@ class RingWriter:
         last = int(words[W_LAST_RECORD])
         seq = int(words[W_NEXT_SEQ])
         if last != NO_RECORD and last < position:
-            offset = last % self._capacity
-            if self._capacity - offset >= RECORD_HEADER_SIZE:
-                _, kind, _, last_seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
-                if kind == RECORD_EVENT:
-                    seq = last_seq + 1
+            found = event_at(self._mm, self._base, self._capacity, last)
+            if found is not None:
+                seq = found[1] + 1
         self._position = position
         self._next_seq = seq
         return position
@@ -332,13 +351,12 @@ class RingReader(Generic[Route]):
             acquire_fence()
             if last == NO_RECORD:
                 return 0, 0
-            offset = last % capacity
-            if capacity - offset < RECORD_HEADER_SIZE:
+            found = event_at(self._mm, self._base, capacity, last)
+            if found is None:
                 break
-            length, kind, _, seq, _, _ = RECORD.unpack_from(self._mm, self._base + offset)
             acquire_fence()
-            head = int(words[W_HEAD])
-            if kind == RECORD_EVENT and 0 < length <= capacity - offset and head <= last:
+            if int(words[W_HEAD]) <= last:  # not lapped while we looked
+                length, seq = found
                 return last + length, seq + 1
         # Lapped under us again and again, or damaged: start at the commit
         # point and take the next record's number as it comes.

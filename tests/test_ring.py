@@ -594,3 +594,56 @@ def test_a_reader_lapped_mid_batch_keeps_the_records_the_writer_did_not_reach():
     total = len(ring.written)
     missed = sum(end - first for first, end in batch.gaps + rest.gaps)
     assert missed + len(kept) + len(rest.records) == total
+
+
+# ─── Interrupted appends and join points (writer rule 1, reader rule 5) ──────
+
+
+class Interrupted(Exception):
+    """What a signal handler that raises would throw into an append."""
+
+
+def test_an_append_interrupted_before_its_commit_is_redone_with_the_same_number():
+    ring = Ring(4096)
+    ring.append(b"t", b"first")
+
+    def interrupt() -> None:
+        ring.writer.before_commit = None
+        raise Interrupted
+
+    ring.writer.before_commit = interrupt
+    with pytest.raises(Interrupted):
+        ring.writer.append(b"t", b"lost", content_checksum(b"t", b"lost"))
+    ring.append(b"t", b"second")
+    batch = ring.reader().read(100, select_all)
+    assert [(seq, body) for seq, _, _, body, _ in batch.records] == [(0, b"first"), (1, b"second")]
+    assert batch.gaps == [] and batch.corrupt == 0
+
+
+def test_an_append_interrupted_after_its_commit_is_adopted_by_the_next():
+    """The commit happened but the writer never noted it (the exception came
+    right after the store): the next append must not write over it."""
+    ring = Ring(4096)
+    ring.append(b"t", b"first")
+    noted = (ring.writer._position, ring.writer._next_seq)  # what the writer knew
+    ring.append(b"t", b"committed")
+    ring.writer._position, ring.writer._next_seq = noted  # as if interrupted after the commit
+    ring.append(b"t", b"third")
+    batch = ring.reader().read(100, select_all)
+    assert [(seq, body) for seq, _, _, body, _ in batch.records] == [
+        (0, b"first"),
+        (1, b"committed"),
+        (2, b"third"),
+    ]
+    assert batch.gaps == [] and batch.corrupt == 0
+
+
+def test_a_snapshot_of_an_empty_ring_is_its_beginning():
+    assert Ring(4096).reader().snapshot() == (0, 0)
+
+
+def test_a_snapshot_is_the_position_and_number_after_the_last_committed_record():
+    ring = Ring(1024)
+    for _ in range(9):  # wraps, with a padding record
+        ring.append(b"t", body_for_length(200))
+    assert ring.reader().snapshot() == (ring.word(OFF_WRITE_CURSOR), 9)
