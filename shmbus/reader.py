@@ -107,11 +107,9 @@ RingKey = tuple[int, int]
 class _Followed:
     """One ring this reader follows."""
 
-    __slots__ = ("key", "mapping", "ring", "starts", "newest_start", "own")
+    __slots__ = ("key", "mapping", "ring", "starts", "newest_start")
 
-    def __init__(
-        self, mapping: directory.RingMapping, cursor: int, next_seq: int, own: bool
-    ) -> None:
+    def __init__(self, mapping: directory.RingMapping, cursor: int, next_seq: int) -> None:
         self.key: RingKey = (mapping.entry, mapping.gen)
         self.mapping = mapping
         self.ring: RingReader[_Route] = RingReader(
@@ -127,8 +125,6 @@ class _Followed:
         #: the others started before the ring was found, at 0.
         self.starts: dict[QueueSubscription, int] = {}
         self.newest_start = 0
-        #: True for the ring of this reader's own instance.
-        self.own = own
 
     def start_point(self) -> int:
         """The sequence number a subscription made now starts at."""
@@ -273,7 +269,6 @@ class BusReader:
         scan (a signal handler that raises) asks for another: no ring is
         ever lost between the two.
         """
-        own = self._own_ring()
         unusable = self._finder.unusable
         found = self._finder.scan(set(self._rings), first=first)
         try:
@@ -281,7 +276,7 @@ class BusReader:
                 mapping = ring.mapping
                 key = (mapping.entry, mapping.gen)
                 if key not in self._rings:
-                    followed = _Followed(mapping, 0, 0, own == key)
+                    followed = _Followed(mapping, 0, 0)
                     if not ring.from_start:
                         followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
                     self._rings[key] = followed

@@ -188,7 +188,6 @@ class Segment:
         self.capacity = int(identity.capacity)
         self.max_event_size = int(identity.max_event_size)
         self.slot = -1
-        self.created = False
         self._detached = False
 
     @property
@@ -349,9 +348,7 @@ class Segment:
             # Alone and half-built: leave nothing behind (the caller closes fd).
             remove_bus_files(name)
             raise
-        segment = cls(options, fd, mm, Access(mode, None if gid == NO_GROUP else gid))
-        segment.created = True
-        return segment
+        return cls(options, fd, mm, Access(mode, None if gid == NO_GROUP else gid))
 
     @classmethod
     def _join(cls, options: SegmentOptions, fd: int) -> Segment | None:
