@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from . import directory
+from ._checks import check_int
 from .codec import encode_envelope
 from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .delivery import QueueSubscription
@@ -133,10 +134,7 @@ class ShmBus(BaseBus):
             mode=mode,
             gid=_resolve_group(group),
         )
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int):
-            raise TypeError(f"queue_size must be an int, not {type(queue_size).__name__}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be an int of at least 1, got {queue_size!r}")
+        check_int("queue_size", queue_size, minimum=1)
         self.name = name
         #: Geometry of this instance's ring: as asked, else the defaults until
         #: ``connect()`` adopts the bus's.
@@ -154,7 +152,6 @@ class ShmBus(BaseBus):
         self._waker: Waker | None = None
         self._reader: BusReader | None = None
         self._published = 0
-        self._publish_errors = 0
         self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
@@ -499,7 +496,7 @@ class ShmBus(BaseBus):
                 dropped=retired["dropped"] + sum(sub.dropped for sub in live),
                 corrupt=retired["corrupt"] + (reader.corrupt if reader else 0),
                 lapped=retired["lapped"] + (reader.lapped if reader else 0),
-                publish_errors=self._publish_errors,
+                publish_errors=0,  # an append into one's own ring cannot fail
                 subscriptions=len(live),
             )
 
