@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._core.leftovers import cleanup
 from .codec import EnvelopeDecodeError
 from .contract import EVENT_SCHEMA_VERSION, BaseBus, Event, Subscription, matches
 from .delivery import QueueSubscription, SubscriptionStatistics
@@ -30,7 +31,6 @@ from .errors import (
     ShmBusError,
     TransportUnavailableError,
 )
-from .leftovers import cleanup
 from .memory import MemoryBus, NullBus
 from .shm import ShmBus
 from .stats import BusStats

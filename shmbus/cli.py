@@ -8,7 +8,8 @@ argument checking, its output and its exit codes. Subcommands::
     pub      publish events          sub      print events as they arrive
     ls       list the host's buses   stat     per-instance counters of a bus
     clean    remove dead buses       metrics  serve figures to Prometheus
-    demo, bench, bridge              written elsewhere, loaded on demand
+    bridge                           written elsewhere, loaded on demand
+    demo, bench                      the source checkout's tools (tools/shmbus_tools)
 
 Invariants
 ----------
@@ -20,7 +21,10 @@ Invariants
   line ``shmbus: error: ...`` (the traceback only with ``-v``); 2 bad
   arguments (argparse's own message); 130 interrupted otherwise.
 * ``demo``, ``bench`` and ``bridge`` live in their own modules and are
-  imported only when that subcommand is run (or its help asked for), so a
+  imported only when that subcommand is run (or its help asked for). The
+  demo and the benchmark are not part of the installed package: they are
+  found in the source checkout the package runs from (an editable install),
+  and otherwise the command says where to get them. So a
   missing module or optional dependency fails that subcommand alone, with
   ``not available: ...``; a missing extra (``bridge`` without ``nats``,
   ``metrics`` without ``metrics``) says so with the
@@ -46,16 +50,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._checks import check_int
+from ._core.shmfiles import validate_bus_name
 from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .errors import MissingExtraError, ShmBusError
-from .shmfiles import validate_bus_name
 
 if TYPE_CHECKING:
-    from .inspect import BusInfo
+    from ._core.inspection import BusInfo
 
 __all__ = ["build_parser", "main"]
 
@@ -63,10 +68,13 @@ log = logging.getLogger("shmbus.cli")
 
 #: Subcommands written in their own modules: name -> (module, one-line help).
 PLUGINS: dict[str, tuple[str, str]] = {
-    "demo": ("shmbus.demo", "run a small demonstration of the bus"),
-    "bench": ("shmbus.bench", "measure throughput and latency of the bus"),
+    "demo": ("shmbus_tools.demo", "run a small demonstration of the bus"),
+    "bench": ("shmbus_tools.bench", "measure throughput and latency of the bus"),
     "bridge": ("shmbus.bridge", "forward events between a bus and another transport"),
 }
+
+#: The package of the source checkout's tools (``tools/shmbus_tools``).
+TOOLS_PACKAGE = "shmbus_tools"
 
 #: Environment variable naming the default bus of ``--bus``.
 BUS_ENV = "SHMBUS_BUS"
@@ -142,11 +150,19 @@ def _verbosity(argv: Sequence[str]) -> int:
 
 def _load_plugin(command: str) -> ModuleType:
     module_name, _ = PLUGINS[command]
+    in_tools = module_name.partition(".")[0] == TOOLS_PACKAGE
+    if in_tools:
+        _find_checkout_tools()
     try:
         module = importlib.import_module(module_name)
     except MissingExtraError as exc:
         raise CliError(str(exc)) from None
     except ModuleNotFoundError as exc:
+        if in_tools and exc.name in (TOOLS_PACKAGE, module_name):
+            raise CliError(
+                f"the {command} is not part of the installed package; it ships with the "
+                f"source: run ./tools/{command} from a clone of the shmbus repository"
+            ) from None
         if exc.name == module_name:
             raise CliError(f"module {module_name} is not part of this installation") from None
         raise CliError(
@@ -159,6 +175,14 @@ def _load_plugin(command: str) -> ModuleType:
         if not callable(getattr(module, attr, None)):
             raise CliError(f"{module_name} has no {attr}() function")
     return module
+
+
+def _find_checkout_tools() -> None:
+    """Make the checkout's ``tools/`` importable when this package runs from
+    a source checkout (an editable install); a wheel has no ``tools/``."""
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    if (tools / TOOLS_PACKAGE / "__init__.py").is_file() and str(tools) not in sys.path:
+        sys.path.append(str(tools))
 
 
 # ─── Parser ──────────────────────────────────────────────────────────────────
@@ -682,7 +706,7 @@ def _json_fallback(value: object) -> object:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .inspect import list_buses
+    from ._core.inspection import list_buses
 
     errors: dict[str, str] = {}
     buses = list_buses(on_error=lambda name, exc: errors.__setitem__(name, _describe(exc)))
@@ -718,7 +742,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_stat(args: argparse.Namespace) -> int:
-    from .inspect import read_bus
+    from ._core.inspection import read_bus
 
     def sample(previous: BusInfo, previous_at: float) -> tuple[BusInfo, float, float | None]:
         current = read_bus(args.name)
@@ -821,7 +845,7 @@ def _bus_json(info: BusInfo) -> dict[str, Any]:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from .leftovers import BusInUseError, cleanup_report
+    from ._core.leftovers import BusInUseError, cleanup_report
 
     if args.dry_run:
         return _clean_dry_run(args.name, force=args.force)
@@ -844,8 +868,8 @@ def _clean_dry_run(name: str | None, *, force: bool) -> int:
     A bus is live, as for the real command, while some process holds its
     attach lock; the answer may change before a real ``clean`` runs.
     """
-    from .leftovers import leftover_names
-    from .shmfiles import bus_file_paths
+    from ._core.leftovers import leftover_names
+    from ._core.shmfiles import bus_file_paths
 
     found = False
     for bus in [name] if name is not None else leftover_names():
@@ -878,9 +902,9 @@ def _clean_dry_run(name: str | None, *, force: bool) -> int:
 def _is_live(name: str) -> bool:
     """True if a process is attached to bus *name* (holds its attach lock);
     False if it has no segment (only orphaned rings or FIFOs are left)."""
-    from . import ofd
-    from .layout import LOCK_ATTACH
-    from .shmfiles import segment_path
+    from ._core import ofd
+    from ._core.layout import LOCK_ATTACH
+    from ._core.shmfiles import segment_path
 
     try:
         fd = os.open(segment_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -15,10 +15,10 @@ import threading
 from typing import Any
 
 from ._checks import check_int
+from ._core.layout import MIN_MAX_EVENT_SIZE
 from .codec import decode_envelope, encode_envelope
 from .contract import BaseBus, validate_pattern, validate_topic
 from .delivery import QueueSubscription
-from .layout import MIN_MAX_EVENT_SIZE
 from .stats import BusStats
 
 __all__ = ["MemoryBus", "NullBus"]

@@ -2,7 +2,7 @@
 
 Owns
 ----
-:class:`BusCollector`, which turns :func:`shmbus.inspect.list_buses` into
+:class:`BusCollector`, which turns :func:`shmbus._core.inspection.list_buses` into
 Prometheus metric families, and :func:`serve`, which serves them over HTTP.
 Needs the optional ``prometheus-client`` package: without it, importing this
 module raises :class:`~shmbus.errors.MissingExtraError`, whose message names
@@ -11,7 +11,7 @@ the command that installs it (``pip install 'shmbus[metrics]'``).
 Invariants
 ----------
 * Every scrape reads the buses afresh, read-only, through
-  :mod:`shmbus.inspect` (no lock is taken, no bus is joined), so an exporter
+  :mod:`shmbus._core.inspection` (no lock is taken, no bus is joined), so an exporter
   never keeps a bus alive nor changes what it reports.
 * Counters are the ones kept in the segment: per bus since the segment was
   created (exposed as its ``_created`` time, so a recreated bus reads as a
@@ -39,7 +39,7 @@ except ImportError as exc:  # the optional extra is not installed
         raise MissingExtraError("metrics", exc.name) from exc
     raise
 
-from .inspect import BusInfo, list_buses
+from ._core.inspection import BusInfo, list_buses
 
 __all__ = ["BusCollector", "serve"]
 

@@ -36,13 +36,9 @@ import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import directory
 from ._checks import check_int
-from .codec import encode_envelope
-from .contract import BaseBus, Event, validate_pattern, validate_topic
-from .delivery import QueueSubscription
-from .errors import BusClosedError, ForkedBusError, ShmBusError
-from .layout import (
+from ._core import directory
+from ._core.layout import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_EVENT_SIZE,
     MAX_SLOTS,
@@ -52,13 +48,17 @@ from .layout import (
     min_capacity,
     slot_word,
 )
+from ._core.ordering import full_fence
+from ._core.reader import BusReader, RingKey
+from ._core.ring import RingWriter
+from ._core.segment import Segment, SegmentOptions, check_geometry
+from ._core.wakeup import Waker
+from .codec import encode_envelope
+from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .delivery import QueueSubscription
+from .errors import BusClosedError, ForkedBusError, ShmBusError
 from .lifecycle import LifecycleState
-from .ordering import full_fence
-from .reader import BusReader, RingKey
-from .ring import RingWriter
-from .segment import Segment, SegmentOptions, check_geometry
 from .stats import BusStats
-from .wakeup import Waker
 
 __all__ = ["ShmBus"]
 
@@ -176,7 +176,7 @@ class ShmBus(BaseBus):
         The attach runs in a worker thread: it may wait for another process
         that is creating or removing the bus, and the event loop must not.
         Raises :class:`RuntimeError` if the bus was closed, and the errors of
-        :meth:`Segment.attach <shmbus.segment.Segment.attach>` if the bus
+        :meth:`Segment.attach <shmbus._core.segment.Segment.attach>` if the bus
         cannot be used.
         """
         if self._state is _OPEN:
@@ -365,7 +365,7 @@ class ShmBus(BaseBus):
             writer.append(raw_topic, body, checksum)
             published = self._published = self._published + 1
             segment.words[self._published_word] = published
-            # The commit before the loads of the sleep flags (shmbus.wakeup).
+            # The commit before the loads of the sleep flags (shmbus._core.wakeup).
             full_fence()
             mm = segment.mm
             flag = mm.find(_AWAKE, OFF_SLEEP_FLAGS, _SLEEP_FLAGS_END)

@@ -24,8 +24,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shmbus import ShmBus
+from shmbus._core.ofd import try_lock
 from shmbus.errors import ForeignFileError
-from shmbus.ofd import try_lock
 
 __all__ = [
     "as_user",

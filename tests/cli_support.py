@@ -16,12 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TypeVar
 
-from shmbus.inspect import read_bus
-from shmbus.leftovers import cleanup
-from shmbus.shmfiles import bus_file_paths
+from shmbus._core.inspection import read_bus
+from shmbus._core.leftovers import cleanup
+from shmbus._core.shmfiles import bus_file_paths
 
 T = TypeVar("T")
 
@@ -68,11 +68,21 @@ def run_shmbus(
 
 @contextlib.contextmanager
 def started(
-    argv: Sequence[str], *, stdin: int | None = subprocess.DEVNULL
+    argv: Sequence[str],
+    *,
+    stdin: int | None = subprocess.DEVNULL,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[str]]:
     """Start *argv* with piped stdout/stderr; kill and reap it on exit."""
     process = subprocess.Popen(
-        list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        list(argv),
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
     )
     try:
         yield process

@@ -19,6 +19,15 @@ import pytest
 
 from shmbus import BaseBus, MemoryBus, NullBus, ShmBus
 
+# The checkout's tools package (shmbus_tools: the child-process harness, the
+# bench, soak and demo) is on sys.path through setup.cfg's `pythonpath`; child
+# processes started with `python -m ...` find it through PYTHONPATH.
+TOOLS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+if TOOLS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TOOLS_DIR, os.environ.get("PYTHONPATH", "")) if p
+    )
+
 SESSION_TAG = f"t{os.getpid()}"
 _names = itertools.count()
 

@@ -41,7 +41,7 @@ SIGSTOPs itself there):
 ===============  ===========================================================
 
 Only ``mid-record`` has a documented hook; the others wrap module-level
-names of :mod:`shmbus.directory` and a method of :class:`~shmbus.ring.RingWriter`,
+names of :mod:`shmbus._core.directory` and a method of :class:`~shmbus._core.ring.RingWriter`,
 so they follow those names if the core renames them.
 
 Signal handlers that raise
@@ -68,11 +68,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import shmbus.directory
+import shmbus._core.directory
 from shmbus import ShmBus
-from shmbus.inspect import read_bus
-from shmbus.ring import RingWriter
-from shmbus.shmfiles import bus_file_paths
+from shmbus._core.inspection import read_bus
+from shmbus._core.ring import RingWriter
+from shmbus._core.shmfiles import bus_file_paths
 
 #: Where a doomed publisher can die, in the order its write path passes them.
 CRASH_POINTS = ("before-ring", "installing", "installed", "mid-record", "committed")
@@ -413,7 +413,7 @@ def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]
 
         ShmBus._critical_section_hook = hook
     elif point in ("before-ring", "installed"):
-        install_ring = shmbus.directory.install_ring
+        install_ring = shmbus._core.directory.install_ring
 
         def install_then_stop(*args: Any, **kwargs: Any) -> Any:
             if armed.on and point == "before-ring":
@@ -423,9 +423,9 @@ def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]
                 at_point()
             return ring
 
-        shmbus.directory.install_ring = install_then_stop  # type: ignore[assignment]
+        shmbus._core.directory.install_ring = install_then_stop  # type: ignore[assignment]
     elif point == "installing":
-        create_file = shmbus.directory.create_file
+        create_file = shmbus._core.directory.create_file
 
         def create_then_stop(*args: Any, **kwargs: Any) -> int:
             fd = create_file(*args, **kwargs)
@@ -433,7 +433,7 @@ def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]
                 at_point()
             return fd
 
-        shmbus.directory.create_file = create_then_stop  # type: ignore[assignment]
+        shmbus._core.directory.create_file = create_then_stop  # type: ignore[assignment]
     elif point == "committed":
         append = RingWriter.append
 
@@ -717,10 +717,10 @@ def _run_now(make: Callable[[], Any]) -> None:
 #: Where :func:`interrupted_once` raises, once: (the call interrupted, what
 #: raises inside it) -> (module, attribute) to wrap.
 INTERRUPTIONS = {
-    ("connect", "slot claim"): ("shmbus.segment", "Segment._claim_slot"),
+    ("connect", "slot claim"): ("shmbus._core.segment", "Segment._claim_slot"),
     ("connect", "waker setup"): ("shmbus.shm", "Waker"),
-    ("close", "reader stop"): ("shmbus.reader", "BusReader.stop"),
-    ("close", "ring retirement"): ("shmbus.directory", "retire_ring"),
+    ("close", "reader stop"): ("shmbus._core.reader", "BusReader.stop"),
+    ("close", "ring retirement"): ("shmbus._core.directory", "retire_ring"),
 }
 
 

@@ -13,7 +13,7 @@ import sys
 from multiprocessing.connection import Connection
 
 from shmbus import SegmentSpaceError, ShmBus
-from shmbus.inspect import read_bus
+from shmbus._core.inspection import read_bus
 
 NAME = "footprint"
 

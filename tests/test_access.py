@@ -9,7 +9,7 @@ switch with setgroups/setgid/setuid, so the suite must run as root.
 * The *victim* of a squatter is a third user (the first of www-data, backup,
   daemon, bin that exists), so that the kernel's root privileges play no
   part; on a host with none of them the victim is root, which the rules of
-  :mod:`shmbus.shmfiles` treat the same (a file is checked against the
+  :mod:`shmbus._core.shmfiles` treat the same (a file is checked against the
   process's effective uid).
 
 Note: hosts with ``fs.protected_symlinks``/``protected_regular``/
@@ -40,10 +40,10 @@ from conftest import SMALL_RING, new_bus_name
 from spawn import Agent, running, stop_resource_tracker
 
 from shmbus import ShmBus
+from shmbus._core.layout import LOCK_ATTACH, OFF_SLEEP_FLAGS
+from shmbus._core.leftovers import cleanup
+from shmbus._core.shmfiles import bus_file_paths, fifo_path, ring_path, segment_path
 from shmbus.errors import ForeignFileError
-from shmbus.layout import LOCK_ATTACH, OFF_SLEEP_FLAGS
-from shmbus.leftovers import cleanup
-from shmbus.shmfiles import bus_file_paths, fifo_path, ring_path, segment_path
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: the tests run children as other users"
@@ -622,7 +622,7 @@ async def test_a_publisher_never_writes_into_what_replaced_a_readers_fifo(
     file): the regular file's bytes are unchanged, the other user's FIFO
     gets nothing, and the reader still gets the event by polling."""
     assert NOBODY is not None
-    caplog.set_level(logging.WARNING, logger="shmbus.wakeup")
+    caplog.set_level(logging.WARNING, logger="shmbus._core.wakeup")
     reader = ShmBus(bus_name, **SMALL_RING)
     publisher = ShmBus(bus_name, **SMALL_RING)
     await reader.connect()
@@ -657,7 +657,7 @@ async def test_a_publisher_never_writes_into_what_replaced_a_readers_fifo(
         await publisher.close()
         await reader.close()
         remove_everything(bus_name, target)
-    refused = [r.getMessage() for r in caplog.records if r.name == "shmbus.wakeup"]
+    refused = [r.getMessage() for r in caplog.records if r.name == "shmbus._core.wakeup"]
     assert any(fifo in message for message in refused), refused
     assert content == (b"" if replacement == "fifo-of-another-user" else VICTIM_BYTES)
     assert (event.topic, event.payload) == ("wake.up", {"n": 1})
@@ -742,7 +742,7 @@ async def test_a_ring_file_of_another_user_named_by_the_directory_is_never_read(
     and its owner, counts it as corrupt, and delivers none of the events
     written into that ring, while another publisher's events flow."""
     assert NOBODY is not None
-    caplog.set_level(logging.WARNING, logger="shmbus.directory")
+    caplog.set_level(logging.WARNING, logger="shmbus._core.directory")
     tampered = ShmBus(bus_name, **SMALL_RING)
     clean = ShmBus(bus_name, **SMALL_RING)
     subscriber = ShmBus(bus_name, **SMALL_RING)
@@ -766,7 +766,7 @@ async def test_a_ring_file_of_another_user_named_by_the_directory_is_never_read(
         for bus in (subscriber, clean, tampered):
             await bus.close()
         remove_everything(bus_name)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "shmbus.directory"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "shmbus._core.directory"]
     assert (first.topic, first.payload) == ("clean.marker", {"n": 1})
     assert (second.topic, second.payload) == ("clean.marker", {"n": 2})
     assert (statistics.queued, statistics.dropped) == (0, 0), statistics

@@ -1,4 +1,4 @@
-"""The benchmark harness (shmbus.bench) in its tiny --smoke mode.
+"""The benchmark harness (shmbus_tools.bench) in its tiny --smoke mode.
 
 Runs every scenario for shmbus and multiprocessing.Queue for a fraction of a
 second in a separate process (the harness forks its children, which a test
@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from shmbus.bench.baseline import Baseline
-from shmbus.bench.report import write_markdown
-from shmbus.bench.runner import BenchOutcome, RunResult, derive_metrics
-from shmbus.bench.spec import SCENARIOS, RunSpec, plan, settings_for
+from shmbus_tools.bench.baseline import Baseline
+from shmbus_tools.bench.report import write_markdown
+from shmbus_tools.bench.runner import BenchOutcome, RunResult, derive_metrics
+from shmbus_tools.bench.spec import SCENARIOS, RunSpec, plan, settings_for
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMOKE_TIMEOUT = 240
@@ -31,7 +30,7 @@ SMOKE_TIMEOUT = 240
 def _bench(*args: str, timeout: float = SMOKE_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run the benchmark; the result's ``args`` end with the process's pid."""
     with subprocess.Popen(
-        [sys.executable, "-m", "shmbus.bench", *args],
+        [sys.executable, "-m", "shmbus_tools.bench", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -234,7 +233,7 @@ _EXPORT_CHECK = textwrap.dedent(
     """
     import inspect, json, multiprocessing, os, sys
     import shmbus.shm
-    from shmbus.bench.baseline import bus_class, exported, resolve
+    from shmbus_tools.bench.baseline import bus_class, exported, resolve
 
     def child(queue, package):
         queue.put(inspect.getfile(bus_class(package)))

@@ -19,9 +19,9 @@ from conftest import SMALL_RING, new_bus_name
 from nats_server import NatsServer, take
 
 from shmbus import ShmBus
+from shmbus._core.shmfiles import bus_file_paths
 from shmbus.bridge import Bridge, add_arguments, main
 from shmbus.nats import NatsBus
-from shmbus.shmfiles import bus_file_paths
 
 READY_TIMEOUT = 20.0
 

@@ -26,8 +26,8 @@ from cli_support import (
 from conftest import SMALL_RING
 
 from shmbus import MissingExtraError, ShmBus, cli
-from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
-from shmbus.shmfiles import bus_file_paths
+from shmbus._core.layout import BUS_SEGMENT_SIZE, ring_file_size
+from shmbus._core.shmfiles import bus_file_paths
 
 # ─── pub and sub ─────────────────────────────────────────────────────────────
 

@@ -27,10 +27,10 @@ from conftest import SMALL_RING
 from spawn import Agent, running, stop_resource_tracker
 
 from shmbus import ShmBus
-from shmbus.inspect import read_bus
-from shmbus.layout import MAX_SLOTS, SLOT_PID, min_capacity, slot_offset
-from shmbus.leftovers import cleanup
-from shmbus.shmfiles import SHM_DIR, bus_file_paths
+from shmbus._core.inspection import read_bus
+from shmbus._core.layout import MAX_SLOTS, SLOT_PID, min_capacity, slot_offset
+from shmbus._core.leftovers import cleanup
+from shmbus._core.shmfiles import SHM_DIR, bus_file_paths
 
 Received = list[tuple[str, dict[str, Any]]]
 

@@ -1,4 +1,4 @@
-"""The demo (``python -m shmbus.demo``) end to end, in a subprocess.
+"""The demo (``python -m shmbus_tools.demo``) end to end, in a subprocess.
 
 Checks what the demo promises: it exits 0, every subscriber received
 events, the catch-all subscription accounts for every event published
@@ -16,16 +16,16 @@ import sys
 from typing import Any
 
 from conftest import new_bus_name
+from shmbus_tools.demo import PATTERNS
 
-from shmbus.demo import PATTERNS
-from shmbus.shmfiles import bus_file_paths
+from shmbus._core.shmfiles import bus_file_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_demo(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shmbus.demo", *args],
+        [sys.executable, "-m", "shmbus_tools.demo", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

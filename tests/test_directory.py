@@ -1,4 +1,4 @@
-"""The ring directory protocol (shmbus.directory), single-threaded.
+"""The ring directory protocol (shmbus._core.directory), single-threaded.
 
 Each "process" is a Segment attached in this process (its own descriptor,
 so OFD locks conflict between them as between processes). Readers are
@@ -14,17 +14,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from shmbus import directory
-from shmbus.layout import (
+from shmbus._core import directory
+from shmbus._core.layout import (
     ENTRY_RETIRED,
     ENTRY_STATE,
     OFF_RING_ID,
     RING_OFFSET,
     entry_word,
 )
-from shmbus.ring import RingReader, RingWriter, content_checksum
-from shmbus.segment import Segment, SegmentOptions
-from shmbus.shmfiles import ring_path
+from shmbus._core.ring import RingReader, RingWriter, content_checksum
+from shmbus._core.segment import Segment, SegmentOptions
+from shmbus._core.shmfiles import ring_path
 
 CAPACITY = 1 << 16
 MAX_EVENT = 1024

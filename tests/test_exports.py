@@ -198,3 +198,45 @@ def test_the_readme_lists_every_exported_exception() -> None:
     section = readme.split("### Errors", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"\b(\w+Error)\b", section))
     assert set(EXCEPTIONS) <= listed, set(EXCEPTIONS) - listed
+
+
+# ─── What the installed package ships ────────────────────────────────────────
+
+#: Modules only the checkout's tools use: the benchmark's peers and charts.
+TOOL_ONLY_MODULES = ["faster_fifo", "matplotlib", "redis", "shmbus_tools", "zmq"]
+
+
+def test_no_module_of_the_package_imports_a_tool_or_a_benchmark_peer() -> None:
+    result = run_python(
+        "import importlib, pkgutil, sys\n"
+        "import shmbus\n"
+        "for info in pkgutil.walk_packages(shmbus.__path__, 'shmbus.'):\n"
+        "    importlib.import_module(info.name)\n"
+        f"print(sorted(m for m in {TOOL_ONLY_MODULES!r} if m in sys.modules))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_holds_no_tool(tmp_path: Path) -> None:
+    shipped = {path.stem for path in (ROOT / "shmbus").rglob("*.py")}
+    assert not shipped & {"bench", "demo", "soak", "pipelink", "children", "profile"}
+    assert not (ROOT / "shmbus" / "bench").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_a_tool_command_outside_a_checkout_says_where_the_tool_is(
+    tmp_path: Path, command: str
+) -> None:
+    # A copy of the package with no tools/ beside it, as a wheel installs it.
+    import shutil
+
+    shutil.copytree(ROOT / "shmbus", tmp_path / "shmbus")
+    with started(
+        [sys.executable, "-m", "shmbus", command, "--help"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)},
+    ) as process:
+        out, err = process.communicate(timeout=DEADLINE)
+    assert process.returncode == 1, (out, err)
+    assert f"run ./tools/{command} from a clone of the shmbus repository" in err

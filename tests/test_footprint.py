@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from shmbus.layout import BUS_SEGMENT_SIZE, DEFAULT_CAPACITY, ring_file_size
+from shmbus._core.layout import BUS_SEGMENT_SIZE, DEFAULT_CAPACITY, ring_file_size
 
 CHILD = Path(__file__).with_name("footprint_child.py")
 MIB = 1 << 20

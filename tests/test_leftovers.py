@@ -10,8 +10,8 @@ from cli_support import crashed_bus
 from conftest import SESSION_TAG, SMALL_RING
 
 from shmbus import ShmBus
-from shmbus.leftovers import BusInUseError, cleanup, cleanup_report, leftover_names
-from shmbus.shmfiles import bus_file_paths, fifo_path, ring_path
+from shmbus._core.leftovers import BusInUseError, cleanup, cleanup_report, leftover_names
+from shmbus._core.shmfiles import bus_file_paths, fifo_path, ring_path
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ async def test_cleanup_of_every_bus_skips_a_live_one_and_removes_a_dead_one(
     dead = bus_name + "-dead"
     # Only this session's buses: others' tests run on the same host.
     monkeypatch.setattr(
-        "shmbus.leftovers.leftover_names",
+        "shmbus._core.leftovers.leftover_names",
         lambda: [name for name in leftover_names() if name.startswith(SESSION_TAG + "-")],
     )
     bus = ShmBus(bus_name, **SMALL_RING)

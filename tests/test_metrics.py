@@ -13,7 +13,7 @@ from conftest import SMALL_RING
 from prometheus_client.parser import text_string_to_metric_families
 
 from shmbus import QueueSubscription, ShmBus
-from shmbus.layout import BUS_SEGMENT_SIZE, ring_file_size
+from shmbus._core.layout import BUS_SEGMENT_SIZE, ring_file_size
 from shmbus.metrics import registry
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

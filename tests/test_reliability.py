@@ -53,17 +53,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from spawn import Agent, AgentError, running, stop_resource_tracker
 
-import shmbus.reader
+import shmbus._core.reader
 from shmbus import ShmBus
-from shmbus.inspect import RingInfo, read_bus
-from shmbus.layout import (
+from shmbus._core.inspection import RingInfo, read_bus
+from shmbus._core.layout import (
     LAYOUT_VERSION,
     OFF_SLEEP_FLAGS,
     RING_OFFSET,
     W_WRITE_CURSOR,
 )
-from shmbus.leftovers import cleanup
-from shmbus.shmfiles import bus_file_paths, segment_path
+from shmbus._core.leftovers import cleanup
+from shmbus._core.shmfiles import bus_file_paths, segment_path
 
 #: Hang guard for a child to finish its part (the box is shared and slow).
 FINISH = 60.0
@@ -715,7 +715,7 @@ async def test_a_subscribe_interrupted_by_a_raising_signal_handler_leaves_the_re
         second.publish_nowait("a.b", {"n": 0})  # a new ring, not followed yet
         loop = asyncio.get_running_loop()
         call_soon = loop.call_soon
-        followed = shmbus.reader._Followed
+        followed = shmbus._core.reader._Followed
 
         def interrupted_call_soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
             if getattr(callback, "__name__", "") == "_step":
@@ -724,19 +724,19 @@ async def test_a_subscribe_interrupted_by_a_raising_signal_handler_leaves_the_re
             return call_soon(callback, *args, **kwargs)
 
         def interrupted_follow(*args: Any, **kwargs: Any) -> Any:
-            shmbus.reader._Followed = followed  # type: ignore[misc]
+            shmbus._core.reader._Followed = followed  # type: ignore[misc]
             raise fault_agents.Alarm
 
         if where == "scheduling its next step":
             loop.call_soon = interrupted_call_soon  # type: ignore[method-assign]
         else:
-            shmbus.reader._Followed = interrupted_follow  # type: ignore[misc,assignment]
+            shmbus._core.reader._Followed = interrupted_follow  # type: ignore[misc,assignment]
         try:
             with contextlib.suppress(fault_agents.Alarm):
                 bus.subscribe("x.>")
         finally:
             loop.call_soon = call_soon  # type: ignore[method-assign]
-            shmbus.reader._Followed = followed  # type: ignore[misc]
+            shmbus._core.reader._Followed = followed  # type: ignore[misc]
         after = bus.subscribe(">")
         first.publish_nowait("a.b", {"n": 1})
         second.publish_nowait("a.b", {"n": 2})
@@ -1013,7 +1013,7 @@ def test_cleanup_removes_and_reports_every_file_of_a_bus_killed_mid_publish(
 def _waits_for_the_attach_lock(pid: int, name: str) -> bool:
     """True once process *pid* has the bus's segment open and one of its
     threads sleeps (connect() attaches in a worker thread, polling the
-    attach lock with sleeps: shmbus.ofd.wait_lock)."""
+    attach lock with sleeps: shmbus._core.ofd.wait_lock)."""
     segment = segment_path(name)
     try:
         opened = any(

@@ -1,4 +1,4 @@
-"""The ring protocol (shmbus.ring): RingWriter and RingReader over an anonymous
+"""The ring protocol (shmbus._core.ring): RingWriter and RingReader over an anonymous
 mapping laid out like a ring file, single-threaded, so every interleaving is
 chosen by the test."""
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmbus import layout
-from shmbus.layout import (
+from shmbus._core import layout
+from shmbus._core.layout import (
     NO_RECORD,
     OFF_HEAD,
     OFF_LAST_RECORD,
@@ -24,7 +24,7 @@ from shmbus.layout import (
     RING_OFFSET,
     aligned,
 )
-from shmbus.ring import RingBatch, RingReader, RingWriter, content_checksum
+from shmbus._core.ring import RingBatch, RingReader, RingWriter, content_checksum
 
 MAX_EVENT = 512
 

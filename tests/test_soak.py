@@ -1,4 +1,4 @@
-"""A short soak (shmbus.soak, the logic behind ``tools/soak``): four
+"""A short soak (shmbus_tools.soak, the logic behind ``tools/soak``): four
 publisher processes (one ring each), three subscriber processes with
 different patterns (one deliberately slow), events of random sizes up to
 max_event_size; meanwhile a publisher is SIGKILLed and replaced about every
@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import figures
 import pytest
 from conftest import new_bus_name
+from shmbus_tools.soak import SoakConfig, SoakTally, run_soak
 from spawn import stop_resource_tracker
-
-from shmbus.soak import SoakConfig, SoakTally, run_soak
 
 #: A publish that waited for a stopped publisher would be blocked until that
 #: one is continued (stops last 0.2-2 s); a publish on its own takes

@@ -27,20 +27,20 @@ from shmbus import (
     ShmBus,
     Subscription,
     SubscriptionStatistics,
-    ofd,
 )
-from shmbus.codec import encode_envelope
-from shmbus.contract import MAX_TOPIC_LENGTH
-from shmbus.inspect import read_bus
-from shmbus.layout import (
+from shmbus._core import ofd
+from shmbus._core.inspection import read_bus
+from shmbus._core.layout import (
     LAYOUT_VERSION,
     LOCK_ATTACH,
     RECORD_HEADER_SIZE,
     RING_OFFSET,
     W_WRITE_CURSOR,
 )
-from shmbus.leftovers import cleanup
-from shmbus.shmfiles import MAX_BUS_NAME_LENGTH, bus_file_paths, segment_path
+from shmbus._core.leftovers import cleanup
+from shmbus._core.shmfiles import MAX_BUS_NAME_LENGTH, bus_file_paths, segment_path
+from shmbus.codec import encode_envelope
+from shmbus.contract import MAX_TOPIC_LENGTH
 
 #: Bound for "ends promptly": generous for a loaded machine, never reached
 #: unless the behaviour is broken.

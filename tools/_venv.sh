@@ -13,7 +13,8 @@
 # sha256 of both files and the installed extras are kept in
 # .venv/.shmbus-install-stamp. pip's full output goes to
 # .venv/.shmbus-install.log and is printed when the install fails.
-# Sets SHMBUS_ROOT, SHMBUS_VENV and VIRTUAL_ENV.
+# Sets SHMBUS_ROOT, SHMBUS_VENV and VIRTUAL_ENV, and puts <repo>/tools on
+# PYTHONPATH (the checkout's tools package, shmbus_tools).
 
 if ! (return 0 2>/dev/null); then
     echo "tools/_venv.sh must be sourced, not run: source tools/_venv.sh" >&2
@@ -103,6 +104,11 @@ _shmbus_ensure_venv() (
 _shmbus_ensure_venv 9<"$SHMBUS_ROOT" || return 1
 
 export VIRTUAL_ENV="$SHMBUS_VENV"
+# The source checkout's tools (tools/shmbus_tools) are importable, not installed.
+case ":${PYTHONPATH:-}:" in
+    *":$SHMBUS_ROOT/tools:"*) ;;
+    *) export PYTHONPATH="$SHMBUS_ROOT/tools${PYTHONPATH:+:$PYTHONPATH}" ;;
+esac
 case ":$PATH:" in
     *":$SHMBUS_VENV/bin:"*) ;;
     *) export PATH="$SHMBUS_VENV/bin:$PATH" ;;

@@ -1,0 +1,566 @@
+"""The reader: one per bus instance with subscriptions, following every
+publisher's ring on that instance's event loop and routing records to its
+subscriptions.
+
+Owns
+----
+The instance's followed rings (a :class:`~shmbus._core.ring.RingReader` each, with
+the per-subscription start points), the topic-to-subscriptions route cache,
+the instance's wake-up FIFO, its row of the directory's seen table, and the
+per-slot reader counters in shared memory (what ``shmbus stat`` shows).
+
+Invariants
+----------
+* Runs only on its home event loop (the loop that was running when the first
+  subscription was made); it never blocks it and never waits for another
+  process: each step reads at most ``BATCH`` records in all and yields, so a
+  step never hands a subscription more than its consumer can take between
+  two steps, however many publishers there are.
+* Rings are found through the directory (:mod:`shmbus._core.directory`, whose
+  reader rules this module follows): one flag byte checked per step, a scan
+  only when it is set. A ring is followed until its writer is gone and it is
+  drained, then its mapping is dropped.
+* A subscription receives, from each ring, exactly the records whose
+  sequence number is at or after its start point in that ring: the ring's
+  next sequence number when the subscription was made, or 0 for a ring found
+  after it was made. So it sees everything published after ``subscribe()``
+  returned and nothing from before.
+* Order: the records of one ring (one publishing instance) are delivered in
+  the order they were published. A step reads the rings one after the other,
+  up to ``BATCH`` records in all, starting with the ring after the one the
+  previous step started with: events of different publishers interleave in
+  batches, with no order promised between them.
+* Every record a subscription should have had but did not get is counted on
+  it: sequence gaps (lapped reader, corrupt run) counted whole for every
+  subscription open across them, and corrupt records it matched.
+* Low-latency mode (opt-in): before sleeping, the reader keeps polling the
+  rings from the event loop (one poll per loop iteration, so other tasks still
+  run) for an adaptive window: twice the recent idle gap between records,
+  between ``SPIN_MIN`` and ``SPIN_MAX``, and only ``SPIN_MIN`` when gaps are
+  longer than ``SPIN_MAX``.
+* Sleep: only when no ring holds anything unread, by the protocol in
+  :mod:`shmbus._core.wakeup`. Two timers insure against a lost wake-up (a
+  publisher killed between its commit and its wake-up): a one-shot re-check
+  ``IDLE_RECHECK`` after going idle and a ``HEARTBEAT`` poll, which also
+  notices rings whose writer died and, every ``RECLAIM_EVERY`` beats,
+  reclaims dead writers' rings nobody is owed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from ..codec import EnvelopeDecodeError, decode_envelope
+from ..contract import Event, validate_topic
+from ..delivery import QueueSubscription
+from . import directory
+from .layout import (
+    OFF_SLEEP_FLAGS,
+    RING_OFFSET,
+    SLOT_BACKLOG,
+    SLOT_CORRUPT,
+    SLOT_DELIVERED,
+    SLOT_DROPPED,
+    SLOT_LAPPED,
+    W_NEXT_SEQ,
+    slot_word,
+)
+from .ordering import full_fence
+from .ring import UNKNOWN_SEQ, RingBatch, RingReader
+from .segment import Segment
+from .wakeup import WakeChannel
+
+__all__ = ["BusReader"]
+
+log = logging.getLogger("shmbus._core.reader")
+
+#: Records read per step, over all rings, before the loop gets control back.
+BATCH: Final = 256
+#: Re-check this long after going idle, in seconds: bounds the delay a lost
+#: wake-up could cause.
+IDLE_RECHECK: Final = 0.002
+#: Poll this often regardless, in seconds (about 4 wake-ups/s per idle reader).
+HEARTBEAT: Final = 0.25
+#: Heartbeats between two sweeps for dead writers' rings (about 2 s).
+RECLAIM_EVERY: Final = 8
+#: Low-latency mode: bounds of the adaptive spin before sleeping, in seconds.
+SPIN_MIN: Final = 50e-6
+SPIN_MAX: Final = 2e-3
+_ROUTE_CACHE_LIMIT: Final = 4096
+
+
+class _BadTopic:
+    """Route marker for a record whose topic bytes are not a valid topic."""
+
+
+_BAD_TOPIC: Final = _BadTopic()
+_Route = tuple[str, tuple[QueueSubscription, ...]] | _BadTopic
+#: (entry, generation): one ring, for as long as it exists.
+RingKey = tuple[int, int]
+
+
+class _Followed:
+    """One ring this reader follows."""
+
+    __slots__ = ("key", "mapping", "ring", "starts", "newest_start")
+
+    def __init__(self, mapping: directory.RingMapping, cursor: int, next_seq: int) -> None:
+        self.key: RingKey = (mapping.entry, mapping.gen)
+        self.mapping = mapping
+        self.ring: RingReader[_Route] = RingReader(
+            mapping.mm,
+            mapping.words,
+            RING_OFFSET,
+            mapping.capacity,
+            mapping.max_event_size,
+            cursor,
+            next_seq,
+        )
+        #: Start point of each subscription made while this ring was followed;
+        #: the others started before the ring was found, at 0.
+        self.starts: dict[QueueSubscription, int] = {}
+        self.newest_start = 0
+
+    def start_point(self) -> int:
+        """The sequence number a subscription made now starts at."""
+        _, seq = self.ring.snapshot()
+        if seq == UNKNOWN_SEQ:
+            seq = int(self.mapping.words[W_NEXT_SEQ])
+        return seq
+
+
+class BusReader:
+    """Follows every ring of the bus for one bus instance on its home loop.
+
+    Parameters
+    ----------
+    segment:
+        The instance's attachment (gives the mapping and the slot).
+    loop:
+        The home event loop.
+    own_ring:
+        Returns the (entry, generation) of the instance's own ring while it
+        writes one, else None: that ring's writer is alive by definition.
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        loop: asyncio.AbstractEventLoop,
+        own_ring: Callable[[], RingKey | None],
+        *,
+        low_latency: bool = False,
+    ) -> None:
+        self.loop = loop
+        self._segment = segment
+        self._mm = segment.mm
+        self._words = segment.words
+        self._own_ring = own_ring
+        self._rings: dict[RingKey, _Followed] = {}
+        self._order: list[_Followed] = []
+        self._first = 0
+        self._subs: set[QueueSubscription] = set()
+        self._routes: dict[bytes, _Route | None] = {}
+        self._slot = segment.slot
+        self._flag = OFF_SLEEP_FLAGS + segment.slot
+        self._finder = directory.RingFinder(segment)
+        self._channel = WakeChannel(segment)
+        self._scheduled = False
+        self._stopped = False
+        # Subscriptions may be added or removed from other threads (other
+        # event loops); a step and those changes exclude each other.
+        self._lock = threading.Lock()
+        self._spin_until: float | None = 0.0 if low_latency else None
+        self._asleep = False
+        self._idle_since = 0.0
+        self._idle_gap = SPIN_MAX
+        #: Records rejected as unreadable.
+        self.corrupt = 0
+        #: Sequence numbers skipped (lapped reader, corrupt run).
+        self.lapped = 0
+        #: Events handed to subscription queues.
+        self.routed = 0
+        self._retired_dropped = 0
+        self._beats = 0
+        loop.add_reader(self._channel.fd, self._on_wake)
+        self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
+        self._recheck: asyncio.TimerHandle | None = None
+
+    # ─── Subscriptions ───
+
+    def add(self, sub: QueueSubscription) -> None:
+        """Route records published from now on to *sub*; from any thread."""
+        with self._lock:
+            first = not self._subs
+            self._subs.add(sub)
+            self._routes.clear()
+            self._finder.announce(len(self._subs))
+            # Know every ring that exists now, so that each gets a start point
+            # and none of its history reaches the new subscription.
+            self._scan(first=first)
+            for followed in self._order:
+                start = followed.start_point()
+                followed.starts[sub] = start
+                followed.newest_start = max(followed.newest_start, start)
+            self._write_counters()
+        self._schedule()
+
+    def remove(self, sub: QueueSubscription) -> None:
+        """Stop routing to *sub*; from any thread."""
+        with self._lock:
+            if sub in self._subs:
+                self._subs.discard(sub)
+                self._retired_dropped += sub.dropped
+                self._routes.clear()
+                for followed in self._order:
+                    followed.starts.pop(sub, None)
+                if not self._stopped:
+                    self._finder.announce(len(self._subs))
+
+    @property
+    def subscriptions(self) -> list[QueueSubscription]:
+        with self._lock:
+            return list(self._subs)
+
+    def stop(self) -> None:
+        """Stop following the rings (no more wake-ups for this slot). Every
+        step runs even if one raised (a signal handler can raise anywhere)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._mm[self._flag] = 0
+            with self._lock:
+                try:
+                    self._write_counters()
+                finally:
+                    self._finder.announce(0)
+                    for followed in self._order:
+                        followed.mapping.close()
+                    self._rings.clear()
+                    self._order.clear()
+        finally:
+            try:
+                self._heartbeat.cancel()
+                if self._recheck is not None:
+                    self._recheck.cancel()
+                if not self.loop.is_closed():
+                    self.loop.remove_reader(self._channel.fd)
+            finally:
+                self._channel.close()
+
+    def abandon(self) -> None:
+        """In a fork child: close our descriptor, touch nothing shared."""
+        self._stopped = True
+        self._channel.close(unlink=False)
+
+    # ─── The directory ───
+
+    def _scan(self, *, first: bool) -> None:
+        """Follow the rings the directory names that this reader is owed
+        (:class:`~shmbus._core.directory.RingFinder`). The caller holds ``_lock``.
+
+        A ring is marked seen only once it is followed, and an interrupted
+        scan (a signal handler that raises) asks for another: no ring is
+        ever lost between the two.
+        """
+        unusable = self._finder.unusable
+        found = self._finder.scan(set(self._rings), first=first)
+        try:
+            for ring in found:
+                mapping = ring.mapping
+                key = (mapping.entry, mapping.gen)
+                if key not in self._rings:
+                    followed = _Followed(mapping, 0, 0)
+                    if not ring.from_start:
+                        followed.ring.cursor, followed.ring.expected_seq = followed.ring.snapshot()
+                    self._rings[key] = followed
+                    self._order.append(followed)
+                self._finder.adopted(ring)
+        except BaseException:
+            self._finder.scan_again()
+            raise
+        self.corrupt += self._finder.unusable - unusable
+
+    def _check_directory(self) -> None:
+        if self._finder.changed():
+            self._scan(first=False)
+
+    def _drop_finished(self) -> None:
+        """Let go of rings whose writer is gone and that are drained (rule 5)."""
+        own = self._own_ring()
+        finished = []
+        for followed in self._order:
+            entry, gen = followed.key
+            if followed.key == own:
+                continue
+            if directory.writer_alive(self._segment, entry, gen):
+                continue
+            if not followed.ring.pending():
+                finished.append(followed)
+        for followed in finished:
+            del self._rings[followed.key]
+            self._order.remove(followed)
+            followed.mapping.close()
+        self._beats += 1
+        if finished or self._beats % RECLAIM_EVERY == 0:
+            # Also now and then: rings of writers that died installing them,
+            # or that this reader was never owed, have no reader to finish them.
+            directory.reclaim_dead(self._segment, own[0] if own else -1)
+
+    # ─── Scheduling ───
+
+    def _schedule(self) -> None:
+        # The flag only once the callback is queued: were call_soon
+        # interrupted (a signal handler that raises), a flag set first would
+        # make every wake-up and heartbeat skip a reader with no step queued.
+        # A step queued twice is harmless.
+        if not self._scheduled and not self._stopped:
+            self.loop.call_soon(self._step)
+            self._scheduled = True
+
+    def _pending(self) -> bool:
+        if self._finder.changed():
+            return True
+        return any(followed.ring.pending() for followed in self._order)
+
+    def _on_wake(self) -> None:
+        # The FIFO is drained when the reader next goes idle, not here: the
+        # read() system call would sit on the latency path. Until then the
+        # loop reports it readable on every iteration; ignore that while busy.
+        if self._scheduled or not self._asleep:
+            return
+        self._asleep = False
+        if self._spin_until is not None:
+            self._idle_gap += (time.perf_counter() - self._idle_since - self._idle_gap) / 8
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if not self._scheduled:
+            self._step()
+
+    def _on_recheck(self) -> None:
+        self._recheck = None
+        if not self._scheduled and not self._stopped and self._pending():
+            self._asleep = False
+            self._step()
+
+    def _on_heartbeat(self) -> None:
+        if self._stopped:
+            return
+        self._heartbeat = self.loop.call_later(HEARTBEAT, self._on_heartbeat)
+        with self._lock:
+            try:
+                self._drop_finished()
+            except Exception:  # never let bad shared memory kill the loop's callback
+                log.exception("reader failed to check its rings' writers")
+        if not self._scheduled and self._pending():
+            self._asleep = False
+            self._step()
+
+    def _step(self) -> None:
+        self._scheduled = False
+        if self._stopped:
+            return
+        with self._lock:
+            routed = self.routed
+            try:
+                self._check_directory()
+            except Exception:
+                log.exception("reader failed to scan the ring directory")
+                self.corrupt += 1
+            order = self._order
+            count = len(order)
+            if count:
+                self._first = (self._first + 1) % count
+                budget = BATCH
+                for index in range(count):
+                    budget -= self._read_ring(order[(self._first + index) % count], budget)
+                    if budget <= 0:
+                        break
+            self._write_counters()
+        if self._pending():
+            self._schedule()
+            return
+        if self.routed != routed:
+            # Let the consumers just woken run first: going idle (a read()
+            # of the FIFO, a fence, a timer) is not on their latency path.
+            self.loop.call_soon(self._go_idle)
+            self._scheduled = True
+            return
+        self._go_idle()
+
+    def _read_ring(self, followed: _Followed, limit: int) -> int:
+        """Read up to *limit* records of one ring; return how many were read."""
+        ring = followed.ring
+        if not ring.pending():
+            return 0
+        expected = ring.expected_seq
+        try:
+            batch = ring.read(limit, self._select)
+            self._route(batch, followed)
+            return max(1, batch.examined)
+        except Exception:  # never let bad shared memory kill the loop's callback
+            log.exception("reader failed on a batch; resynchronising at the write cursor")
+            self.corrupt += 1
+            # Whatever this batch held was not delivered: with the old
+            # expected sequence number, the next record counts it as a gap.
+            ring.expected_seq = expected
+            ring.cursor = ring.cursor + ring.backlog()
+            return limit
+
+    def _go_idle(self) -> None:
+        self._scheduled = False
+        if self._stopped:
+            return
+        if self._pending():
+            self._step()
+        elif self._spin_until is not None:
+            self._spin_or_sleep()
+        else:
+            self._sleep()
+
+    def _spin_or_sleep(self) -> None:
+        now = time.perf_counter()
+        if not self._scheduled:
+            # Just went idle: size this spin from the recent gaps.
+            self._idle_since = now
+            window = min(SPIN_MAX, max(SPIN_MIN, 2 * self._idle_gap))
+            if self._idle_gap > SPIN_MAX:
+                window = SPIN_MIN
+            self._spin_until = now + window
+        if now < (self._spin_until or 0.0):
+            self.loop.call_soon(self._spin_poll)
+            self._scheduled = True
+        else:
+            self._scheduled = False
+            self._sleep()
+
+    def _spin_poll(self) -> None:
+        if self._stopped:
+            return
+        if self._pending():
+            gap = time.perf_counter() - self._idle_since
+            self._idle_gap += (gap - self._idle_gap) / 8
+            self._step()
+        else:
+            self._spin_or_sleep()
+
+    def _sleep(self) -> None:
+        """Going idle: announce it, then look once more (see shmbus._core.wakeup)."""
+        self._asleep = True
+        self._channel.drain()
+        self._mm[self._flag] = 1
+        full_fence()
+        if self._pending():
+            self._mm[self._flag] = 0
+            self._schedule()
+        elif self._recheck is None:
+            self._recheck = self.loop.call_later(IDLE_RECHECK, self._on_recheck)
+
+    # ─── Routing ───
+
+    def _select(self, topic: bytes) -> _Route | None:
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        route = self._compute_route(topic)
+        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _compute_route(self, raw: bytes) -> _Route | None:
+        try:
+            topic = validate_topic(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return _BAD_TOPIC
+        targets = tuple(sub for sub in self._subs if sub.matcher(topic))
+        return (topic, targets) if targets else None
+
+    def _route(self, batch: RingBatch[_Route], followed: _Followed) -> None:
+        starts = followed.starts
+        for first, end in batch.gaps:
+            self.lapped += end - first
+            for sub in self._subs:
+                missed = end - max(first, starts.get(sub, 0))
+                if missed > 0:
+                    sub.count_lost(missed)
+        self.corrupt += batch.corrupt
+        if not batch.records:
+            return
+        newest_start = followed.newest_start
+        max_size = followed.mapping.max_event_size
+        decode = decode_envelope
+        outbox: dict[QueueSubscription, list[Event]] = {}
+        # Most batches go to one subscription: remember its list.
+        last_sub: QueueSubscription | None = None
+        last_box: list[Event] = []
+        for seq, route, _raw, body, checksum_ok in batch.records:
+            if route.__class__ is not tuple:
+                self._reject(seq, tuple(self._subs), starts)
+                continue
+            topic, targets = route
+            if not checksum_ok:
+                self._reject(seq, targets, starts)
+                continue
+            try:
+                event = decode(topic, body, max_size)
+            except EnvelopeDecodeError as exc:
+                log.debug("corrupt record %d: %s", seq, exc)
+                self._reject(seq, targets, starts)
+                continue
+            shared = False
+            for sub in targets:
+                if seq < newest_start and seq < starts.get(sub, 0):
+                    continue  # published before this subscription existed
+                if shared:
+                    # Each subscription gets its own copy, as over NATS: a
+                    # consumer that edits its payload must not change what
+                    # another one sees.
+                    event = decode(topic, body, max_size)
+                shared = True
+                if sub is last_sub:
+                    last_box.append(event)
+                    continue
+                box = outbox.get(sub)
+                if box is None:
+                    box = outbox[sub] = []
+                box.append(event)
+                last_sub, last_box = sub, box
+        for sub, events in outbox.items():
+            self.routed += len(events)
+            sub.deliver(events)
+
+    def _reject(
+        self, seq: int, targets: tuple[QueueSubscription, ...], starts: dict[QueueSubscription, int]
+    ) -> None:
+        self.corrupt += 1
+        for sub in targets:
+            if seq >= starts.get(sub, 0):
+                sub.count_lost(1)
+
+    # ─── Counters in shared memory ───
+
+    def dropped(self) -> int:
+        """Events lost or evicted for this reader's subscriptions, ever."""
+        return self._retired_dropped + sum(sub.dropped for sub in self._subs)
+
+    def backlog(self) -> int:
+        """Committed bytes in followed rings not read yet."""
+        return sum(followed.ring.backlog() for followed in self._order)
+
+    def _write_counters(self) -> None:
+        words = self._words
+        slot = self._slot
+        words[slot_word(slot, SLOT_BACKLOG)] = self.backlog()
+        words[slot_word(slot, SLOT_DELIVERED)] = self.routed
+        words[slot_word(slot, SLOT_DROPPED)] = self.dropped()
+        words[slot_word(slot, SLOT_CORRUPT)] = self.corrupt
+        words[slot_word(slot, SLOT_LAPPED)] = self.lapped

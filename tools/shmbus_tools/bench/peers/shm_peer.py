@@ -1,0 +1,202 @@
+"""shmbus itself, default settings, driven through its public asyncio API.
+
+Publishers ``await bus.publish(topic, payload, event_type=...)`` (P1 also
+measures ``bus.publish_nowait``); subscribers ``async for event in sub`` and
+get the library's own frozen :class:`shmbus.Event`. Every run gets a fresh bus
+``bench-<parent pid>-<run>``: the last process to close it removes its files,
+and the parent removes whatever a killed child left behind.
+
+Two peers use these workers: ``shm`` (the shmbus this package belongs to) and
+``shm@<rev>`` (:class:`BaselineDriver`: shmbus as of an older git revision,
+see :mod:`shmbus_tools.bench.baseline`). So that one worker drives both versions,
+the workers use only the API every version has: ``ShmBus(name[,
+low_latency=...])``, ``connect``/``publish``/``publish_nowait``/``subscribe``/
+``close``, and read ``stats()`` and ``statistics()`` by name, tolerating a
+counter that is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from types import ModuleType
+from typing import Any
+
+from shmbus._core.leftovers import cleanup
+from shmbus.shm import ShmBus
+
+from ..baseline import BASELINE_PREFIX, bus_class
+from ..control import AsyncLink, BlockingLink
+from ..harness import async_publisher, async_subscriber, blocking_publisher
+from ..spec import RunSpec
+from ..workload import EVENT_TYPE, PATTERN, Recorder
+from . import Driver, Env
+
+__all__ = ["DRIVERS", "BaselineDriver", "ShmDriver", "ShmUvloopDriver", "bus_name"]
+
+log = logging.getLogger("shmbus_tools.bench")
+
+#: Makes an unconnected bus: ``(name, **options) -> bus``.
+BusFactory = Callable[..., Any]
+
+
+def bus_name(run_id: int) -> str:
+    """The bus of run *run_id* of this benchmark process."""
+    return f"bench-{os.getpid()}-{run_id}"
+
+
+class ShmDriver(Driver):
+    name = "shm"
+
+    def bus_factory(self) -> BusFactory:
+        return ShmBus
+
+    def prepare(self, spec: RunSpec) -> str:
+        return bus_name(spec.run_id)
+
+    def release(self, spec: RunSpec, resources: Any) -> None:
+        _release(cleanup, str(resources))
+
+    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_publisher(conn, spec, str(resources), self.bus_factory()))
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(conn, spec, str(resources), self.bus_factory()))
+
+
+class ShmLowLatencyDriver(ShmDriver):
+    """shmbus with the subscriber's reader in the opt-in low-latency mode."""
+
+    name = "shmll"
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(conn, spec, str(resources), self.bus_factory(), low_latency=True))
+
+
+class ShmUvloopDriver(ShmDriver):
+    """shmbus with publisher and subscriber on uvloop's event loop."""
+
+    name = "shmuv"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "uvloop is not installed (pip install 'shmbus[uvloop]')"
+        return None
+
+    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        import uvloop
+
+        uvloop.run(_publisher(conn, spec, str(resources), self.bus_factory()))
+
+    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+        import uvloop
+
+        uvloop.run(_subscriber(conn, spec, str(resources), self.bus_factory()))
+
+
+class BaselineDriver(ShmDriver):
+    """shmbus as of an older revision: the old copy the runner imported
+    (``Env.baseline``), driven by the same workers as :class:`ShmDriver`."""
+
+    name = BASELINE_PREFIX
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env)
+        if env.baseline is None:
+            raise RuntimeError("the baseline peer needs Env.baseline (the exported package)")
+        self.package: ModuleType = env.baseline
+
+    def bus_factory(self) -> BusFactory:
+        return bus_class(self.package)
+
+    def release(self, spec: RunSpec, resources: Any) -> None:
+        # The old copy knows its own files best; any version has cleanup().
+        old_cleanup = getattr(self.package, "cleanup", None)
+        _release(old_cleanup if callable(old_cleanup) else cleanup, str(resources))
+
+
+def _release(clean: Callable[[str], Any], name: str) -> None:
+    try:
+        removed = clean(name)
+    except Exception:  # still in use (a child that would not die) or gone
+        log.warning("could not clean up bus %s", name, exc_info=True)
+        return
+    if removed:
+        log.warning("removed files a child left behind: %s", ", ".join(removed))
+
+
+def _count(snapshot: object, key: str) -> int:
+    """Counter *key* of a ``stats()``/``statistics()`` snapshot, 0 if it has none
+    (a mapping or a record: versions differ)."""
+    if isinstance(snapshot, Mapping):
+        value = snapshot.get(key)
+    else:
+        value = getattr(snapshot, key, None)
+    return int(value) if isinstance(value, int) else 0
+
+
+async def _publisher(conn: Connection, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
+    bus = make_bus(name)
+    await bus.connect()
+    try:
+
+        def errors() -> int:
+            return _count(bus.stats(), "publish_errors")
+
+        if spec.variant == "publish_nowait":
+            # The synchronous API: no event loop involved in the loop.
+            send = functools.partial(bus.publish_nowait, event_type=EVENT_TYPE)
+            blocking_publisher(BlockingLink(conn), spec, send, errors=errors)
+            return
+        link = AsyncLink(conn)
+        try:
+            await async_publisher(
+                link, spec, functools.partial(bus.publish, event_type=EVENT_TYPE), errors=errors
+            )
+        finally:
+            link.close()
+    finally:
+        await bus.close()
+
+
+async def _subscriber(
+    conn: Connection, spec: RunSpec, name: str, make_bus: BusFactory, *, low_latency: bool = False
+) -> None:
+    link = AsyncLink(conn)
+    try:
+        bus = make_bus(name, low_latency=True) if low_latency else make_bus(name)
+        await bus.connect()
+        try:
+            sub = bus.subscribe(PATTERN)
+
+            async def consume(record: Recorder) -> None:
+                async for event in sub:
+                    record(event)
+
+            accounting: Callable[[], tuple[int, int]] | None = None
+            if callable(getattr(sub, "statistics", None)):
+
+                def accounting() -> tuple[int, int]:
+                    stats = sub.statistics()
+                    return _count(stats, "dropped"), _count(stats, "queued")
+
+            await async_subscriber(link, spec, consume, accounting=accounting)
+        finally:
+            await bus.close()  # ends the subscription too
+    finally:
+        link.close()
+
+
+DRIVERS: dict[str, type[Driver]] = {
+    "shm": ShmDriver,
+    "shmll": ShmLowLatencyDriver,
+    "shmuv": ShmUvloopDriver,
+    BASELINE_PREFIX: BaselineDriver,
+}
