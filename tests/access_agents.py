@@ -1,5 +1,5 @@
-"""Child-side behaviours of the access tests (run by :mod:`spawn`), each
-running as another user.
+"""Child-side behaviours of the access tests (run by
+:class:`shmbus_tools.children.Agent`), each running as another user.
 
 Every function becomes its user first (``setgroups``/``setgid``/``setuid``,
 so the parent must be root) and only then touches ``/dev/shm``. Everything
@@ -20,8 +20,9 @@ import errno
 import os
 import secrets
 import stat
-from multiprocessing.connection import Connection
 from typing import Any
+
+from shmbus_tools.children import EOF, AsyncLink, BlockingLink, kind_of
 
 from shmbus import ShmBus
 from shmbus._core.ofd import try_lock
@@ -57,7 +58,7 @@ def _refusal(exc: BaseException) -> dict[str, Any]:
 
 
 def as_user(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     uid: int,
     gid: int,
@@ -80,45 +81,33 @@ def as_user(
     become(uid, gid, groups)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         bus = ShmBus(name, **(bus_kwargs or {}))
         try:
             await bus.connect()
         except Exception as exc:
-            conn.send(("refused", type(exc).__name__, str(exc)))
+            link.send(("refused", type(exc).__name__, str(exc)))
             return
         sub = bus.subscribe(pattern) if pattern is not None else None
-        messages: asyncio.Queue[Any] = asyncio.Queue()
-
-        def on_readable() -> None:
-            try:
-                messages.put_nowait(conn.recv())
-            except (EOFError, OSError):  # the parent went away
-                loop.remove_reader(conn.fileno())
-                messages.put_nowait("close")
-
-        loop.add_reader(conn.fileno(), on_readable)
-        conn.send("ready")
+        inbox = AsyncLink(link)
+        link.send("ready")
         while True:
-            message = await messages.get()
-            if isinstance(message, tuple) and message[0] == "publish":
+            message = await inbox.expect("publish", "receive", "close", EOF)
+            if kind_of(message) == "publish":
                 await bus.publish(message[1], {"uid": uid})
-                conn.send("published")
+                link.send("published")
             elif message == "receive":
                 assert sub is not None
                 event = await asyncio.wait_for(anext(aiter(sub)), 30)
-                conn.send(("got", event.topic, event.payload))
-            elif message == "close":
-                loop.remove_reader(conn.fileno())
+                link.send(("got", event.topic, event.payload))
+            else:  # "close", or the parent is gone
+                inbox.close()
                 try:
                     await bus.close()
                 except Exception as exc:
-                    conn.send(("closed", f"{type(exc).__name__}: {exc}"))
+                    link.send(("closed", f"{type(exc).__name__}: {exc}"))
                 else:
-                    conn.send(("closed", None))
+                    link.send(("closed", None))
                 return
-            else:
-                raise RuntimeError(f"as_user got {message!r}")
 
     asyncio.run(main())
 
@@ -127,7 +116,7 @@ def as_user(
 
 
 def squatter(
-    conn: Connection,
+    link: BlockingLink,
     uid: int,
     gid: int,
     plan: list[tuple[str, str, str | None]],
@@ -173,15 +162,15 @@ def squatter(
             else:
                 raise ValueError(f"unknown kind {kind!r}")
             held[path] = fd
-        conn.send("ready")
+        link.send("ready")
         while True:
-            message = conn.recv()
+            message = link.recv()
             if message == "look":
                 for path, fd in held.items():
                     if path in caught:
                         with contextlib.suppress(BlockingIOError):
                             caught[path] += os.read(fd, 65536)
-                conn.send({path: _look(path, caught.get(path)) for path, _, _ in plan})
+                link.send({path: _look(path, caught.get(path)) for path, _, _ in plan})
             elif message == "leave":
                 break
             else:
@@ -192,7 +181,7 @@ def squatter(
         for path, _, _ in plan:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    conn.send("left")
+    link.send("left")
 
 
 def _look(path: str, caught: bytes | None) -> dict[str, Any]:
@@ -225,7 +214,7 @@ def _look(path: str, caught: bytes | None) -> dict[str, Any]:
 
 
 def victim(
-    conn: Connection,
+    link: BlockingLink,
     uid: int,
     gid: int,
     squatted: str,
@@ -260,11 +249,11 @@ def victim(
                 event = await asyncio.wait_for(anext(aiter(sub)), 30)
         return {"squatted": refusal, "own": (event.topic, event.payload)}
 
-    conn.send(asyncio.run(main()))
+    link.send(asyncio.run(main()))
 
 
 def drawing_victim(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     uid: int,
     gid: int,
@@ -285,8 +274,8 @@ def drawing_victim(
 
     async def main() -> None:
         async with ShmBus(name, **(bus_kwargs or {})) as bus:
-            conn.send("connected")
-            await asyncio.to_thread(_expect, conn, "go")
+            link.send("connected")
+            await asyncio.to_thread(link.expect, "go")
             draws: list[int] = []
             real = secrets.randbits
 
@@ -307,25 +296,19 @@ def drawing_victim(
                 async with sub:
                     await bus.publish("victim.secret", secret)
                     event = await asyncio.wait_for(anext(aiter(sub)), 30)
-                    conn.send({"draws": draws, "got": (event.topic, event.payload)})
-                    await asyncio.to_thread(_expect, conn, "close")
+                    link.send({"draws": draws, "got": (event.topic, event.payload)})
+                    await asyncio.to_thread(link.expect, "close")
             finally:
                 secrets.randbits = real
-        conn.send("closed")
+        link.send("closed")
 
     asyncio.run(main())
-
-
-def _expect(conn: Connection, value: str) -> None:
-    message = conn.recv()
-    if message != value:
-        raise RuntimeError(f"expected {value!r}, got {message!r}")
 
 
 # ─── Reading another user's files ───────────────────────────────────────────
 
 
-def try_open(conn: Connection, uid: int, gid: int, groups: list[int], paths: list[str]) -> None:
+def try_open(link: BlockingLink, uid: int, gid: int, groups: list[int], paths: list[str]) -> None:
     """Become user *uid* and try to open each of *paths* for reading and for
     writing (non-blocking, not following links); send ``{path: {"read":
     outcome, "write": outcome}}`` where an outcome is ``"opened"`` or the
@@ -342,4 +325,4 @@ def try_open(conn: Connection, uid: int, gid: int, groups: list[int], paths: lis
             else:
                 os.close(fd)
                 outcomes[path][label] = "opened"
-    conn.send(outcomes)
+    link.send(outcomes)

@@ -1,6 +1,7 @@
-"""Child-side behaviours for the cross-process tests (run by :mod:`spawn`).
+"""Child-side behaviours for the cross-process tests (run by
+:class:`shmbus_tools.children.Agent`).
 
-Every function takes the pipe to the parent first, connects its own
+Every function takes its link to the parent first, connects its own
 :class:`~shmbus.ShmBus` and talks to the parent in small messages:
 
 * ``"ready"`` is sent only once the agent's subscription exists
@@ -19,8 +20,9 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import Any
+
+from shmbus_tools.children import AsyncLink, BlockingLink
 
 from shmbus import ShmBus, ShmBusError
 from shmbus.delivery import QueueSubscription
@@ -33,31 +35,6 @@ _RECHECK = 0.05
 
 
 # ─── Helpers ────────────────────────────────────────────────────────────────
-
-
-class _PipeWatcher:
-    """Parent's messages, read on the event loop (``loop.add_reader``)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._loop = asyncio.get_running_loop()
-        self.messages: asyncio.Queue[Any] = asyncio.Queue()
-        self.stopped = asyncio.Event()
-        self._loop.add_reader(conn.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        try:
-            while self._conn.poll():
-                message = self._conn.recv()
-                if message == "stop":
-                    self.stopped.set()
-                self.messages.put_nowait(message)
-        except (EOFError, OSError):  # the parent went away
-            self._loop.remove_reader(self._conn.fileno())
-            self.stopped.set()
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._conn.fileno())
 
 
 async def _collect(
@@ -140,7 +117,7 @@ def _report(bus: ShmBus, sub: QueueSubscription, received: Received) -> dict[str
 
 
 def subscriber(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     *,
@@ -158,23 +135,23 @@ def subscriber(
         await bus.connect()
         try:
             sub = bus.subscribe(pattern)
-            watcher = _PipeWatcher(conn)
-            conn.send("ready")
+            inbox = AsyncLink(link)
+            link.send("ready")
             received: Received = []
-            await _collect(sub, received, count=count, stop=watcher.stopped, timeout=timeout)
+            await _collect(sub, received, count=count, stop=inbox.stopped, timeout=timeout)
             if linger:
                 await _linger(sub, received, linger)
             report = _report(bus, sub, received)
-            watcher.close()
+            inbox.close()
         finally:
             await bus.close()
-        conn.send(report)
+        link.send(report)
 
     asyncio.run(main())
 
 
 def publisher(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pub_id: int,
     topics: Sequence[str],
@@ -200,20 +177,20 @@ def publisher(
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
         try:
-            conn.send("ready")
+            link.send("ready")
             filler = {"pad": "x" * pad} if pad else {}
             for first in range(0, rounds * count, count):
-                message = conn.recv()
+                message = link.recv()
                 if message != "go":
                     raise RuntimeError(f"publisher expected 'go', got {message!r}")
                 for i in range(count):
                     payload = {"pub": pub_id, "seq": first + i, **filler}
                     await bus.publish(topics[i % len(topics)], payload)
                     if progress_at is not None and i + 1 == progress_at:
-                        conn.send("progress")
+                        link.send("progress")
                     if pace is not None and (i + 1) % pace[0] == 0:
                         await asyncio.sleep(pace[1])
-                conn.send({"published": count, "bus": dict(bus.stats())})
+                link.send({"published": count, "bus": dict(bus.stats())})
         finally:
             await bus.close()
 
@@ -221,7 +198,7 @@ def publisher(
 
 
 def stalled_subscriber(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     *,
@@ -240,8 +217,8 @@ def stalled_subscriber(
         await bus.connect()
         try:
             sub = bus.subscribe(pattern)
-            conn.send("ready")
-            message = conn.recv()  # blocks the loop on purpose
+            link.send("ready")
+            message = link.recv()  # blocks the loop on purpose
             if not (isinstance(message, tuple) and message[0] == "drain"):
                 raise RuntimeError(f"stalled subscriber expected ('drain', n), got {message!r}")
             received: Received = []
@@ -250,13 +227,13 @@ def stalled_subscriber(
             report = _report(bus, sub, received)
         finally:
             await bus.close()
-        conn.send(report)
+        link.send(report)
 
     asyncio.run(main())
 
 
 def subscriber_behind(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     *,
@@ -277,12 +254,12 @@ def subscriber_behind(
         await bus.connect()
         try:
             first = bus.subscribe(pattern)
-            conn.send("ready")
-            message = conn.recv()  # blocks the loop on purpose
+            link.send("ready")
+            message = link.recv()  # blocks the loop on purpose
             if message != "subscribe":
                 raise RuntimeError(f"expected 'subscribe', got {message!r}")
             late = bus.subscribe(pattern)
-            conn.send("ready")
+            link.send("ready")
             received: Received = []
             await _collect(late, received, count=count, stop=asyncio.Event(), timeout=timeout)
             if linger:
@@ -296,13 +273,13 @@ def subscriber_behind(
             report["first"] = first_received
         finally:
             await bus.close()
-        conn.send(report)
+        link.send(report)
 
     asyncio.run(main())
 
 
 def self_publisher(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     topic: str,
@@ -326,13 +303,13 @@ def self_publisher(
             report = _report(bus, sub, received)
         finally:
             await bus.close()
-        conn.send(report)
+        link.send(report)
 
     asyncio.run(main())
 
 
 def subscribe_rounds(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     rounds: int,
@@ -348,13 +325,13 @@ def subscribe_rounds(
 
     async def one_round(bus: ShmBus, i: int) -> None:
         sub = bus.subscribe(pattern)
-        conn.send(("ready", i))
+        link.send(("ready", i))
         try:
             event = await asyncio.wait_for(sub.__anext__(), timeout)
         except TimeoutError:
-            conn.send(("missed", i))
+            link.send(("missed", i))
         else:
-            conn.send(("got", i, event.topic, event.payload))
+            link.send(("got", i, event.topic, event.payload))
         finally:
             await sub.aclose()
 
@@ -383,7 +360,7 @@ def subscribe_rounds(
 
 
 def holder(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     *,
     bus_kwargs: dict[str, Any] | None = None,
@@ -401,35 +378,35 @@ def holder(
     async def main() -> None:
         for round_ in range(rounds):
             if round_:
-                message = conn.recv()
+                message = link.recv()
                 if message != "again":
                     raise RuntimeError(f"holder expected 'again', got {message!r}")
             bus = ShmBus(name, **(bus_kwargs or {}))
             try:
                 await bus.connect()
             except ShmBusError as exc:
-                conn.send(("refused", type(exc).__name__, str(exc)))
+                link.send(("refused", type(exc).__name__, str(exc)))
                 return
             try:
                 if pattern is not None:
                     bus.subscribe(pattern)
                 if publish is not None:
                     bus.publish_nowait(publish, {"holder": round_})
-                conn.send("attached")
-                message = conn.recv()
+                link.send("attached")
+                message = link.recv()
                 if isinstance(message, tuple) and message[0] == "close_at":
                     _spin_until(message[1])
                 elif message != "close":
                     raise RuntimeError(f"holder expected 'close', got {message!r}")
             finally:
                 await bus.close()
-            conn.send("closed")
+            link.send("closed")
 
     asyncio.run(main())
 
 
 def peer(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pattern: str,
     publish: Sequence[tuple[str, int]],
@@ -452,7 +429,7 @@ def peer(
         await bus.connect()
         try:
             sub = bus.subscribe(pattern)
-            conn.send(
+            link.send(
                 (
                     "ready",
                     {
@@ -462,12 +439,12 @@ def peer(
                     },
                 )
             )
-            message = conn.recv()
+            message = link.recv()
             if message != "go":
                 raise RuntimeError(f"peer expected 'go', got {message!r}")
             for seq, (topic, blob_size) in enumerate(publish):
                 await bus.publish(topic, {"seq": seq, "blob": "x" * blob_size})
-            conn.send("published")
+            link.send("published")
             received: Received = []
             await _collect(sub, received, count=count, stop=asyncio.Event(), timeout=timeout)
             if linger:
@@ -478,7 +455,7 @@ def peer(
             ]
         finally:
             await bus.close()
-        conn.send(report)
+        link.send(report)
 
     asyncio.run(main())
 
@@ -487,7 +464,7 @@ def peer(
 _KEPT: list[ShmBus] = []
 
 
-def publish_and_return(conn: Connection, name: str, topic: str, *, keep: bool) -> None:
+def publish_and_return(link: BlockingLink, name: str, topic: str, *, keep: bool) -> None:
     """Publish one event on a new instance without an event loop and without
     ever closing it, send ``"published"`` and return (the process then exits
     normally). *keep*: hold a reference to the instance until exit; else
@@ -498,4 +475,4 @@ def publish_and_return(conn: Connection, name: str, topic: str, *, keep: bool) -
         _KEPT.append(bus)
     else:
         ShmBus(name).publish_nowait(topic, {"kept": False})
-    conn.send("published")
+    link.send("published")

@@ -1,6 +1,7 @@
-"""Child-side behaviours for the fault-injection tests (run by :mod:`spawn`).
+"""Child-side behaviours for the fault-injection tests (run by
+:class:`shmbus_tools.children.Agent`).
 
-Same conventions as :mod:`agents`: every function takes the pipe to the
+Same conventions as :mod:`agents`: every function takes its link to the
 parent first, connects its own :class:`~shmbus.ShmBus`, sends ``"ready"`` once
 it is connected (and subscribed, for a subscriber), and answers the parent's
 small messages.
@@ -65,8 +66,9 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
+
+from shmbus_tools.children import EOF, AsyncLink, BlockingLink
 
 import shmbus._core.directory
 from shmbus import ShmBus
@@ -187,39 +189,11 @@ def _noop_handler(counter: list[int]) -> Callable[[int, Any], None]:
     return handler
 
 
-class _Inbox:
-    """The parent's messages, read on the event loop (``loop.add_reader``)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._loop = asyncio.get_running_loop()
-        self.messages: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop.add_reader(conn.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        try:
-            while self._conn.poll():
-                self.messages.put_nowait(self._conn.recv())
-        except (EOFError, OSError):  # the parent went away
-            self._loop.remove_reader(self._conn.fileno())
-            self.messages.put_nowait("close")
-
-    def close(self) -> None:
-        self._loop.remove_reader(self._conn.fileno())
-
-
-def _expect(conn: Connection, *accepted: str) -> str:
-    message = conn.recv()
-    if message not in accepted:
-        raise RuntimeError(f"expected one of {accepted}, got {message!r}")
-    return str(message)
-
-
 # ─── Subscribers ─────────────────────────────────────────────────────────────
 
 
 def tally_subscriber(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     *,
     pattern: str = ">",
@@ -246,15 +220,13 @@ def tally_subscriber(
         loop = asyncio.get_running_loop()
         bus = ShmBus(name, **(bus_kwargs or {}))
         await bus.connect()
-        inbox = _Inbox(conn)
+        inbox = AsyncLink(link)
         tally = Tally()
         last_event = loop.time()
         try:
             if lazy:
-                conn.send("connected")
-                message = await inbox.messages.get()
-                if message != "subscribe":
-                    raise RuntimeError(f"lazy subscriber expected 'subscribe', got {message!r}")
+                link.send("connected")
+                await inbox.expect("subscribe")
             sub = bus.subscribe(pattern)
 
             async def consume() -> None:
@@ -264,13 +236,11 @@ def tally_subscriber(
                     last_event = loop.time()
 
             consumer = asyncio.ensure_future(consume())
-            conn.send("ready")
+            link.send("ready")
             while True:
-                message = await inbox.messages.get()
-                if message == "close":
+                message = await inbox.expect("tally", "close", EOF)
+                if message in ("close", EOF):
                     break
-                if not (isinstance(message, tuple) and message[0] == "tally"):
-                    raise RuntimeError(f"tally subscriber got {message!r}")
                 _, expected, quiet, timeout = message
                 deadline = loop.time() + timeout
                 while loop.time() < deadline and (
@@ -280,7 +250,7 @@ def tally_subscriber(
                         consumer.result()  # raises what ended it
                         raise RuntimeError("the subscription ended")
                     await asyncio.sleep(0.01)
-                conn.send(
+                link.send(
                     {
                         **tally.report(),
                         "dropped": sub.dropped,
@@ -294,7 +264,7 @@ def tally_subscriber(
             consumer.cancel()
         finally:
             await bus.close()
-        conn.send("closed")
+        link.send("closed")
 
     asyncio.run(main())
 
@@ -303,7 +273,7 @@ def tally_subscriber(
 
 
 def steady_publisher(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pub_id: int,
     *,
@@ -342,8 +312,8 @@ def steady_publisher(
     bus = ShmBus(name, **(bus_kwargs or {}))
     bus.connect_sync(30.0)
     try:
-        conn.send("ready")
-        _expect(conn, "go")
+        link.send("ready")
+        link.expect("go")
         published = 0
         max_call = 0.0
         slow_calls: list[tuple[float, float]] = []
@@ -368,16 +338,16 @@ def steady_publisher(
                 if took > slow and len(slow_calls) < _SLOW_CALLS_KEPT:
                     slow_calls.append((start, took))
                 if published == progress_at:
-                    conn.send("progress")
+                    link.send("progress")
                 if published == count:
                     stopped = True
                     break
-            if conn.poll():
-                _expect(conn, "stop")
+            if link.poll():
+                link.expect("stop")
                 stopped = True
             elif pause:
                 time.sleep(pause)
-        conn.send(
+        link.send(
             {
                 "published": published,
                 "max_call": max_call,
@@ -388,13 +358,13 @@ def steady_publisher(
                 "bus": dict(bus.stats()),
             }
         )
-        while _expect(conn, "stop", "close") != "close":
+        while link.expect("stop", "close") != "close":
             pass
     finally:
         bus.close_sync()
         if counters is not None:
             counters.close()
-    conn.send("closed")
+    link.send("closed")
 
 
 class _Armed:
@@ -449,7 +419,7 @@ def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]
 
 
 def doomed_publisher(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pub_id: int,
     point: str,
@@ -473,18 +443,18 @@ def doomed_publisher(
     def at_point() -> None:
         armed.on = False
         if stop:
-            conn.send(("stopping", point))
+            link.send(("stopping", point))
             os.kill(os.getpid(), signal.SIGSTOP)
             return
-        conn.send(("dying", point))
+        link.send(("dying", point))
         _block_forever()
 
     bus = ShmBus(name, **(bus_kwargs or {}))
     bus.connect_sync(30.0)
     try:
         _install_crash_point(point, armed, at_point)
-        conn.send("ready")
-        _expect(conn, "go")
+        link.send("ready")
+        link.expect("go")
         for n in range(before):
             bus.publish_nowait(_TOPIC, make_payload(pub_id, n))
         armed.on = True
@@ -493,11 +463,11 @@ def doomed_publisher(
             raise RuntimeError(f"the publish did not stop at crash point {point!r}")
         if armed.on:
             raise RuntimeError(f"the publish never passed crash point {point!r}")
-        conn.send({"published": before + 1, "bus": dict(bus.stats())})
-        _expect(conn, "close")
+        link.send({"published": before + 1, "bus": dict(bus.stats())})
+        link.expect("close")
     finally:
         bus.close_sync()
-    conn.send("closed")
+    link.send("closed")
 
 
 # ─── A process whose signal handler raises ───────────────────────────────────
@@ -542,7 +512,7 @@ def _handle_pending_signals() -> None:
 
 
 def alarmed_worker(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pub_base: int,
     *,
@@ -599,8 +569,8 @@ def alarmed_worker(
         maybe: dict[int, list[int]] = {pub: []}
         calls = dict.fromkeys(("publish", "subscribe", "unsubscribe", "close", "connect"), 0)
         interrupted = dict.fromkeys(calls, 0)
-        conn.send("ready")
-        _expect(conn, "go")
+        link.send("ready")
+        link.expect("go")
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, interval, interval)
         try:
@@ -681,9 +651,9 @@ def alarmed_worker(
         }
 
     report = asyncio.run(main())
-    conn.send(report)
-    _expect(conn, "close")
-    conn.send("closed")
+    link.send(report)
+    link.expect("close")
+    link.send("closed")
 
 
 async def _receives_own(bus: ShmBus, pub: int, n: int) -> bool:
@@ -742,7 +712,12 @@ def _raise_once_in(module_name: str, attribute: str) -> None:
 
 
 def interrupted_once(
-    conn: Connection, name: str, call: str, where: str, *, bus_kwargs: dict[str, Any] | None = None
+    link: BlockingLink,
+    name: str,
+    call: str,
+    where: str,
+    *,
+    bus_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Connect, publish one event and subscribe (so the instance has a ring
     and a reader), and close; the one *call* (``"connect"`` or ``"close"``)
@@ -768,15 +743,15 @@ def interrupted_once(
         await bus.close()
 
     asyncio.run(main())
-    conn.send("closed")
-    _expect(conn, "exit")
+    link.send("closed")
+    link.expect("exit")
 
 
 # ─── Event-loop lag ──────────────────────────────────────────────────────────
 
 
 def lag_probe(
-    conn: Connection,
+    link: BlockingLink,
     name: str,
     pub_id: int,
     *,
@@ -801,8 +776,8 @@ def lag_probe(
         loop = asyncio.get_running_loop()
         bus = ShmBus(name, **kwargs)
         await bus.connect()
-        conn.send("ready")
-        _expect(conn, "go")  # the loop has nothing else to do yet
+        link.send("ready")
+        link.expect("go")  # the loop has nothing else to do yet
         done = False
         max_late = 0.0
         ticks = 0
@@ -867,16 +842,16 @@ def lag_probe(
         return {"max_late": max_late, "ticks": ticks, "ops": ops, "blocked": blocked}
 
     report = asyncio.run(main())
-    conn.send(report)
-    _expect(conn, "close")
-    conn.send("closed")
+    link.send(report)
+    link.expect("close")
+    link.send("closed")
 
 
 # ─── Memory scribbled on ─────────────────────────────────────────────────────
 
 
 def scribbler(
-    conn: Connection,
+    link: BlockingLink,
     path: str,
     *,
     start: int,
@@ -891,25 +866,25 @@ def scribbler(
     per millisecond, until ``"stop"``; then send ``{"writes": n}``."""
     rng = random.Random(seed)
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
-        conn.send("ready")
-        _expect(conn, "go")
+        link.send("ready")
+        link.expect("go")
         writes = 0
-        while not conn.poll():
+        while not link.poll():
             for _ in range(per_ms):
                 size = rng.randint(1, max_len)
                 offset = rng.randrange(start, end - size)
                 mm[offset : offset + size] = rng.randbytes(size)
                 writes += 1
             time.sleep(0.001)
-        _expect(conn, "stop")
-    conn.send({"writes": writes})
+        link.expect("stop")
+    link.send({"writes": writes})
 
 
 # ─── Removal and fork ────────────────────────────────────────────────────────
 
 
 def stalled_closer(
-    conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | None = None
+    link: BlockingLink, name: str, *, bus_kwargs: dict[str, Any] | None = None
 ) -> None:
     """Connect, send ``"attached"``; on ``"close"``, close the bus as its
     last instance, but stop inside the removal of its files right after the
@@ -929,12 +904,12 @@ def stalled_closer(
         def unlink_then_stop(path: Any, *args: Any, **kwargs: Any) -> None:
             unlink(path, *args, **kwargs)
             if str(path).startswith(segment + ":"):
-                conn.send("removing")
+                link.send("removing")
                 _block_forever()
 
         os.unlink = unlink_then_stop  # type: ignore[assignment]
-        conn.send("attached")
-        _expect(conn, "close")
+        link.send("attached")
+        link.expect("close")
         await bus.close()
         raise RuntimeError("close() removed no file of the bus but its segment")
 
@@ -955,7 +930,9 @@ def _outcome(call: Callable[[], object]) -> dict[str, Any]:
     return {"raised": None}
 
 
-def forking_owner(conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | None = None) -> None:
+def forking_owner(
+    link: BlockingLink, name: str, *, bus_kwargs: dict[str, Any] | None = None
+) -> None:
     """Connect a bus, subscribe to ``>`` and fork (from plain code: no event
     loop runs at that moment). The fork child tries the inherited instance
     (publish, subscribe, close), then publishes ``child.new`` from a new
@@ -1040,4 +1017,4 @@ def forking_owner(conn: Connection, name: str, *, bus_kwargs: dict[str, Any] | N
         loop.close()
     report["child"] = child_results
     report["child_exit"] = os.waitstatus_to_exitcode(status)
-    conn.send(report)
+    link.send(report)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import sys
-from multiprocessing.connection import Connection
+
+from shmbus_tools.children import BlockingLink, Child, ChildFailed, stop_all
 
 from shmbus import SegmentSpaceError, ShmBus
 from shmbus._core.inspection import read_bus
@@ -18,57 +18,50 @@ from shmbus._core.inspection import read_bus
 NAME = "footprint"
 
 
-def publisher(conn: Connection, index: int) -> None:
+def publisher(link: BlockingLink, index: int) -> None:
     bus = ShmBus(NAME)
     try:
         bus.connect_sync()
         bus.publish_nowait("fp.event", {"publisher": index})
-        conn.send("published")
+        link.send("published")
     except SegmentSpaceError as exc:
-        conn.send(("space", str(exc)))
-    while conn.recv() == "again":  # stay attached until told to go
+        link.send(("space", str(exc)))
+    while link.recv() == "again":  # stay attached until told to go
         bus.publish_nowait("fp.after", {"publisher": index})
-        conn.send("published")
+        link.send("published")
     bus.close_sync()
 
 
 async def main() -> None:
-    ctx = multiprocessing.get_context("spawn")
     result: dict[str, object] = {}
-    children: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    children: list[Child] = []
     try:
-        await run(ctx, children, result)
+        await run(children, result)
     finally:
-        for process, conn in children:
+        exit_codes = []
+        for child in children:
+            child.send("go")
+        for child in children:
             try:
-                conn.send("go")
-            except OSError:
-                pass
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-            result.setdefault("exit_codes", []).append(process.exitcode)  # type: ignore[union-attr]
+                exit_codes.append(child.join(10))
+            except ChildFailed:
+                exit_codes.append(child.process.exitcode)
+        stop_all(children)
+        if children:
+            result["exit_codes"] = exit_codes
         result["left"] = sorted(os.listdir("/dev/shm"))
         print(json.dumps(result))
         sys.stdout.flush()
 
 
-async def run(
-    ctx: multiprocessing.context.SpawnContext,
-    children: list[tuple[multiprocessing.process.BaseProcess, Connection]],
-    result: dict[str, object],
-) -> None:
+async def run(children: list[Child], result: dict[str, object]) -> None:
     async with ShmBus(NAME) as subscriber:
         sub = subscriber.subscribe("fp.>")
         outcomes = []
         for index in range(24):
-            parent, child = ctx.Pipe()
-            process = ctx.Process(target=publisher, args=(child, index))
-            process.start()
-            if not parent.poll(30):
-                raise TimeoutError(f"publisher {index} did not answer")
-            outcome = parent.recv()
-            children.append((process, parent))
+            child = Child(publisher, (index,), name=f"publisher-{index}").start()
+            children.append(child)
+            outcome = child.recv(30)
             outcomes.append(outcome)
             if index == 15:
                 result["bytes_with_16"] = read_bus(NAME).segment_size
@@ -80,8 +73,8 @@ async def run(
             received += 1
         # The bus still works after the refused ring: a publisher that has
         # its ring publishes again.
-        children[0][1].send("again")
-        children[0][1].recv()
+        children[0].send("again")
+        children[0].recv()
         after = await asyncio.wait_for(sub.__anext__(), 10)
         result.update(
             published=sum(1 for o in outcomes if o == "published"),

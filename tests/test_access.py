@@ -37,7 +37,7 @@ import access_agents
 import pytest
 from access_agents import SQUAT_BYTES
 from conftest import SMALL_RING, new_bus_name
-from spawn import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running, stop_resource_tracker
 
 from shmbus import ShmBus
 from shmbus._core.layout import LOCK_ATTACH, OFF_SLEEP_FLAGS

@@ -24,7 +24,7 @@ from typing import Any
 import agents
 import pytest
 from conftest import SMALL_RING
-from spawn import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running, stop_resource_tracker
 
 from shmbus import ShmBus
 from shmbus._core.inspection import read_bus

@@ -220,7 +220,7 @@ def test_no_module_of_the_package_imports_a_tool_or_a_benchmark_peer() -> None:
 
 def test_the_package_holds_no_tool(tmp_path: Path) -> None:
     shipped = {path.stem for path in (ROOT / "shmbus").rglob("*.py")}
-    assert not shipped & {"bench", "demo", "soak", "pipelink", "children", "profile"}
+    assert not shipped & {"bench", "demo", "soak", "children", "servers", "profile"}
     assert not (ROOT / "shmbus" / "bench").exists()
 
 

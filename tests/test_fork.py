@@ -15,7 +15,7 @@ from typing import Any
 import fault_agents
 import pytest
 from conftest import SMALL_RING, new_bus_name
-from spawn import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running, stop_resource_tracker
 
 FINISH = 60.0
 

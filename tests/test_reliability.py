@@ -7,8 +7,8 @@ while the bus's other processes are stopped and killed; subscribers killed;
 every process of a bus killed; bus-segment headers corrupted; ring files
 scribbled on.
 
-Every process is a spawned interpreter (:mod:`spawn`); the child-side code is
-in :mod:`fault_agents` (and :mod:`agents`). Synchronisation is by handshake
+Every process is a spawned interpreter (:mod:`shmbus_tools.children`); the
+child-side code is in :mod:`fault_agents` (and :mod:`agents`). Synchronisation is by handshake
 (a child reports where it stopped) or by bounded polling with a deadline.
 Figures are recorded (:mod:`figures`) for docs/RELIABILITY.md; bounds here
 are generous hang guards, never timing claims.
@@ -51,7 +51,7 @@ import pytest
 from conftest import SMALL_RING, new_bus_name
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from spawn import Agent, AgentError, running, stop_resource_tracker
+from shmbus_tools.children import Agent, ChildFailed, running, stop_resource_tracker
 
 import shmbus._core.reader
 from shmbus import ShmBus
@@ -822,7 +822,7 @@ def test_an_event_loop_never_waits_for_the_buses_stopped_or_killed_processes(
                     others.append(ready(new_other()))
                 try:
                     report = probe.recv(0.001)
-                except AgentError:
+                except ChildFailed:
                     if not probe.process.is_alive():
                         raise
             for agent in spawned:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import figures
 import pytest
 from conftest import new_bus_name
+from shmbus_tools.children import stop_resource_tracker
 from shmbus_tools.soak import SoakConfig, SoakTally, run_soak
-from spawn import stop_resource_tracker
 
 #: A publish that waited for a stopped publisher would be blocked until that
 #: one is continued (stops last 0.2-2 s); a publish on its own takes

@@ -2,7 +2,8 @@
 
 The benchmark against the bus's peers (:mod:`.bench`), the soak
 (:mod:`.soak`), the demo (:mod:`.demo`), the per-event cost profile
-(:mod:`.profile`) and the child-process harness they and the tests share.
+(:mod:`.profile`), and the child-process harness they and the tests share
+(:mod:`.children`).
 Run them through ``./tools/bench``, ``./tools/soak``, ``./tools/demo`` and
 ``./tools/profile``, which put this directory on ``PYTHONPATH``.
 """

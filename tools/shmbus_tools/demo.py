@@ -44,15 +44,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any, Final, TextIO
 
 from shmbus._core.layout import DEFAULT_CAPACITY
@@ -63,7 +60,17 @@ from shmbus.delivery import QueueSubscription
 from shmbus.errors import BusInUseError, ShmBusError
 from shmbus.shm import ShmBus
 
-from .pipelink import PipeLink
+from .children import (
+    EOF,
+    AsyncLink,
+    BlockingLink,
+    Child,
+    ChildFailed,
+    await_all,
+    data_of,
+    kind_of,
+    stop_all,
+)
 
 __all__ = ["DEFAULT_RATE", "PATTERNS", "add_arguments", "main", "remove_if_abandoned"]
 
@@ -93,7 +100,6 @@ _POLL: Final = 0.02
 #: The parent redraws this long after each whole second of the run, when the
 #: children's reports for that second are in.
 _RENDER_DELAY: Final = 0.15
-
 
 
 # ─── Arguments ───────────────────────────────────────────────────────────────
@@ -179,11 +185,6 @@ def _build_parser() -> argparse.ArgumentParser:
 # ─── Child side ──────────────────────────────────────────────────────────────
 
 
-def _child_setup() -> None:
-    # Ctrl-C reaches the whole process group; stopping is the parent's call.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _bus_for(config: dict[str, Any]) -> ShmBus:
     return ShmBus(
         config["bus"],
@@ -193,49 +194,38 @@ def _bus_for(config: dict[str, Any]) -> ShmBus:
     )
 
 
-def publisher_process(conn: Connection, config: dict[str, Any]) -> None:
+def publisher_process(link: BlockingLink, config: dict[str, Any]) -> None:
     """Entry point of the publisher process."""
-    _child_setup()
-    asyncio.run(_publisher(conn, config))
+    asyncio.run(_publisher(link, config))
 
 
-async def _publisher(conn: Connection, config: dict[str, Any]) -> None:
-    link = PipeLink(conn, asyncio.get_running_loop())
+async def _publisher(pipe: BlockingLink, config: dict[str, Any]) -> None:
+    link = AsyncLink(pipe)
     try:
         bus = _bus_for(config)
         async with bus:
-            link.send("ready", {"pid": os.getpid()})
-            kind, _ = await link.messages.get()
-            if kind != "start":
+            link.send(("ready", {"pid": os.getpid()}))
+            if not await link.wait_start():
                 return
-            stop = asyncio.Event()
-
-            async def watch() -> None:
-                while (await link.messages.get())[0] not in ("stop", "eof"):
-                    pass
-                stop.set()
-
-            watcher = asyncio.create_task(watch())
-            counts, elapsed = await _publish_until(bus, float(config["rate"]), stop, link)
-            watcher.cancel()
+            counts, elapsed = await _publish_until(bus, float(config["rate"]), link)
             stats = bus.stats()
         link.send(
-            "final",
-            {
-                "published": stats["published"],
-                "publish_errors": stats["publish_errors"],
-                "per_topic": dict(zip(TOPICS, counts, strict=True)),
-                "seconds": elapsed,
-            },
+            (
+                "final",
+                {
+                    "published": stats["published"],
+                    "publish_errors": stats["publish_errors"],
+                    "per_topic": dict(zip(TOPICS, counts, strict=True)),
+                    "seconds": elapsed,
+                },
+            )
         )
     finally:
         link.close()
 
 
-async def _publish_until(
-    bus: ShmBus, rate: float, stop: asyncio.Event, link: PipeLink
-) -> tuple[list[int], float]:
-    """Publish the workload until *stop* is set; return (per-topic counts, seconds)."""
+async def _publish_until(bus: ShmBus, rate: float, link: AsyncLink) -> tuple[list[int], float]:
+    """Publish the workload until told to stop; return (per-topic counts, seconds)."""
     publish = bus.publish_nowait
     mono_ns = time.monotonic_ns
     counts = [0] * DECKY_IDS
@@ -247,9 +237,10 @@ async def _publish_until(
 
     def tick(now: float) -> None:
         nonlocal tick_at, tick_seq
-        link.send("tick", {"rate": (seq - tick_seq) / (now - tick_at), "published": seq})
+        link.send(("tick", {"rate": (seq - tick_seq) / (now - tick_at), "published": seq}))
         tick_at, tick_seq = now, seq
 
+    stop = link.stopped
     while not stop.is_set():
         now = time.monotonic()
         if rate > 0:
@@ -360,14 +351,13 @@ class _Receiver:
     window: list[int] = field(default_factory=list)
 
 
-def subscriber_process(conn: Connection, config: dict[str, Any]) -> None:
+def subscriber_process(link: BlockingLink, config: dict[str, Any]) -> None:
     """Entry point of a subscriber process."""
-    _child_setup()
-    asyncio.run(_subscriber(conn, config))
+    asyncio.run(_subscriber(link, config))
 
 
-async def _subscriber(conn: Connection, config: dict[str, Any]) -> None:
-    link = PipeLink(conn, asyncio.get_running_loop())
+async def _subscriber(pipe: BlockingLink, config: dict[str, Any]) -> None:
+    link = AsyncLink(pipe)
     state = _Receiver()
     sketch = _LatencySketch()
 
@@ -390,38 +380,41 @@ async def _subscriber(conn: Connection, config: dict[str, Any]) -> None:
         bus = _bus_for(config)
         async with bus, _open(bus, config["pattern"]) as sub:
             consumer = asyncio.create_task(consume(sub))
-            link.send("ready", {"pid": os.getpid()})
+            link.send(("ready", {"pid": os.getpid()}))
             last_tick, last_received = time.monotonic(), 0
             expected: int | None = None
             while True:
                 timeout = max(last_tick + 1.0 - time.monotonic(), 0.0)
                 try:
-                    kind, data = await asyncio.wait_for(link.messages.get(), timeout)
+                    message = await link.recv(timeout)
                 except TimeoutError:
                     now = time.monotonic()
                     samples = take_window()
                     stats = sub.statistics()
                     link.send(
-                        "tick",
-                        {
-                            "rate": (state.received - last_received) / (now - last_tick),
-                            "p50_us": _us(_percentile(samples, 0.50)),
-                            "p99_us": _us(_percentile(samples, 0.99)),
-                            "received": state.received,
-                            "dropped": stats.dropped,
-                            "queued": stats.queued,
-                        },
+                        (
+                            "tick",
+                            {
+                                "rate": (state.received - last_received) / (now - last_tick),
+                                "p50_us": _us(_percentile(samples, 0.50)),
+                                "p99_us": _us(_percentile(samples, 0.99)),
+                                "received": state.received,
+                                "dropped": stats.dropped,
+                                "queued": stats.queued,
+                            },
+                        )
                     )
                     last_tick, last_received = now, state.received
                     continue
+                kind = kind_of(message)
                 if kind == "start":  # report whole seconds of the run from now on
                     take_window()
                     last_tick, last_received = time.monotonic(), state.received
                     continue
                 if kind == "drain":
-                    expected = int(data["expected"])
+                    expected = int(data_of(message)["expected"])
                     break
-                if kind in ("stop", "eof"):
+                if kind in ("stop", EOF):
                     break
             drained = expected is None or await _drain(sub, state, expected)
             take_window()
@@ -431,18 +424,20 @@ async def _subscriber(conn: Connection, config: dict[str, Any]) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
         link.send(
-            "final",
-            {
-                "received": state.received,
-                "dropped": stats.dropped,
-                "queued": stats.queued,
-                "lapped": bus_stats["lapped"],
-                "corrupt": bus_stats["corrupt"],
-                "drained": drained,
-                "p50_us": _us(sketch.percentile(0.50)),
-                "p99_us": _us(sketch.percentile(0.99)),
-                "max_us": _us(sketch.maximum),
-            },
+            (
+                "final",
+                {
+                    "received": state.received,
+                    "dropped": stats.dropped,
+                    "queued": stats.queued,
+                    "lapped": bus_stats["lapped"],
+                    "corrupt": bus_stats["corrupt"],
+                    "drained": drained,
+                    "p50_us": _us(sketch.percentile(0.50)),
+                    "p99_us": _us(sketch.percentile(0.99)),
+                    "max_us": _us(sketch.maximum),
+                },
+            )
         )
     finally:
         link.close()
@@ -486,24 +481,34 @@ def remove_if_abandoned(name: str) -> bool:
     return True
 
 
-class _ChildFailed(Exception):
-    """A child process died or stopped answering."""
-
-
 class _BusUnusable(Exception):
     """The bus cannot be created or joined (name, geometry, permissions)."""
 
 
-@dataclass
-class _Child:
-    label: str
-    process: BaseProcess
-    conn: Connection
-    pattern: str | None = None
-    ready: bool = False
-    latest: dict[str, Any] = field(default_factory=dict)
-    final: dict[str, Any] | None = None
-    eof: bool = False
+class _Child(Child):
+    """One of the demo's processes; a subscriber knows its pattern."""
+
+    def __init__(
+        self,
+        label: str,
+        target: Callable[[BlockingLink, dict[str, Any]], None],
+        config: dict[str, Any],
+        pattern: str | None = None,
+    ) -> None:
+        super().__init__(target, (config,), name=label)
+        self.pattern = pattern
+
+    @property
+    def tick(self) -> dict[str, Any]:
+        """Its latest once-a-second report."""
+        tick: dict[str, Any] = self.latest.get("tick") or {}
+        return tick
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """Its totals, once it sent them."""
+        final: dict[str, Any] | None = self.latest.get("final")
+        return final
 
 
 class _Console:
@@ -565,7 +570,6 @@ class _Demo:
         self.children: list[_Child] = []
         self.anchor: ShmBus | None = None
         self.joined = False
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     # ── Children ──
 
@@ -580,58 +584,18 @@ class _Demo:
     def _start(
         self,
         label: str,
-        target: Callable[[Connection, dict[str, Any]], None],
+        target: Callable[[BlockingLink, dict[str, Any]], None],
         config: dict[str, Any],
         pattern: str | None = None,
     ) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=target, args=(child_end, config), name=f"shmbus-demo-{label}")
-        # Children start with SIGINT ignored (inherited through exec), so a
-        # Ctrl-C during their start-up cannot print a traceback.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            process.start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        child_end.close()
-        child = _Child(label, process, parent_end, pattern)
+        child = _Child(label, target, config, pattern)
         self.children.append(child)
-        assert self.loop is not None
-        self.loop.add_reader(parent_end.fileno(), self._readable, child)
-
-    def _readable(self, child: _Child) -> None:
-        try:
-            while child.conn.poll():
-                kind, data = child.conn.recv()
-                if kind == "ready":
-                    child.ready = True
-                elif kind == "tick":
-                    child.latest = data
-                elif kind == "final":
-                    child.final = data
-        except (EOFError, OSError):
-            child.eof = True
-            assert self.loop is not None
-            self.loop.remove_reader(child.conn.fileno())
-
-    def _send(self, child: _Child, kind: str, data: dict[str, Any] | None = None) -> None:
-        if child.eof:
-            return
-        try:
-            child.conn.send((kind, data or {}))
-        except OSError:
-            child.eof = True
+        child.start()
 
     async def _until(
-        self, what: str, done: Callable[[], bool], children: list[_Child], timeout: float
+        self, what: str, done: Callable[[_Child], bool], children: list[_Child], timeout: float
     ) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            self._check_alive(children)
-            if time.monotonic() > deadline:
-                raise _ChildFailed(f"timed out after {timeout:g} s waiting for {what}")
-            await asyncio.sleep(_POLL)
+        await await_all(children, done, time.monotonic() + timeout, what, every=_POLL)
 
     @property
     def publisher(self) -> _Child:
@@ -641,37 +605,13 @@ class _Demo:
     def subscribers(self) -> list[_Child]:
         return self.children[1:]
 
-    async def stop_children(self, grace: float) -> None:
+    def stop_children(self, grace: float) -> None:
         """Ask every child to stop, then terminate and kill the ones that do not."""
-        for child in self.children:
-            self._send(child, "stop")
-        deadline = time.monotonic() + grace
-        while any(c.process.is_alive() for c in self.children) and time.monotonic() < deadline:
-            await asyncio.sleep(_POLL)
-        self.kill_children()
-
-    def kill_children(self) -> None:
-        alive = [c.process for c in self.children if c.process.is_alive()]
-        for process in alive:
-            log.warning("terminating %s (pid %s)", process.name, process.pid)
-            process.terminate()
-        for process in alive:
-            process.join(1.0)
-            if process.is_alive():
-                process.kill()
-                process.join(1.0)
-        loop = self.loop
-        for child in self.children:
-            child.process.join(0)  # reap
-            if not child.eof and loop is not None and not loop.is_closed():
-                loop.remove_reader(child.conn.fileno())
-            child.eof = True
-            child.conn.close()
+        stop_all(self.children, grace)
 
     # ── Run ──
 
     async def run(self) -> dict[str, Any]:
-        self.loop = asyncio.get_running_loop()
         try:
             self.anchor = _bus_for(self._config())
             await self.anchor.connect()
@@ -685,48 +625,48 @@ class _Demo:
                 self._start(f"subscriber-{index}", subscriber_process, config, pattern)
             await self._until(
                 "the children to start",
-                lambda: all(c.ready for c in self.children),
+                lambda c: "ready" in c.latest,
                 self.children,
                 _READY_TIMEOUT,
             )
             for child in self.children:
-                self._send(child, "start")
+                child.send("start")
             started = time.monotonic()
             second = 0.0
             while second < self.seconds:
                 second = min(second + 1, self.seconds)
                 if second == self.seconds:
                     await self._sleep_until(started + second)
-                    self._send(self.publisher, "stop")
+                    self.publisher.send("stop")
                 # Redraw just after the children's once-a-second reports.
                 await self._sleep_until(started + second + _RENDER_DELAY)
                 self.console.show(self._table(second))
             await self._until(
                 "the publisher's totals",
-                lambda: self.publisher.final is not None,
+                lambda c: c.final is not None,
                 [self.publisher],
                 _FINAL_TIMEOUT,
             )
             assert self.publisher.final is not None
             per_topic: dict[str, int] = self.publisher.final["per_topic"]
             expected = {
-                child.label: sum(
+                child.name: sum(
                     n for topic, n in per_topic.items() if matches(str(child.pattern), topic)
                 )
                 for child in self.subscribers
             }
             for child in self.subscribers:
-                self._send(child, "drain", {"expected": expected[child.label]})
+                child.send(("drain", {"expected": expected[child.name]}))
             await self._until(
                 "the subscribers' totals",
-                lambda: all(c.final is not None for c in self.subscribers),
+                lambda c: c.final is not None,
                 self.subscribers,
                 _DRAIN_TIMEOUT + _FINAL_TIMEOUT,
             )
-            await self.stop_children(_STOP_GRACE)
+            self.stop_children(_STOP_GRACE)
             return self._summary(expected)
         except BaseException:
-            await self.stop_children(1.0)
+            self.stop_children(1.0)
             raise
         finally:
             await self.close_anchor()
@@ -735,12 +675,13 @@ class _Demo:
         while (left := when - time.monotonic()) > 0:
             self._check_alive()
             await asyncio.sleep(min(left, 0.1))
+        self._check_alive()  # and their latest reports are in
 
-    def _check_alive(self, children: list[_Child] | None = None) -> None:
-        for child in self.children if children is None else children:
-            if child.eof and child.final is None:
-                code = child.process.exitcode
-                raise _ChildFailed(f"{child.label} exited early (exit code {code})")
+    def _check_alive(self) -> None:
+        """Read what the children sent; ChildFailed if one ended early."""
+        for child in self.children:
+            if child.pump() and child.final is None:
+                raise ChildFailed(child.describe("exited early"))
 
     async def close_anchor(self) -> None:
         if self.anchor is not None:
@@ -752,7 +693,7 @@ class _Demo:
     def _table(self, elapsed: float) -> list[str]:
         us = self.console.us
         target = "flood" if self.rate == 0 else f"{self.rate:,.0f} ev/s"
-        pub = self.publisher.latest
+        pub = self.publisher.tick
         lines = [
             self.console.bold(
                 f"shmbus demo  bus {self.name!r}  target {target}  t={elapsed:g}/{self.seconds:g} s"
@@ -763,7 +704,7 @@ class _Demo:
             f"{'received':>11} {'dropped':>9}",
         ]
         for child in self.subscribers:
-            s = child.latest
+            s = child.tick
             dropped = f"{s.get('dropped', 0):>9,}"
             if s.get("dropped"):
                 dropped = self.console.red(dropped)
@@ -785,7 +726,7 @@ class _Demo:
             assert final is not None and child.pattern is not None
             matches_all = all(matches(child.pattern, topic) for topic in TOPICS)
             accounted = final["received"] + final["dropped"]
-            want = expected[child.label]
+            want = expected[child.name]
             # A lapped reader counts the whole gap as dropped for every
             # subscription (the topics are gone), so a narrow pattern may
             # count more than it matched; it must never count fewer.
@@ -853,7 +794,7 @@ class _Demo:
 
         Returns False if files of the bus remain that nobody uses.
         """
-        self.kill_children()
+        self.stop_children(1.0)
         if self.anchor is not None:
             anchor, self.anchor = self.anchor, None
             with contextlib.suppress(Exception):
@@ -896,7 +837,7 @@ def main(args: argparse.Namespace) -> int:
             raise
         sys.stderr.write("terminated\n")
         status = 143
-    except _ChildFailed as exc:
+    except ChildFailed as exc:
         sys.stderr.write(f"shmbus demo: {exc}\n")
         status = 1
     except _BusUnusable as exc:

@@ -55,11 +55,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import signal
@@ -74,6 +72,8 @@ from shmbus._core.inspection import RingInfo, read_bus
 from shmbus.codec import encode_envelope
 from shmbus.contract import matches
 from shmbus.shm import ShmBus
+
+from .children import EOF, AsyncLink, BlockingLink, Child, stop_all
 
 __all__ = ["SoakConfig", "SoakTally", "SubscriberSpec", "SubscriptionBooks", "main", "run_soak"]
 
@@ -307,24 +307,6 @@ class SoakTally:
 # ─── Child processes ────────────────────────────────────────────────────────
 
 
-def _pipe_messages(
-    conn: multiprocessing.connection.Connection, loop: asyncio.AbstractEventLoop
-) -> asyncio.Queue[Any]:
-    """The parent's messages, read on *loop*; ``"close"`` if the parent goes."""
-    messages: asyncio.Queue[Any] = asyncio.Queue()
-
-    def on_readable() -> None:
-        try:
-            while conn.poll():
-                messages.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            messages.put_nowait("close")
-
-    loop.add_reader(conn.fileno(), on_readable)
-    return messages
-
-
 class _SlowLog:
     """A publisher's log of its slow publishes in shared memory: the first
     ``_SLOW_SLOTS``, then the longest ones. An entry is (start, wall time,
@@ -391,7 +373,7 @@ def _own_ring(name: str, pid: int) -> RingInfo | None:
 
 
 def _publisher_main(
-    conn: multiprocessing.connection.Connection,
+    link: BlockingLink,
     config: SoakConfig,
     pub: int,
     counters: Any,
@@ -426,9 +408,8 @@ def _publisher_main(
                 )
             )
             max_pad = config.max_event_size - base - 5  # str header: up to 5 bytes
-            conn.send("ready")
-            if conn.recv() != "go":
-                raise RuntimeError("publisher expected 'go'")
+            link.send("ready")
+            link.expect("go")
             seq = 0
             sent_bytes = 0
             max_short = 0.0
@@ -436,7 +417,7 @@ def _publisher_main(
             started = time.monotonic()
             clock = time.monotonic
             sched = _SchedClock().read
-            while not conn.poll():
+            while not link.poll():
                 burst = rng.randint(1, 200)
                 for _ in range(burst):
                     roll = rng.random()
@@ -483,10 +464,9 @@ def _publisher_main(
                         await asyncio.sleep(ahead)
                 else:
                     await asyncio.sleep(0)
-            if conn.recv() != "stop":
-                raise RuntimeError("publisher expected 'stop'")
+            link.expect("stop")
             ring = _own_ring(config.name, os.getpid())
-            conn.send(
+            link.send(
                 {
                     "published": seq,
                     "bytes": sent_bytes,
@@ -528,9 +508,7 @@ class _PublisherBooks:
         self.highest = max(self.highest, seq)
 
 
-def _subscriber_main(
-    conn: multiprocessing.connection.Connection, config: SoakConfig, spec: SubscriberSpec
-) -> None:
+def _subscriber_main(link: BlockingLink, config: SoakConfig, spec: SubscriberSpec) -> None:
     """Subscribe, keep per-publisher books, report on ``("drain", expected,
     quiet)`` once received + dropped reaches *expected* and no event came
     for *quiet* seconds (or none for ``_GIVE_UP_QUIET_S``); ``"close"`` ends
@@ -545,7 +523,7 @@ def _subscriber_main(
             queue_size=spec.queue_size,
         )
         await bus.connect()
-        messages = _pipe_messages(conn, loop)
+        inbox = AsyncLink(link)
         books: dict[int, _PublisherBooks] = {}
         state = {"received": 0, "bad": 0, "last_event": loop.time()}
         try:
@@ -576,10 +554,10 @@ def _subscriber_main(
                         time.sleep(spec.slow_s)  # a consumer stuck in synchronous work
 
             consumer = asyncio.ensure_future(consume())
-            conn.send("ready")
+            link.send("ready")
             while True:
-                message = await messages.get()
-                if message == "close":
+                message = await inbox.expect("drain", "close", EOF)
+                if message in ("close", EOF):
                     break
                 _, expected, quiet = message
                 deadline = loop.time() + _EXCHANGE_TIMEOUT / 2
@@ -591,7 +569,7 @@ def _subscriber_main(
                         break
                     await asyncio.sleep(0.02)
                 stats = bus.stats()
-                conn.send(
+                link.send(
                     {
                         "books": {
                             pub: {
@@ -610,12 +588,10 @@ def _subscriber_main(
                     }
                 )
             consumer.cancel()
-            with contextlib.suppress(Exception):
-                loop.remove_reader(conn.fileno())
+            inbox.close()
         finally:
             await bus.close()
-        with contextlib.suppress(OSError):
-            conn.send("closed")
+        link.send("closed")
 
     asyncio.run(main())
 
@@ -623,55 +599,29 @@ def _subscriber_main(
 # ─── The parent ─────────────────────────────────────────────────────────────
 
 
-class _Child:
+class _Child(Child):
+    """A soak process, with the windows a stop fault stopped it for."""
+
+    deadline = _EXCHANGE_TIMEOUT
+
     def __init__(self, target: Callable[..., None], *args: Any) -> None:
-        self.conn, child_conn = _CTX.Pipe()
-        self.process = _CTX.Process(target=target, args=(child_conn, *args), daemon=True)
-        self.process.start()
-        child_conn.close()
+        super().__init__(target, args)
         #: When a stop fault stopped it, and when it is to be continued.
         self.stopped_at: float | None = None
         self.resume_at = 0.0
         self.windows: list[tuple[float, float]] = []
-
-    @property
-    def pid(self) -> int:
-        pid = self.process.pid
-        assert pid is not None
-        return pid
-
-    def recv(self, timeout: float = _EXCHANGE_TIMEOUT) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"soak child pid {self.pid} sent nothing in {timeout:g} s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            self.process.join(1)
-            raise RuntimeError(
-                f"soak child pid {self.pid} died (exit code {self.process.exitcode})"
-            ) from None
-
-    def expect(self, value: Any) -> None:
-        got = self.recv()
-        if got != value:
-            raise RuntimeError(f"soak child pid {self.pid} sent {got!r}, not {value!r}")
+        self.start()
 
     def stop(self, now: float, resume_at: float) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
+        self.signal(signal.SIGSTOP)
         self.stopped_at, self.resume_at = now, resume_at
 
     def cont(self) -> None:
         if self.stopped_at is None:
             return
-        os.kill(self.pid, signal.SIGCONT)
+        self.signal(signal.SIGCONT)
         self.windows.append((self.stopped_at, time.monotonic()))
         self.stopped_at = None
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(10)
-        self.conn.close()
 
 
 @dataclass
@@ -786,10 +736,10 @@ class _Soak:
         returned = int(victim.counters[_C_RETURNED])
         child.stopped_at = None
         child.windows.append((stopped_at, float("inf")))
-        os.kill(pid, signal.SIGKILL)
+        child.signal(signal.SIGKILL)
         victim.killed_at = time.monotonic()
-        child.process.join(10)
-        child.conn.close()
+        child.kill()  # reaps it
+        child.close()
         victim.state = "killed"
         victim.published = ring.published if ring is not None else 0
         victim.sent_bytes = int(victim.counters[_C_BYTES])
@@ -827,7 +777,7 @@ class _Soak:
             publisher.child.expect("ready")
         for publisher in self.publishers:
             publisher.state = "running"
-            publisher.child.conn.send("go")
+            publisher.child.send("go")
 
         def period(every: float) -> float:
             return every * rng.uniform(0.5, 1.5) if every > 0 else float("inf")
@@ -848,10 +798,10 @@ class _Soak:
                 if child.stopped_at is not None and now >= child.resume_at:
                     child.cont()
                     self.note("cont", f"publisher {publisher.pub} pid {child.pid}")
-                if publisher.state == "starting" and child.conn.poll():
+                if publisher.state == "starting" and child.poll():
                     child.expect("ready")
                     publisher.state = "running"
-                    child.conn.send("go")
+                    child.send("go")
             for index, child in enumerate(self.subscribers):
                 if child.stopped_at is not None and now >= child.resume_at:
                     child.cont()
@@ -911,10 +861,10 @@ class _Soak:
             if publisher.state == "starting":
                 publisher.child.expect("ready")
                 publisher.state = "running"
-                publisher.child.conn.send("go")
+                publisher.child.send("go")
         live = self.running()
         for publisher in live:
-            publisher.child.conn.send("stop")
+            publisher.child.send("stop")
         for publisher in live:
             report = publisher.child.recv()
             publisher.state = "finished"
@@ -927,7 +877,7 @@ class _Soak:
                     f"{report['ring_published']} events"
                 )
         for publisher in live:
-            publisher.child.process.join(_EXCHANGE_TIMEOUT)
+            publisher.child.join(_EXCHANGE_TIMEOUT)
         killed_rings = [p.ring_path for p in self.publishers if p.state == "killed" and p.ring_path]
         reclaimed = sum(1 for path in killed_rings if not os.path.exists(path))
         published_by = {p.pub: p.published for p in self.publishers}
@@ -936,7 +886,7 @@ class _Soak:
             for spec, child in zip(config.subscribers, self.subscribers, strict=True)
         ]
         for child in self.subscribers:
-            child.conn.send("close")
+            child.send("close")
         for child in self.subscribers:
             child.expect("closed")
         timed = sum(int(p.counters[_C_RETURNED]) for p in self.publishers)
@@ -990,7 +940,7 @@ class _Soak:
             for seq in range(len(_KINDS))
         )
         expected = _expected(spec.pattern, published_by)
-        child.conn.send(("drain", expected, 0.5))
+        child.send(("drain", expected, 0.5))
         report = child.recv()
         by_pub: dict[int, dict[str, int]] = report["books"]
         missing = phantoms = duplicates = violations = 0
@@ -1073,9 +1023,7 @@ class _Soak:
         return times
 
     def kill_all(self) -> None:
-        for child in [*self.subscribers, *(p.child for p in self.publishers)]:
-            with contextlib.suppress(Exception):
-                child.kill()
+        stop_all([*self.subscribers, *(p.child for p in self.publishers)])
 
 
 def run_soak(config: SoakConfig, *, progress: Callable[[str], None] | None = None) -> SoakTally:

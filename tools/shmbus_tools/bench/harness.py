@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
 from typing import Any, Final
 
-from .control import AsyncLink, BlockingLink
+from ..children import EOF, AsyncLink, BlockingLink, data_of, kind_of
 from .spec import RunSpec
 from .workload import PayloadFactory, Recorder, cpu_seconds, payload_factory
 
@@ -95,7 +95,7 @@ async def async_publisher(
     if flush is not None:
         await flush()
     end_ns = time.monotonic_ns()
-    link.send("final", _publisher_final(published, start_ns, end_ns, cpu0, errors))
+    link.send(("final", _publisher_final(published, start_ns, end_ns, cpu0, errors)))
     await link.wait_stop()
 
 
@@ -159,7 +159,7 @@ def blocking_publisher(
     final = _publisher_final(published, start_ns, end_ns, cpu0, errors)
     if after is not None:
         after()
-    link.send("final", final)
+    link.send(("final", final))
     link.wait_stop()
 
 
@@ -245,7 +245,7 @@ async def async_subscriber(
         except asyncio.CancelledError:
             pass
     dropped = accounting()[0] if accounting is not None else None
-    link.send("final", _subscriber_final(record, dropped, cpu_s, end))
+    link.send(("final", _subscriber_final(record, dropped, cpu_s, end)))
     await link.wait_stop()
 
 
@@ -253,17 +253,17 @@ async def _next_drain(
     link: AsyncLink, consumer: asyncio.Task[None], record: Recorder
 ) -> dict[str, Any] | None:
     while True:
-        getter = asyncio.ensure_future(link.messages.get())
+        getter = asyncio.ensure_future(link.recv())
         if not consumer.done():
             await asyncio.wait({getter, consumer}, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done():
             _ended_early(consumer, record)
-            kind, data = await getter
-        else:
-            kind, data = getter.result()
+        message = await getter
+        kind = kind_of(message)
         if kind == "drain":
-            return data
-        if kind in ("stop", "eof"):
+            drain: dict[str, Any] = data_of(message)
+            return drain
+        if kind in ("stop", EOF):
             return None
 
 
@@ -329,7 +329,7 @@ def blocking_subscriber(
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     cpu_s = cpu_seconds() - cpu0
-    link.send("final", _subscriber_final(record, None, cpu_s, end))
+    link.send(("final", _subscriber_final(record, None, cpu_s, end)))
     link.wait_stop()
 
 

@@ -9,6 +9,19 @@ Owns
   have them or the drain deadline passes. Every phase has a deadline, so a run
   is bounded in time whatever a peer does. Whatever happens, every child is
   stopped and joined and the peer's per-run resources released (``finally``).
+
+  The children are forked (:class:`shmbus_tools.children.Child`, so they
+  start as warm as this process) and speak over their link::
+
+      child  -> parent   "ready"                 set up: connected, subscribed
+      parent -> child    "start"                 begin publishing / measuring
+      child  -> parent   ("final", {...})        the child's figures
+      parent -> sub      ("drain", {"expected": n, "deadline": t})
+      parent -> child    "stop"                  clean up and exit
+      child  -> parent   ("error", {...})        it failed (the harness's report)
+
+  A child whose parent's end closes behaves as if told to stop; the loops of
+  the child side are :mod:`shmbus_tools.bench.harness`'s.
 * :func:`derive_metrics`: the figures of a run from its children's reports.
 * :class:`Bench`: the whole benchmark: which peers can run here (and why not),
   their servers (started once, stopped in ``finally``), the ``--baseline``
@@ -41,11 +54,10 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from ..children import BlockingLink, Child, ChildFailed, stop_all, wait_all
 from .baseline import Baseline, BaselineError, exported, is_baseline
-from .control import Child, ChildFailed, wait_for
 from .peers import Driver, Env, driver_class
 from .progress import Progress
 from .servers import NatsServer, RedisServer
@@ -117,47 +129,47 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
     resources = driver.prepare(spec)
     subs: list[Child] = []
     pubs: list[Child] = []
+
+    def start(role: str, method: Callable[[BlockingLink, RunSpec, Any, int], None]) -> None:
+        group = subs if role == "sub" else pubs
+        for i in range(spec.subscribers if role == "sub" else spec.publishers):
+            child = Child(
+                _target(method, spec, resources, i),
+                name=f"{spec.describe()} {role}{i}",
+                method="fork",
+            )
+            group.append(child)
+            child.start()
+        wait_all(group, _said("ready"), time.monotonic() + _READY_TIMEOUT, "ready")
+
     try:
-        for i in range(spec.subscribers):
-            subs.append(
-                Child(f"{spec.describe()} sub{i}", _target(driver.subscriber, spec, resources, i))
-            )
-        wait_for(subs, lambda c: c.ready, time.monotonic() + _READY_TIMEOUT, "ready")
-        for i in range(spec.publishers):
-            pubs.append(
-                Child(f"{spec.describe()} pub{i}", _target(driver.publisher, spec, resources, i))
-            )
-        wait_for(pubs, lambda c: c.ready, time.monotonic() + _READY_TIMEOUT, "ready")
+        start("sub", driver.subscriber)
+        start("pub", driver.publisher)
         for child in (*subs, *pubs):
             child.send("start")
-        wait_for(
-            pubs,
-            lambda c: c.final is not None,
-            time.monotonic() + spec.duration + _PUBLISH_SLACK,
-            "figures",
-        )
-        pub_finals = [c.final for c in pubs if c.final is not None]
+        wait_all(pubs, _said("final"), time.monotonic() + spec.duration + _PUBLISH_SLACK, "figures")
+        pub_finals: list[dict[str, Any]] = [c.latest["final"] for c in pubs]
         expected = sum(int(final["published"]) for final in pub_finals)
         drain_deadline = time.monotonic() + spec.drain_s
         for child in subs:
-            child.send("drain", {"expected": expected, "deadline": drain_deadline})
+            child.send(("drain", {"expected": expected, "deadline": drain_deadline}))
 
         def expire() -> float | None:
             if not driver.blocking_subscriber:
                 return None
             for child in subs:
-                if child.final is None:
+                if "final" not in child.latest:
                     child.signal(signal.SIGUSR1)
             return time.monotonic() + _REPORT_SLACK
 
-        wait_for(
+        wait_all(
             subs,
-            lambda c: c.final is not None,
+            _said("final"),
             drain_deadline + (0.1 if driver.blocking_subscriber else _REPORT_SLACK),
             "figures",
             on_deadline=expire,
         )
-        sub_finals = [c.final for c in subs if c.final is not None]
+        sub_finals: list[dict[str, Any]] = [c.latest["final"] for c in subs]
         samples: list[int] = []
         for final in sub_finals:
             samples.extend(final.pop("samples", []))
@@ -168,10 +180,10 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
         result.metrics = derive_metrics(spec, pub_finals, sub_finals, samples)
         result.status = "ok"
     except ChildFailed as exc:
-        result.error = str(exc)
-        log.info("run %s failed: %s", spec.describe(), exc)
+        result.error = exc.summary
+        log.info("run %s failed: %s", spec.describe(), exc.summary)
     finally:
-        _stop_all([*pubs, *subs])
+        stop_all([*pubs, *subs], _STOP_GRACE)
         try:
             driver.release(spec, resources)
         except Exception:
@@ -181,41 +193,20 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
 
 
 def _target(
-    method: Callable[[Connection, RunSpec, Any, int], None],
+    method: Callable[[BlockingLink, RunSpec, Any, int], None],
     spec: RunSpec,
     resources: Any,
     index: int,
-) -> Callable[[Connection], None]:
-    def run(conn: Connection) -> None:
-        method(conn, spec, resources, index)
+) -> Callable[[BlockingLink], None]:
+    def run(link: BlockingLink) -> None:
+        method(link, spec, resources, index)
 
     return run
 
 
-def _stop_all(children: list[Child]) -> None:
-    """Stop every child: ask all, wait for all together, then terminate and
-    kill together; always join (each step is bounded)."""
-    for child in children:
-        child.send("stop")
-    _join_all(children, _STOP_GRACE)
-    stragglers = [child for child in children if child.process.is_alive()]
-    if stragglers:
-        log.info("terminating %s", ", ".join(child.label for child in stragglers))
-        for child in stragglers:
-            child.process.terminate()
-        _join_all(stragglers, _STOP_GRACE)
-    for child in children:
-        if child.process.is_alive():
-            log.warning("%s ignored SIGTERM; killing it", child.label)
-            child.process.kill()
-        child.process.join()
-        child.conn.close()
-
-
-def _join_all(children: list[Child], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for child in children:
-        child.process.join(max(deadline - time.monotonic(), 0.0))
+def _said(kind: str) -> Callable[[Child], bool]:
+    """Whether a child has sent a message of *kind*."""
+    return lambda child: kind in child.latest
 
 
 def derive_metrics(

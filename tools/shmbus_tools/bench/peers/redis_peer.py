@@ -13,7 +13,6 @@ persistence).
 from __future__ import annotations
 
 import asyncio
-from multiprocessing.connection import Connection
 from typing import Any
 
 import redis.asyncio
@@ -21,7 +20,7 @@ import redis.exceptions
 
 from shmbus.codec import decode_envelope, encode_envelope
 
-from ..control import AsyncLink
+from ...children import AsyncLink, BlockingLink
 from ..harness import async_publisher, async_subscriber
 from ..servers import redis_server_binary
 from ..spec import RunSpec
@@ -43,17 +42,17 @@ class RedisDriver(Driver):
             return "redis-server is not installed (Debian package redis-server)"
         return None
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         assert self.env.redis_url is not None
-        asyncio.run(_publisher(conn, spec, self.env.redis_url))
+        asyncio.run(_publisher(link, spec, self.env.redis_url))
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         assert self.env.redis_url is not None
-        asyncio.run(_subscriber(conn, spec, self.env.redis_url))
+        asyncio.run(_subscriber(link, spec, self.env.redis_url))
 
 
-async def _publisher(conn: Connection, spec: RunSpec, url: str) -> None:
-    link = AsyncLink(conn)
+async def _publisher(pipe: BlockingLink, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(pipe)
     client = redis.asyncio.Redis.from_url(url)
     try:
         publish = client.publish
@@ -67,8 +66,8 @@ async def _publisher(conn: Connection, spec: RunSpec, url: str) -> None:
         await client.aclose()
 
 
-async def _subscriber(conn: Connection, spec: RunSpec, url: str) -> None:
-    link = AsyncLink(conn)
+async def _subscriber(pipe: BlockingLink, spec: RunSpec, url: str) -> None:
+    link = AsyncLink(pipe)
     client = redis.asyncio.Redis.from_url(url)
     pubsub = client.pubsub()
     try:

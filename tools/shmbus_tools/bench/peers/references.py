@@ -23,12 +23,11 @@ import asyncio
 import mmap
 import os
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 import posix_ipc
 
-from ..control import AsyncLink, BlockingLink
+from ...children import AsyncLink, BlockingLink
 from ..harness import async_subscriber, blocking_publisher, blocking_subscriber
 from ..spec import RunSpec
 from ..workload import Recorder
@@ -56,7 +55,7 @@ class SemaphoreDriver(Driver):
         semaphore.close()
         mapping.close()
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         semaphore, mapping = resources
         stamps = memoryview(mapping).cast("q")
         post = semaphore.release
@@ -72,9 +71,9 @@ class SemaphoreDriver(Driver):
             stamps[count % _SLOTS] = -1
             post()
 
-        blocking_publisher(BlockingLink(conn), spec, send, after=end_of_stream)
+        blocking_publisher(link, spec, send, after=end_of_stream)
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         semaphore, mapping = resources
         stamps = memoryview(mapping).cast("q")
 
@@ -92,7 +91,7 @@ class SemaphoreDriver(Driver):
                     return
                 record.stamped(time.monotonic_ns(), stamp)
 
-        blocking_subscriber(BlockingLink(conn), spec, consume)
+        blocking_subscriber(link, spec, consume)
 
 
 class FifoDriver(Driver):
@@ -111,7 +110,7 @@ class FifoDriver(Driver):
         except FileNotFoundError:
             pass
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         path, mapping = resources
         stamps = memoryview(mapping).cast("q")
         # The subscriber has the FIFO open for reading by now (it is ready).
@@ -125,15 +124,15 @@ class FifoDriver(Driver):
             os.write(fd, b"\x01")
 
         try:
-            blocking_publisher(BlockingLink(conn), spec, send)
+            blocking_publisher(link, spec, send)
         finally:
             os.close(fd)
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        asyncio.run(_fifo_subscriber(conn, spec, resources))
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_fifo_subscriber(link, spec, resources))
 
 
-async def _fifo_subscriber(conn: Connection, spec: RunSpec, resources: Any) -> None:
+async def _fifo_subscriber(pipe: BlockingLink, spec: RunSpec, resources: Any) -> None:
     path, mapping = resources
     stamps = memoryview(mapping).cast("q")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -160,7 +159,7 @@ async def _fifo_subscriber(conn: Connection, spec: RunSpec, resources: Any) -> N
             stamp = await handoff.get()
             record.stamped(mono_ns(), stamp)
 
-    link = AsyncLink(conn)
+    link = AsyncLink(pipe)
     loop.add_reader(fd, readable)
     try:
         await async_subscriber(link, spec, consume)
@@ -173,13 +172,13 @@ async def _fifo_subscriber(conn: Connection, spec: RunSpec, resources: Any) -> N
 class LoopDriver(Driver):
     name = "loop"
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         def send(topic: str, payload: dict[str, Any]) -> None:
             pass
 
-        blocking_publisher(BlockingLink(conn), spec, send)
+        blocking_publisher(link, spec, send)
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         raise RuntimeError("the loop reference has no subscribers")
 
 

@@ -22,15 +22,14 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
-from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
 from shmbus._core.leftovers import cleanup
 from shmbus.shm import ShmBus
 
+from ...children import AsyncLink, BlockingLink
 from ..baseline import BASELINE_PREFIX, bus_class
-from ..control import AsyncLink, BlockingLink
 from ..harness import async_publisher, async_subscriber, blocking_publisher
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, PATTERN, Recorder
@@ -61,11 +60,11 @@ class ShmDriver(Driver):
     def release(self, spec: RunSpec, resources: Any) -> None:
         _release(cleanup, str(resources))
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        asyncio.run(_publisher(conn, spec, str(resources), self.bus_factory()))
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_publisher(link, spec, str(resources), self.bus_factory()))
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        asyncio.run(_subscriber(conn, spec, str(resources), self.bus_factory()))
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(link, spec, str(resources), self.bus_factory()))
 
 
 class ShmLowLatencyDriver(ShmDriver):
@@ -73,8 +72,8 @@ class ShmLowLatencyDriver(ShmDriver):
 
     name = "shmll"
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        asyncio.run(_subscriber(conn, spec, str(resources), self.bus_factory(), low_latency=True))
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(link, spec, str(resources), self.bus_factory(), low_latency=True))
 
 
 class ShmUvloopDriver(ShmDriver):
@@ -90,15 +89,15 @@ class ShmUvloopDriver(ShmDriver):
             return "uvloop is not installed (pip install 'shmbus[uvloop]')"
         return None
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         import uvloop
 
-        uvloop.run(_publisher(conn, spec, str(resources), self.bus_factory()))
+        uvloop.run(_publisher(link, spec, str(resources), self.bus_factory()))
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         import uvloop
 
-        uvloop.run(_subscriber(conn, spec, str(resources), self.bus_factory()))
+        uvloop.run(_subscriber(link, spec, str(resources), self.bus_factory()))
 
 
 class BaselineDriver(ShmDriver):
@@ -142,7 +141,7 @@ def _count(snapshot: object, key: str) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-async def _publisher(conn: Connection, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
+async def _publisher(pipe: BlockingLink, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
     bus = make_bus(name)
     await bus.connect()
     try:
@@ -153,9 +152,9 @@ async def _publisher(conn: Connection, spec: RunSpec, name: str, make_bus: BusFa
         if spec.variant == "publish_nowait":
             # The synchronous API: no event loop involved in the loop.
             send = functools.partial(bus.publish_nowait, event_type=EVENT_TYPE)
-            blocking_publisher(BlockingLink(conn), spec, send, errors=errors)
+            blocking_publisher(pipe, spec, send, errors=errors)
             return
-        link = AsyncLink(conn)
+        link = AsyncLink(pipe)
         try:
             await async_publisher(
                 link, spec, functools.partial(bus.publish, event_type=EVENT_TYPE), errors=errors
@@ -167,9 +166,9 @@ async def _publisher(conn: Connection, spec: RunSpec, name: str, make_bus: BusFa
 
 
 async def _subscriber(
-    conn: Connection, spec: RunSpec, name: str, make_bus: BusFactory, *, low_latency: bool = False
+    pipe: BlockingLink, spec: RunSpec, name: str, make_bus: BusFactory, *, low_latency: bool = False
 ) -> None:
-    link = AsyncLink(conn)
+    link = AsyncLink(pipe)
     try:
         bus = make_bus(name, low_latency=True) if low_latency else make_bus(name)
         await bus.connect()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from multiprocessing.connection import Connection
 from typing import Any
 
 import zmq
@@ -25,7 +24,7 @@ import zmq.asyncio
 
 from shmbus.codec import decode_envelope, encode_envelope
 
-from ..control import AsyncLink, BlockingLink
+from ...children import AsyncLink, BlockingLink
 from ..harness import async_subscriber, blocking_publisher
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, MAX_EVENT_SIZE, ZMQ_PREFIX, Recorder, make_matcher
@@ -51,8 +50,7 @@ class ZmqDriver(Driver):
             except FileNotFoundError:
                 pass
 
-    def publisher(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        link = BlockingLink(conn)
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         context = zmq.Context()
         sock = context.socket(zmq.XPUB)
         try:
@@ -70,8 +68,8 @@ class ZmqDriver(Driver):
             sock.close(linger=0)
             context.term()
 
-    def subscriber(self, conn: Connection, spec: RunSpec, resources: Any, index: int) -> None:
-        asyncio.run(_subscriber(conn, spec, list(resources)))
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_subscriber(link, spec, list(resources)))
 
 
 def _await_subscribers(sock: zmq.Socket[bytes], count: int) -> None:
@@ -86,8 +84,8 @@ def _await_subscribers(sock: zmq.Socket[bytes], count: int) -> None:
             seen += 1
 
 
-async def _subscriber(conn: Connection, spec: RunSpec, endpoints: list[str]) -> None:
-    link = AsyncLink(conn)
+async def _subscriber(pipe: BlockingLink, spec: RunSpec, endpoints: list[str]) -> None:
+    link = AsyncLink(pipe)
     context = zmq.asyncio.Context()
     sock = context.socket(zmq.SUB)
     try:
