@@ -53,7 +53,7 @@ def bus_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def contract_nats_server() -> Iterator[Any]:
     """One real nats-server (127.0.0.1, random port) for the contract tests."""
-    from nats_server import NatsServer
+    from shmbus_tools.servers import NatsServer
 
     # The same limit on an event as the other transports' test buses.
     with NatsServer(max_payload=SMALL_RING["max_event_size"]) as server:

@@ -15,8 +15,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from awaiting import take
 from conftest import SMALL_RING, new_bus_name
-from nats_server import NatsServer, take
+from shmbus_tools.servers import NatsServer
 
 from shmbus import ShmBus
 from shmbus._core.shmfiles import bus_file_paths

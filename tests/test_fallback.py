@@ -7,8 +7,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from awaiting import take, wait_until
 from conftest import SMALL_RING
-from nats_server import NatsServer, free_port, take, wait_until
+from shmbus_tools.servers import NatsServer, free_port
 
 from shmbus import Event, ShmBus
 from shmbus.fallback import FallbackBus

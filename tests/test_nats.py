@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import msgpack
 import nats
 import pytest
-from nats_server import NatsServer, free_port, take, wait_until
+from awaiting import take, wait_until
+from shmbus_tools.servers import NatsServer, free_port
 
 from shmbus import Event
 from shmbus.errors import BusClosedError, ShmBusError, TransportUnavailableError

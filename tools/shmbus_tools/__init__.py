@@ -2,8 +2,9 @@
 
 The benchmark against the bus's peers (:mod:`.bench`), the soak
 (:mod:`.soak`), the demo (:mod:`.demo`), the per-event cost profile
-(:mod:`.profile`), and the child-process harness they and the tests share
-(:mod:`.children`).
+(:mod:`.profile`), and what they and the tests share: the child-process
+harness (:mod:`.children`) and the servers some of them need
+(:mod:`.servers`).
 Run them through ``./tools/bench``, ``./tools/soak``, ``./tools/demo`` and
 ``./tools/profile``, which put this directory on ``PYTHONPATH``.
 """

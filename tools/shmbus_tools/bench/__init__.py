@@ -10,11 +10,11 @@ Owns
 The ``shmbus_tools.bench`` package: the command line (:mod:`.cli`), the scenarios
 and their plan (:mod:`.spec`), the workload (:mod:`.workload`), the publish
 and receive loops of the child processes (:mod:`.harness`), one driver per
-peer (:mod:`.peers`), the servers some peers need (:mod:`.servers`), running
-and measuring, with the protocol between the parent and its children
-(:mod:`.runner`), the progress line (:mod:`.progress`) and the outputs
-(:mod:`.report`). Its child processes are started by the tools' shared
-harness (:mod:`shmbus_tools.children`). It only *uses*
+peer (:mod:`.peers`), running and measuring, with the protocol between the
+parent and its children (:mod:`.runner`), the progress line
+(:mod:`.progress`) and the outputs (:mod:`.report`). Its child processes and
+the servers some peers need are started by the tools' shared harness
+(:mod:`shmbus_tools.children`, :mod:`shmbus_tools.servers`). It only *uses*
 shmbus's public API (plus :mod:`shmbus.codec` for peers that carry the same
 envelope); it changes nothing in the library.
 

@@ -57,10 +57,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..children import BlockingLink, Child, ChildFailed, stop_all, wait_all
+from ..servers import NatsServer, RedisServer
 from .baseline import Baseline, BaselineError, exported, is_baseline
 from .peers import Driver, Env, driver_class
 from .progress import Progress
-from .servers import NatsServer, RedisServer
 from .spec import PEERS, ZERO_LOSS_FRACTION, RunSpec, Settings, plan
 from .workload import cdf_points, envelope_size, median, quantile
 

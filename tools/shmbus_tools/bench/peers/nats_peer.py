@@ -7,7 +7,7 @@ the publishing time). Subscribers use the server's native wildcard,
 sub.messages`` and decode each body into a :class:`shmbus.Event` with
 :func:`shmbus.codec.decode_envelope`. Client and server limits are the
 defaults. The server itself is started once per benchmark by
-:mod:`shmbus_tools.bench.servers`.
+:mod:`shmbus_tools.servers`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import nats
 from shmbus.codec import decode_envelope, encode_envelope
 
 from ...children import AsyncLink, BlockingLink
+from ...servers import nats_server_binary
 from ..harness import async_publisher, async_subscriber
-from ..servers import nats_server_binary
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, MAX_EVENT_SIZE, PATTERN, Recorder
 from . import Driver

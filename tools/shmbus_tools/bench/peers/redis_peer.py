@@ -21,8 +21,8 @@ import redis.exceptions
 from shmbus.codec import decode_envelope, encode_envelope
 
 from ...children import AsyncLink, BlockingLink
+from ...servers import redis_server_binary
 from ..harness import async_publisher, async_subscriber
-from ..servers import redis_server_binary
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, MAX_EVENT_SIZE, PATTERN, Recorder
 from . import Driver
