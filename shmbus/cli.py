@@ -54,7 +54,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._checks import check_int
+from ._checks import int_argument, number_argument
 from ._core.shmfiles import validate_bus_name
 from .contract import BaseBus, Event, validate_pattern, validate_topic
 from .errors import MissingExtraError, ShmBusError
@@ -296,7 +296,7 @@ def _add_pub(add: _Add) -> None:
     )
     p.add_argument(
         "--count",
-        type=_positive_int,
+        type=_count,
         default=1,
         metavar="N",
         help="publish each event N times (default 1)",
@@ -318,7 +318,7 @@ def _add_sub(add: _Add) -> None:
     )
     p.add_argument("pattern", type=_pattern, metavar="PATTERN", help="topic pattern")
     p.add_argument(
-        "--count", type=_positive_int, default=None, metavar="N", help="exit after N events"
+        "--count", type=_count, default=None, metavar="N", help="exit after N events"
     )
     p.add_argument(
         "--json",
@@ -363,7 +363,7 @@ def _add_stat(add: _Add) -> None:
     p.add_argument(
         "--watch",
         nargs="?",
-        type=_positive_float,
+        type=_interval,
         const=1.0,
         default=None,
         metavar="SECONDS",
@@ -371,7 +371,7 @@ def _add_stat(add: _Add) -> None:
     )
     p.add_argument(
         "--sample",
-        type=_non_negative_float,
+        type=_sample,
         default=0.5,
         metavar="SECONDS",
         help="one-shot: measure the publish rate over SECONDS (default 0.5; 0: skip)",
@@ -501,39 +501,9 @@ def _json_kind(value: object) -> str:
     return f"a {type(value).__name__}"  # pragma: no cover - json.loads makes no other type
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    try:
-        return check_int("the count", number, minimum=1)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of seconds")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = _float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value} seconds is too short: it must be above 0")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} seconds must not be negative")
-    return number
+_count = int_argument("the count", minimum=1)
+_interval = number_argument("the interval", above=True, unit="seconds")
+_sample = number_argument("the sample time", unit="seconds")
 
 
 def _listen_address(value: str) -> tuple[str, int]:

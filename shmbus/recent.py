@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 
+from ._checks import check_int
+
 __all__ = ["RecentIds"]
 
 
@@ -21,9 +23,7 @@ class RecentIds:
     __slots__ = ("maxlen", "_ids")
 
     def __init__(self, maxlen: int) -> None:
-        if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
-            raise ValueError(f"maxlen must be an int of at least 1, got {maxlen!r}")
-        self.maxlen = maxlen
+        self.maxlen = check_int("maxlen", maxlen, minimum=1)
         self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def add(self, event_id: str) -> bool:

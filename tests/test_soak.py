@@ -16,6 +16,7 @@ import pytest
 from conftest import new_bus_name
 from shmbus_tools.children import stop_resource_tracker
 from shmbus_tools.soak import SoakConfig, SoakTally, run_soak
+from shmbus_tools.soak import main as soak_main
 
 #: A publish that waited for a stopped publisher would be blocked until that
 #: one is continued (stops last 0.2-2 s); a publish on its own takes
@@ -156,3 +157,39 @@ def test_soak_leaves_no_uncounted_loss(soak: SoakTally) -> None:
     assert soak.uncounted == 0
     assert soak.overcounted == 0
     assert soak.ok
+
+
+# ─── Its options ───
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--publishers", "0"], "--publishers must be at least 1, got 0"),
+        (["--seconds", "0"], "--seconds must be above 0 seconds, got 0.0"),
+        (["--kill-every", "soon"], "--kill-every must be a number of seconds, got 'soon'"),
+        (["--rate", "-5"], "--rate must be at least 0 events/s, got -5.0"),
+    ],
+)
+def test_a_bad_soak_option_exits_2_naming_it_the_value_and_the_limit(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        soak_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"publishers": 0}, ValueError, "publishers must be at least 1, got 0"),
+        ({"publishers": True}, TypeError, "publishers must be an int"),
+        ({"stop_max_s": 0.1}, ValueError, "stop_max_s must be at least 0.2 seconds, got 0.1"),
+    ],
+)
+def test_a_bad_soak_config_raises_naming_the_field_and_the_limit(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        SoakConfig(**options)  # type: ignore[arg-type]

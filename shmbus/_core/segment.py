@@ -39,6 +39,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from .._checks import check_int
 from ..errors import (
     ForeignFileError,
     IncompatibleSegmentError,
@@ -120,32 +121,22 @@ class SegmentOptions:
 
     def __post_init__(self) -> None:
         validate_bus_name(self.name)
-        for label, value in (("capacity", self.capacity), ("max_event_size", self.max_event_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{label} must be an int, not {type(value).__name__} ({value!r})")
         if self.max_event_size is not None:
-            if self.max_event_size > MAX_MAX_EVENT_SIZE:
-                raise ValueError(
-                    f"max_event_size {self.max_event_size} exceeds the limit of "
-                    f"{MAX_MAX_EVENT_SIZE} bytes (record lengths are 32-bit)"
-                )
-            if self.max_event_size < MIN_MAX_EVENT_SIZE:
-                raise ValueError(
-                    f"max_event_size {self.max_event_size} is below the minimum of "
-                    f"{MIN_MAX_EVENT_SIZE} bytes"
-                )
+            # The upper limit: record lengths are 32-bit.
+            check_int(
+                "max_event_size",
+                self.max_event_size,
+                minimum=MIN_MAX_EVENT_SIZE,
+                maximum=MAX_MAX_EVENT_SIZE,
+            )
         if self.capacity is not None:
+            check_int("capacity", self.capacity, minimum=8, maximum=MAX_CAPACITY)
             if self.max_event_size is not None:
                 check_geometry(self.capacity, self.max_event_size)
-            if self.capacity > MAX_CAPACITY:
-                raise ValueError(
-                    f"capacity {self.capacity} exceeds the limit of {MAX_CAPACITY} bytes"
-                )
             if self.capacity % 8:
                 raise ValueError(f"capacity {self.capacity} must be a multiple of 8 bytes")
-        if isinstance(self.mode, bool) or not isinstance(self.mode, int):
-            raise TypeError(f"mode must be an int, not {type(self.mode).__name__}")
-        if not 0 <= self.mode <= 0o777:
+        check_int("mode", self.mode, minimum=0)
+        if self.mode > 0o777:
             raise ValueError(f"mode {self.mode!r} must be permission bits between 0o000 and 0o777")
         if self.mode & 0o600 != 0o600:
             raise ValueError(f"mode {oct(self.mode)} must give the owner read and write (0o600)")

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
+from shmbus._checks import int_argument, number_argument
 from shmbus._core.layout import DEFAULT_CAPACITY
 from shmbus._core.leftovers import cleanup
 from shmbus._core.shmfiles import SHM_DIR, validate_bus_name
@@ -105,38 +106,11 @@ _RENDER_DELAY: Final = 0.15
 # ─── Arguments ───────────────────────────────────────────────────────────────
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to *parser*."""
     parser.add_argument(
         "--rate",
-        type=_non_negative_float,
+        type=number_argument("--rate", unit="events/s"),
         default=DEFAULT_RATE,
         metavar="N",
         help=f"events/s the publisher aims at (default {DEFAULT_RATE}); 0 = flood, as fast "
@@ -144,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=number_argument("--seconds", above=True, unit="seconds"),
         default=DEFAULT_SECONDS,
         metavar="S",
         help=f"how long to publish (default {DEFAULT_SECONDS:g})",
@@ -157,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--capacity",
-        type=_positive_int,
+        type=int_argument("--capacity", minimum=1),
         default=DEFAULT_CAPACITY // (1 << 20),
         metavar="MIB",
         help=f"ring size in MiB (default {DEFAULT_CAPACITY >> 20}); a smaller ring makes a "
@@ -165,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--queue-size",
-        type=_positive_int,
+        type=int_argument("--queue-size", minimum=1),
         default=1024,
         metavar="N",
         help="bound of each subscription's queue (default 1024)",

@@ -68,6 +68,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmbus._checks import (
+    check_int,
+    check_number,
+    check_seconds,
+    int_argument,
+    number_argument,
+)
 from shmbus._core.inspection import RingInfo, read_bus
 from shmbus.codec import encode_envelope
 from shmbus.contract import matches
@@ -153,6 +160,14 @@ class SoakConfig:
     stop_max_s: float = 2.0
     stop_subscribers: bool = False
     seed: int = field(default_factory=lambda: random.randrange(1 << 30))
+
+    def __post_init__(self) -> None:
+        check_seconds("seconds", self.seconds, above=True)
+        check_int("publishers", self.publishers, minimum=1)
+        check_number("rate", self.rate, unit="events/s")
+        for name in ("kill_every_s", "stop_every_s", "stop_min_s"):
+            check_seconds(name, getattr(self, name))
+        check_seconds("stop_max_s", self.stop_max_s, minimum=self.stop_min_s)
 
 
 @dataclass
@@ -1046,15 +1061,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "or counted (uncounted losses and publish errors must be 0).",
     )
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--minutes", type=float, help="how long to publish (default 1)")
-    length.add_argument("--seconds", type=float, help="how long to publish, in seconds")
-    parser.add_argument("--publishers", type=int, default=4)
+    length.add_argument(
+        "--minutes",
+        type=number_argument("--minutes", above=True, unit="minutes"),
+        help="how long to publish (default 1)",
+    )
+    length.add_argument(
+        "--seconds",
+        type=number_argument("--seconds", above=True, unit="seconds"),
+        help="how long to publish, in seconds",
+    )
+    parser.add_argument("--publishers", type=int_argument("--publishers", minimum=1), default=4)
     parser.add_argument(
-        "--rate", type=float, default=1500.0, help="events/s per publisher (0: unpaced)"
+        "--rate",
+        type=number_argument("--rate", unit="events/s"),
+        default=1500.0,
+        help="events/s per publisher (0: unpaced)",
     )
     parser.add_argument(
         "--kill-every",
-        type=float,
+        type=number_argument("--kill-every", unit="seconds"),
         default=0.0,
         metavar="SECONDS",
         help="SIGKILL a random publisher about this often (0.5-1.5 times, at random; every "
@@ -1062,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--stop-every",
-        type=float,
+        type=number_argument("--stop-every", unit="seconds"),
         default=0.0,
         metavar="SECONDS",
         help="SIGSTOP a random publisher about this often for 0.2-2 s, then SIGCONT it "

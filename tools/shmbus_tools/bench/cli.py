@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from shmbus._checks import int_argument
+
 from .baseline import Baseline, BaselineError, resolve
 from .progress import Progress
 from .report import host_facts, write_charts, write_json, write_markdown
@@ -75,16 +77,6 @@ def _baseline(text: str) -> Baseline:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options to *parser*."""
     mode = parser.add_mutually_exclusive_group()
@@ -125,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reps",
-        type=_positive_int,
+        type=int_argument("--reps", minimum=1),
         default=None,
         metavar="N",
         help="repetitions of every run; figures are their medians (default 3, --quick 1)",

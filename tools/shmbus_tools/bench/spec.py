@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from shmbus._checks import check_int
+
 from .baseline import is_baseline, package_name
 
 __all__ = [
@@ -244,7 +246,9 @@ _MODES: Final = {
 def settings_for(mode: str, reps: int | None = None) -> Settings:
     """The settings of *mode*, with *reps* repetitions if given."""
     settings = _MODES[mode]
-    return settings if reps is None else replace(settings, reps=reps)
+    if reps is None:
+        return settings
+    return replace(settings, reps=check_int("reps", reps, minimum=1))
 
 
 @dataclass(frozen=True)
