@@ -283,6 +283,71 @@ def _result(scenario: str, variant: str, peer: str, **metrics: Any) -> RunResult
     return RunResult(spec=spec, status="ok", metrics={**metrics, "ends": ["complete"]})
 
 
+def _report(
+    tmp_path: Path, results: list[RunResult], *, cpus: int = 2, baseline: Baseline | None = None
+) -> str:
+    """results.md of a benchmark that ran *results* on *cpus* CPUs."""
+    outcome = BenchOutcome(
+        results=results,
+        skipped={},
+        versions={},
+        started_at=0.0,
+        elapsed_s=1.0,
+        zero_loss={},
+        baseline=baseline,
+    )
+    facts = {
+        "cpus": cpus,
+        "cpu_model": "x",
+        "kernel": "k",
+        "python": "3",
+        "load_average": [0.0],
+        "versions": {},
+    }
+    path = tmp_path / "results.md"
+    write_markdown(path, outcome, settings_for("quick"), facts, "bench", [], None)
+    return path.read_text()
+
+
+#: T2 with a publisher that slows down as subscribers are added (a target missed).
+_CROWDED_T2 = [
+    _result("T2", "fanout=1", "shm", published_per_s=100_000.0, delivered_per_s=100_000.0),
+    _result("T2", "fanout=8", "shm", published_per_s=50_000.0, delivered_per_s=300_000.0),
+    _result("T2", "fanout=1", "nats", published_per_s=70_000.0, delivered_per_s=60_000.0),
+    _result("T2", "fanout=8", "nats", published_per_s=20_000.0, delivered_per_s=90_000.0),
+]
+
+
+def test_report_explains_a_missed_target_with_the_runs_own_figures(tmp_path: Path) -> None:
+    text = _report(tmp_path, _CROWDED_T2)
+    assert "published/s at 8 subscribers ≥ 0.8× at 1 | 50,000 vs 100,000 |" in text
+    assert "NATS's publisher went from 70,000 to 20,000 events/s (0.29×)" in text
+    assert "shmbus's aggregate delivery went from 100,000 to 300,000 events/s (3.00×)" in text
+
+
+def test_report_explains_a_missed_t1_target_with_the_runs_publish_cost(tmp_path: Path) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("T1", "", "shm", delivered_per_s=9e4, loss_pct=0.0, sub_cpu_s_per_million=2.0),
+            _result("T1", "", "nats", delivered_per_s=5e4, published_per_s=9e4),
+            _result("P1", "publish", "shm", us_per_call=4.2, calls_per_s=2e5),
+        ],
+    )
+    assert "one `publish()` took 4.20 µs in P1" in text
+    assert "bottleneck of NATS (it delivered 50,000 of the 90,000 events/s published)" in text
+
+
+def test_report_says_processes_share_the_cpus_only_when_they_outnumber_them(
+    tmp_path: Path,
+) -> None:
+    few = _report(tmp_path, _CROWDED_T2, cpus=2)
+    many = _report(tmp_path, _CROWDED_T2, cpus=64)
+    assert "9 processes (a publisher and 8 subscribers) share 2 CPUs" in few
+    assert "9 processes (a publisher and 8 subscribers) ran on 64 CPUs." in many
+    assert "share" not in many.split("## The targets")[1].split("## ")[0]
+
+
 def test_report_compares_the_work_tree_with_the_baseline(tmp_path: Path) -> None:
     baseline = Baseline(
         rev="main", commit="0123abc" + "0" * 33, short="0123abc", subject="s", repo=tmp_path
@@ -296,26 +361,7 @@ def test_report_compares_the_work_tree_with_the_baseline(tmp_path: Path) -> None
         _result("T2", "fanout=4", "shm", delivered_per_s=100.0),
         _result("T2", "fanout=4", base, delivered_per_s=200.0),
     ]
-    outcome = BenchOutcome(
-        results=results,
-        skipped={},
-        versions={},
-        started_at=0.0,
-        elapsed_s=1.0,
-        zero_loss={},
-        baseline=baseline,
-    )
-    facts = {
-        "cpus": 2,
-        "cpu_model": "x",
-        "kernel": "k",
-        "python": "3",
-        "load_average": [0.0],
-        "versions": {},
-    }
-    path = tmp_path / "results.md"
-    write_markdown(path, outcome, settings_for("quick"), facts, "bench", [], None)
-    text = path.read_text()
+    text = _report(tmp_path, results, baseline=baseline)
     assert "## shmbus (work tree) vs shmbus@0123abc" in text
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| 0.75× | 33.3% faster |" in rows["| P1 `await bus.publish()`, µs/call"]

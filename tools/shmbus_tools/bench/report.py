@@ -22,11 +22,12 @@ import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .baseline import Baseline, is_baseline
+from .harness import QUIET_S
 from .runner import BenchOutcome, RunResult
 from .spec import (
     FANIN_PUBLISHERS,
@@ -37,6 +38,7 @@ from .spec import (
     ZERO_LOSS_FRACTION,
     Settings,
     peer_info,
+    settings_for,
 )
 from .workload import envelope_size, median
 
@@ -205,7 +207,7 @@ def _ratio(ours: Any, theirs: Any) -> str:
 
 _ENDS = {
     "complete": "all accounted for",
-    "quiet": "quiet 250 ms",
+    "quiet": f"quiet {QUIET_S * 1000:g} ms",
     "deadline": "drain bound",
 }
 
@@ -262,10 +264,10 @@ def write_markdown(
     out.append(
         f"**Machine:** {facts['cpus']} CPUs ({facts['cpu_model']}), {facts['kernel']}, "
         f"Python {facts['python']}; load average {facts['load_average'][0]} when it started. "
-        "The machine is shared with other engineers' test runs, so absolute numbers are "
-        "noisy: read the ratios, which come from runs interleaved in time "
+        "Absolute numbers depend on the machine and on whatever else ran on it meanwhile: "
+        "read the ratios, which come from runs interleaved in time "
         "(every repetition runs each scenario for every peer back to back, "
-        "round-robin), so noise hits all peers alike."
+        "round-robin), so such noise hits all peers alike."
     )
     out.append("")
     if reps > 1:
@@ -273,7 +275,7 @@ def write_markdown(
     else:
         runs_text = (
             f"One run per figure ({settings.mode} mode: no median; "
-            "the full benchmark takes the median of 3)."
+            f"the full benchmark takes the median of {settings_for('full').reps})."
         )
     out.append(
         f"**Method:** {runs_text} Throughput runs publish for {settings.throughput_s:g} s as fast "
@@ -288,7 +290,7 @@ def write_markdown(
         "subscriber should have received but had not by the end of its run: dropped by the "
         "transport, or (lossless queues, client-side buffers) still queued when the drain "
         "bound passed; *run ended* says which: *all accounted for* (everything received, or "
-        "counted as dropped by shmbus), *quiet 250 ms* (a peer that does not count its drops "
+        f"counted as dropped by shmbus), *{_ENDS['quiet']}* (a peer that does not count its drops "
         "stopped delivering), *drain bound* (still delivering when the bound passed); *sub CPU* = "
         "user+system CPU of the subscriber processes per million events delivered. Ratios are "
         "shmbus/peer of the column named"
@@ -317,7 +319,7 @@ def write_markdown(
 
     if outcome.baseline is not None:
         out.extend(_versus_baseline(summary, outcome.baseline))
-    out.extend(_targets(summary))
+    out.extend(_targets(summary, int(facts.get("cpus") or 1)))
     for scenario in ran:
         out.append(f"## {scenario}: {SCENARIOS[scenario]}")
         out.append("")
@@ -633,8 +635,8 @@ def _versus_baseline(summary: dict[Key, dict[str, Any]], baseline: Baseline) -> 
         "the work tree's shmbus (only the API both versions share) in the same run, the two "
         "back to back in every round. *current/baseline* divides the work tree's figure by the "
         "baseline's: above 1 is better for rates, below 1 is better for µs/call and latency; "
-        "*work tree is* says which way in words. On a shared machine single runs vary by tens "
-        "of percent: trust a difference only if it holds over several repetitions (`--reps`, "
+        "*work tree is* says which way in words. Single runs vary with whatever else runs on "
+        "the machine: trust a difference only if it holds over several repetitions (`--reps`, "
         "or the full mode), and compare it with an A/A run (`--baseline HEAD` on a work tree "
         "without changes to `shmbus/`), whose ratios are noise alone."
         + (
@@ -706,61 +708,122 @@ def _check(ours: float | None, theirs: float | None, bound: float, *, at_most: b
     return f"{ratio:.2f}× → {'met' if met else '**not met**'}"
 
 
-#: Why a target can be missed, from measurements (docs/bench/profile.md).
-_SHORTFALLS = {
-    "T1": "A shmbus subscriber keeps up with its publisher (loss 0, about a quarter of "
-    "NATS's CPU per event), so T1 measures the *publisher*: one `publish()` costs "
-    "a few µs of Python (envelope encoding, ring append, checksum and bookkeeping; see "
-    "P1 and `docs/bench/profile.md`), while NATS's "
-    "and ZeroMQ's subscribers are their bottleneck.",
-    "P1": "A NATS or ZeroMQ publish only appends bytes to a client-side buffer; the "
-    "network write and the server's work happen later, elsewhere. A shmbus publish "
-    "returns with the event committed into its ring, visible to every subscriber: the "
-    "whole delivery, not a hand-off. Both encode the "
-    "same envelope (1.5 µs of the call).",
-    "L1": "The floor here is the wake-up of an asyncio event loop, not of a process: the "
-    "FIFO reference row (the mechanism alone, no ring or envelope) costs {fifo} µs at "
-    "p50 against {sem} µs for the bare semaphore, which wakes a thread blocked in "
-    "`sem_wait` with no event loop. The low-latency mode never sleeps at this rate, so "
-    "its {ll} µs is the rest of the path with no wake-up at all: a paced publish (envelope, "
-    "ring, checksum), one ring read, one decode, one task switch, with caches cold after "
-    "each 500 µs gap. Those are Python costs the target leaves no room for.",
-    "T2pub": "Nine processes share two cores: the publisher is descheduled, whatever the "
-    "transport. In the same run NATS's publisher went from {nats1} to {nats8} events/s "
-    "({nats_ratio}) and ZeroMQ's from {zmq1} to {zmq8} ({zmq_ratio}); shmbus's "
-    "aggregate delivery still grew with the subscribers.",
-}
+def _widest_fanout(summary: dict[Key, dict[str, Any]]) -> int:
+    """The most subscribers shmbus ran T2 with (1 if T2 did not run)."""
+    return max(
+        (int(k[1].split("=")[1]) for k in summary if k[0] == "T2" and k[2] == "shm"), default=1
+    )
 
 
-def _explain(key: str, summary: dict[Key, dict[str, Any]]) -> str:
-    """The shortfall text for *key*, with this run's figures filled in."""
-    text = _SHORTFALLS[key]
-    if key == "L1":
-        return text.format(
-            fifo=_fmt(_figure(summary, ("L1", "", "fifo"), "p50_us"), 1),
-            sem=_fmt(_figure(summary, ("L1", "", "sem"), "p50_us"), 1),
-            ll=_fmt(_figure(summary, ("L1", "", "shmll"), "p50_us"), 1),
+def _times(ours: float | None, theirs: float | None) -> str:
+    """ours/theirs as '0.25×', or 'not measured'."""
+    return f"{ours / theirs:.2f}×" if ours is not None and theirs else "not measured"
+
+
+def _why_t1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """Why shmbus's T1 throughput is what it is, in this run's figures."""
+    t1 = summary.get(("T1", "", "shm"), {})
+    loss = t1.get("loss_pct")
+    cpu = _figure(summary, ("T1", "", "shm"), "sub_cpu_s_per_million")
+    nats_cpu = _figure(summary, ("T1", "", "nats"), "sub_cpu_s_per_million")
+    publish = _figure(summary, ("P1", "publish", "shm"), "us_per_call")
+    if loss == 0:
+        text = (
+            "In T1 shmbus's subscriber kept up with its publisher (loss 0, "
+            f"{_times(cpu, nats_cpu)} NATS's subscriber CPU per event), so T1 measures the "
+            f"*publisher*: one `publish()` took {_fmt(publish, 2)} µs in P1 (envelope "
+            "encoding, ring append, checksum and bookkeeping; see `docs/bench/profile.md`)."
         )
-    if key == "T2pub":
-        widest = max(
-            (int(k[1].split("=")[1]) for k in summary if k[0] == "T2" and k[2] == "shm"),
-            default=1,
+    else:
+        text = (
+            f"In T1 shmbus's subscriber lost {_fmt(loss, 2)} % of the events "
+            f"({_times(cpu, nats_cpu)} NATS's subscriber CPU per event); one `publish()` "
+            f"took {_fmt(publish, 2)} µs in P1."
         )
-        figures: dict[str, str] = {}
-        for peer in ("nats", "zmq"):
-            one = _figure(summary, ("T2", "fanout=1", peer), "published_per_s")
-            many = _figure(summary, ("T2", f"fanout={widest}", peer), "published_per_s")
-            figures[f"{peer}1"] = _fmt(one)
-            figures[f"{peer}8"] = _fmt(many)
-            figures[f"{peer}_ratio"] = (
-                f"{many / one:.2f}×" if one and many is not None else "not measured"
+    behind = []
+    for peer, label in (("nats", "NATS"), ("zmq", "ZeroMQ")):
+        published = _figure(summary, ("T1", "", peer), "published_per_s")
+        delivered = _figure(summary, ("T1", "", peer), "delivered_per_s")
+        if published and delivered is not None and delivered < 0.95 * published:
+            behind.append(
+                f"{label} (it delivered {_fmt(delivered)} of the {_fmt(published)} events/s "
+                "published)"
             )
-        return text.format(**figures)
+    if behind:
+        text += f" The subscriber was the bottleneck of {' and '.join(behind)}."
     return text
 
 
-def _targets(summary: dict[Key, dict[str, Any]]) -> list[str]:
-    """The performance issue's targets, each checked against this run."""
+def _why_p1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """Why a shmbus publish costs more than a client library's."""
+    return (
+        "A NATS or ZeroMQ publish only appends bytes to a client-side buffer; the "
+        "network write and the server's work happen later, elsewhere. A shmbus publish "
+        "returns with the event committed into its ring, visible to every subscriber: the "
+        "whole delivery, not a hand-off. Both encode the same envelope."
+    )
+
+
+def _why_l1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """Where L1's latency goes, in this run's reference rows."""
+    fifo = _fmt(_figure(summary, ("L1", "", "fifo"), "p50_us"), 1)
+    sem = _fmt(_figure(summary, ("L1", "", "sem"), "p50_us"), 1)
+    low = _fmt(_figure(summary, ("L1", "", "shmll"), "p50_us"), 1)
+    return (
+        "The floor here is the wake-up of an asyncio event loop, not of a process: the "
+        f"FIFO reference row (the mechanism alone, no ring or envelope) costs {fifo} µs at "
+        f"p50 against {sem} µs for the bare semaphore, which wakes a thread blocked in "
+        "`sem_wait` with no event loop. The low-latency mode never sleeps at this rate, so "
+        f"its {low} µs is the rest of the path with no wake-up at all: a paced publish "
+        "(envelope, ring, checksum), one ring read, one decode, one task switch, with caches "
+        f"cold after each {1e6 / LATENCY_RATE:,.0f} µs gap between events."
+    )
+
+
+def _why_t2_publisher(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """What happened to every publisher as T2's subscribers were added."""
+    widest = _widest_fanout(summary)
+    processes = widest + 1
+    if processes > cpus:
+        text = (
+            f"{processes} processes (a publisher and {widest} subscribers) share {cpus} "
+            "CPUs: the publisher waits for one, whatever the transport."
+        )
+    else:
+        text = f"{processes} processes (a publisher and {widest} subscribers) ran on {cpus} CPUs."
+    moves = []
+    for peer, label in (("nats", "NATS"), ("zmq", "ZeroMQ")):
+        one = _figure(summary, ("T2", "fanout=1", peer), "published_per_s")
+        many = _figure(summary, ("T2", f"fanout={widest}", peer), "published_per_s")
+        if one is not None and many is not None:
+            moves.append(
+                f"{label}'s publisher went from {_fmt(one)} to {_fmt(many)} events/s "
+                f"({_times(many, one)})"
+            )
+    if moves:
+        text += f" In the same run {' and '.join(moves)}."
+    one = _figure(summary, ("T2", "fanout=1", "shm"), "delivered_per_s")
+    many = _figure(summary, ("T2", f"fanout={widest}", "shm"), "delivered_per_s")
+    if one is not None and many is not None:
+        text += (
+            f" shmbus's aggregate delivery went from {_fmt(one)} to {_fmt(many)} events/s "
+            f"({_times(many, one)})."
+        )
+    return text
+
+
+#: Why a target can be missed: each text is made of the run's own figures.
+_SHORTFALLS: dict[str, Callable[[dict[Key, dict[str, Any]], int], str]] = {
+    "T1": _why_t1,
+    "P1": _why_p1,
+    "L1": _why_l1,
+    "T2pub": _why_t2_publisher,
+}
+
+
+def _targets(summary: dict[Key, dict[str, Any]], cpus: int) -> list[str]:
+    """The performance issue's targets, each checked against this run (on
+    *cpus* CPUs)."""
     rows = _Table("target", "measured in this run", "verdict", text_columns=3)
     shm_t1 = _figure(summary, ("T1", "", "shm"), "delivered_per_s")
     missed: list[str] = []
@@ -768,7 +831,7 @@ def _targets(summary: dict[Key, dict[str, Any]]) -> list[str]:
     def add(target: str, measured: str, verdict: str, why: str | None = None) -> None:
         rows.row(target, measured, verdict)
         if "not met" in verdict and why:
-            text = _explain(why, summary)
+            text = _SHORTFALLS[why](summary, cpus)
             if text not in missed:
                 missed.append(text)
 
@@ -798,9 +861,7 @@ def _targets(summary: dict[Key, dict[str, Any]]) -> list[str]:
             "T1",
         )
     pub1 = _figure(summary, ("T2", "fanout=1", "shm"), "published_per_s")
-    widest = max(
-        (int(k[1].split("=")[1]) for k in summary if k[0] == "T2" and k[2] == "shm"), default=1
-    )
+    widest = _widest_fanout(summary)
     pub_n = _figure(summary, ("T2", f"fanout={widest}", "shm"), "published_per_s")
     if widest > 1:
         add(
@@ -939,7 +1000,7 @@ def _throughput_chart(path: Path, summary: dict[Key, dict[str, Any]]) -> bool:
         if log_scale:
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("shmbus vs peers: throughput (medians; shared 2-CPU machine)", fontsize=11)
+    fig.suptitle(f"shmbus vs peers: throughput (medians; {os.cpu_count()} CPUs)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
