@@ -17,6 +17,7 @@ Rules
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -95,16 +96,9 @@ def check_number(
     return number
 
 
-def check_seconds(
-    name: str,
-    value: object,
-    *,
-    minimum: float = 0.0,
-    above: bool = False,
-    maximum: float | None = None,
-) -> float:
-    """:func:`check_number` of a number of seconds."""
-    return check_number(name, value, minimum=minimum, above=above, maximum=maximum, unit="seconds")
+#: :func:`check_number` of a number of seconds: ``check_seconds(name, value,
+#: minimum=..., above=..., maximum=...)``.
+check_seconds = functools.partial(check_number, unit="seconds")
 
 
 def int_argument(name: str, *, minimum: int, maximum: int | None = None) -> Callable[[str], int]:

@@ -555,17 +555,6 @@ class _Demo:
             **extra,
         }
 
-    def _start(
-        self,
-        label: str,
-        target: Callable[[BlockingLink, dict[str, Any]], None],
-        config: dict[str, Any],
-        pattern: str | None = None,
-    ) -> None:
-        child = _Child(label, target, config, pattern)
-        self.children.append(child)
-        child.start()
-
     async def _until(
         self, what: str, done: Callable[[_Child], bool], children: list[_Child], timeout: float
     ) -> None:
@@ -593,10 +582,16 @@ class _Demo:
             raise _BusUnusable(str(exc)) from None
         self.joined = True
         try:
-            self._start("publisher", publisher_process, self._config(rate=self.rate))
+            self.children.append(
+                _Child("publisher", publisher_process, self._config(rate=self.rate))
+            )
             for index, pattern in enumerate(PATTERNS, 1):
                 config = self._config(pattern=pattern)
-                self._start(f"subscriber-{index}", subscriber_process, config, pattern)
+                self.children.append(
+                    _Child(f"subscriber-{index}", subscriber_process, config, pattern)
+                )
+            for child in self.children:
+                child.start()
             await self._until(
                 "the children to start",
                 lambda c: "ready" in c.latest,
