@@ -317,9 +317,7 @@ def _add_sub(add: _Add) -> None:
         "Runs until Ctrl-C or SIGTERM (exit 0), or until N events were printed.",
     )
     p.add_argument("pattern", type=_pattern, metavar="PATTERN", help="topic pattern")
-    p.add_argument(
-        "--count", type=_count, default=None, metavar="N", help="exit after N events"
-    )
+    p.add_argument("--count", type=_count, default=None, metavar="N", help="exit after N events")
     p.add_argument(
         "--json",
         action="store_true",
