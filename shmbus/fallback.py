@@ -4,6 +4,12 @@ Owns the choice of transport for each publish (NATS while it is connected,
 the host's shm bus otherwise), the re-sending and double-sending around a
 switch that keeps local subscribers from missing events, and the merging of
 both transports into one de-duplicated subscription.
+
+Requests go through a :class:`~shmbus.inbox.ReplyInbox` whose subscription is
+a FallbackBus subscription like any other: the request and its reply each
+travel whichever transport is up, and arrive once. Queue groups are passed
+on to both transports: each picks one member of the group; an event sent on
+both during an overlap may reach one member through each.
 """
 
 from __future__ import annotations
@@ -15,13 +21,22 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ._checks import check_int, check_seconds
 from .codec import encode_envelope
-from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .contract import (
+    EMPTY_HEADERS,
+    BaseBus,
+    Event,
+    validate_pattern,
+    validate_queue_name,
+    validate_topic,
+)
 from .delivery import QueueSubscription
 from .errors import BusClosedError
+from .inbox import ReplyInbox, check_timeout
 from .lifecycle import LifecycleState
 from .nats import NatsBus
 from .recent import RecentIds
@@ -152,6 +167,7 @@ class FallbackBus(BaseBus):
         self._duplicates = 0
         self._retired_delivered = 0
         self._retired_dropped = 0
+        self._inbox = ReplyInbox(self.subscribe, f"FallbackBus shm={fallback.name!r}")
         primary.add_connection_listener(self._on_nats_state)
 
     def __repr__(self) -> str:
@@ -243,18 +259,59 @@ class FallbackBus(BaseBus):
 
     # ─── Publishing ───
 
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish on NATS or shm (see the class docstring); connects first if
         needed. Waits for the NATS client to take the event when called on
         the NATS bus's loop. Same errors as :meth:`publish_nowait`."""
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
-        event, body = self._encode(topic, payload, event_type)
+        event, body = self._encode(topic, payload, event_type, headers)
         if self._dispatch(event):
             await self.primary.send_encoded(topic, body)
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish a request on whichever transport is up and return the
+        first reply (see :meth:`BaseBus.request
+        <shmbus.contract.BaseBus.request>`). Whether anyone listens on shm
+        is not known, so a request nobody answers raises
+        :class:`~shmbus.errors.RequestTimeoutError` after *timeout* seconds."""
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+        if self._state is not LifecycleState.OPEN:
+            self._check_not_closed("request")
+            await self.connect()
+
+        async def send(reply_to: str) -> None:
+            event, body = self._encode(topic, payload, event_type, headers, reply_to)
+            if self._dispatch(event):
+                await self.primary.send_encoded(topic, body)
+
+        return await self._inbox.request(topic, timeout, send)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish from any thread, with or without an event loop.
 
         Raises
@@ -268,16 +325,36 @@ class FallbackBus(BaseBus):
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             raise RuntimeError(f"cannot publish on {self!r} before connect(); await connect()")
-        event, body = self._encode(topic, payload, event_type)
+        event, body = self._encode(topic, payload, event_type, headers)
         if self._dispatch(event):
             self.primary.submit_encoded(topic, body)
 
-    def _encode(self, topic: str, payload: dict[str, Any], event_type: str) -> tuple[Event, bytes]:
+    def _encode(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        event_type: str,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> tuple[Event, bytes]:
         """The new event and its envelope; raises for bad input or size."""
         validate_topic(topic)
-        event = Event(topic, payload, event_type)
+        event = Event(
+            topic,
+            payload,
+            event_type,
+            headers=EMPTY_HEADERS if headers is None else headers,
+            reply_to=reply_to,
+        )
         body = encode_envelope(
-            topic, payload, event_type, sys.maxsize, event_id=event.id, ts=event.ts
+            topic,
+            payload,
+            event_type,
+            sys.maxsize,
+            event_id=event.id,
+            ts=event.ts,
+            headers=headers,
+            reply_to=reply_to,
         )
         limit = self.max_event_size
         if len(body) > limit:
@@ -350,13 +427,16 @@ class FallbackBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
-        """Subscribe on both transports; each event is delivered once.
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
+        """Subscribe on both transports; each event is delivered once. With
+        *queue*, the subscription is a member of that queue group on both.
 
         Must be called with an event loop running (it runs the forwarding
         from both transports) on a connected bus.
         """
         validate_pattern(pattern)
+        if queue is not None:
+            validate_queue_name(queue)
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("subscribe")
             raise RuntimeError(f"cannot subscribe on {self!r} before connect(); await connect()")
@@ -366,10 +446,12 @@ class FallbackBus(BaseBus):
             raise RuntimeError(
                 "FallbackBus.subscribe() must be called from a running event loop"
             ) from None
-        out = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
-        shm_sub = self.fallback.subscribe(pattern)
+        out = QueueSubscription(
+            pattern, maxsize=self.queue_size, on_close=self._forget, queue=queue
+        )
+        shm_sub = self.fallback.subscribe(pattern, queue=queue)
         try:
-            nats_sub = self.primary.subscribe(pattern)
+            nats_sub = self.primary.subscribe(pattern, queue=queue)
         except BaseException:
             shm_sub.close_from_transport()
             raise
