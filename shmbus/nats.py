@@ -323,29 +323,38 @@ class NatsBus(BaseBus):
             closed_cb=self._chain(self._on_closed, user_callbacks["closed_cb"]),
         )
         self._last_error = None
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    self.servers,
-                    name=self.name,
-                    connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
-                    **options,
-                ),
-                timeout=self.connect_timeout,
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                self.servers,
+                name=self.name,
+                connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
+                **options,
             )
+        )
+        try:
+            await asyncio.wait({connecting}, timeout=self.connect_timeout)
         except asyncio.CancelledError:
             # Cancelled mid-connect (a FallbackBus closing): leave no socket.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(nc.close())
+            await asyncio.shield(_abandon_connect(connecting, nc))
             raise
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
+        failure: BaseException | None
+        if not connecting.done():
+            await _abandon_connect(connecting, nc)
+            failure = TimeoutError(f"no answer within {self.connect_timeout:g} s")
+        elif connecting.cancelled():
+            failure = TimeoutError("the connect attempt was cancelled")
+        else:
+            failure = connecting.exception()
+        if failure is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-            cause = self._last_error or exc
+            if not isinstance(failure, (TimeoutError, OSError, nats.errors.Error)):
+                raise failure
+            cause = self._last_error or failure
             raise TransportUnavailableError(
                 f"cannot connect to NATS at {', '.join(self.servers)} within "
                 f"{self.connect_timeout:g} s: {_describe(cause)}"
-            ) from exc
+            ) from failure
         if self._state is LifecycleState.CLOSED:  # closed while we were connecting
             await nc.close()
             self._check_not_closed("connect")
@@ -990,6 +999,32 @@ class NatsBus(BaseBus):
         task = self._loop.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+#: How long a connect that was given up on may take to unwind, in seconds.
+_ABANDON_TIMEOUT = 5.0
+
+
+async def _abandon_connect(connecting: asyncio.Future[None], nc: Client) -> None:
+    """Stop a ``Client.connect()`` that is still retrying and close its client.
+
+    nats-py's connect loop swallows a cancellation that lands while it tidies
+    up after a failed attempt (and then tries again), so one ``cancel()`` is
+    not enough: cancel until it ends, for at most :data:`_ABANDON_TIMEOUT`
+    seconds, then close the client whatever happened.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _ABANDON_TIMEOUT
+    while not connecting.done() and loop.time() < deadline:
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=0.05)
+    if connecting.done():
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: it is reported by the caller, not by asyncio
+    else:
+        log.warning("a NATS connect attempt did not stop when cancelled; leaving it behind")
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 async def _unsubscribe(nats_sub: NatsSubscription) -> None:
