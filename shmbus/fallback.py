@@ -5,6 +5,11 @@ the host's shm bus otherwise), the re-sending and double-sending around a
 switch that keeps local subscribers from missing events, and the merging of
 both transports into one de-duplicated subscription.
 
+Start-up does not wait for NATS: :meth:`FallbackBus.connect` returns once the
+shm bus is attached and connects to NATS in the background, so a worker is
+usable at once when NATS is down or slow, and switches to NATS when it
+answers (the usual shm → NATS switch, with its overlap).
+
 Requests go through a :class:`~shmbus.inbox.ReplyInbox` whose subscription is
 a FallbackBus subscription like any other: the request and its reply each
 travel whichever transport is up, and arrive once. Queue groups are passed
@@ -103,8 +108,9 @@ class FallbackBus(BaseBus):
     * Bad input raises (the size limit is the smaller of the shm bus's
       ``max_event_size`` and the NATS server's ``max_payload``, so it does
       not depend on which transport is in use); transport failures are
-      counted, not raised. If NATS cannot be reached at :meth:`connect`, the
-      bus starts on shm and keeps trying NATS in the background.
+      counted, not raised. :meth:`connect` does not wait for NATS: the bus
+      starts on shm and connects to NATS in the background, retrying until
+      it answers.
 
     Parameters
     ----------
@@ -196,37 +202,46 @@ class FallbackBus(BaseBus):
     # ─── Life cycle ───
 
     async def connect(self) -> None:
-        """Attach the shm bus and connect to NATS. Idempotent.
+        """Attach the shm bus and start connecting to NATS. Idempotent.
 
-        If NATS cannot be reached, logs a warning, publishes on shm and
-        keeps trying in the background. Raises what ``ShmBus.connect``
-        raises, and :class:`BusClosedError` on a closed bus.
+        Returns as soon as the shm bus is attached, without waiting for
+        NATS: publishes go to shm until NATS answers, then switch to it
+        (:attr:`using_nats`). If NATS cannot be reached, logs a warning and
+        keeps trying every ``retry_interval`` seconds. Raises what
+        ``ShmBus.connect`` raises, and :class:`BusClosedError` on a closed
+        bus.
         """
         if self._state is LifecycleState.OPEN:
             return
         self._check_not_closed("connect")
         await self.fallback.connect()
         self._state = LifecycleState.OPEN
-        try:
-            await self.primary.connect()
-        except ConnectionError as exc:
-            log.warning(
-                "%s; publishing on shm bus %r and retrying every %g s",
-                exc,
-                self.fallback.name,
-                self.retry_interval,
-            )
-            self._retry = asyncio.get_running_loop().create_task(self._keep_connecting())
+        self._retry = asyncio.get_running_loop().create_task(
+            self._keep_connecting(), name="shmbus-fallback-connect"
+        )
 
     async def _keep_connecting(self) -> None:
+        """Connect to NATS, retrying until it answers; once connected, the
+        NATS client reconnects by itself."""
+        warned = False
         while self._state is LifecycleState.OPEN and self.primary.loop is None:
-            await asyncio.sleep(self.retry_interval)  # back off between attempts
             try:
                 await self.primary.connect()
+                return
             except ConnectionError as exc:
-                log.debug("NATS still unreachable: %s", exc)
+                if warned:
+                    log.debug("NATS still unreachable: %s", exc)
+                else:
+                    warned = True
+                    log.warning(
+                        "%s; publishing on shm bus %r and retrying every %g s",
+                        exc,
+                        self.fallback.name,
+                        self.retry_interval,
+                    )
             except BusClosedError:
                 return
+            await asyncio.sleep(self.retry_interval)  # back off between attempts
 
     async def close(self) -> None:
         """End every subscription and close both transports. Idempotent."""
