@@ -92,8 +92,20 @@ async def test_headers_travel_with_the_request_and_with_the_reply(transport: Bas
 async def test_concurrent_requests_from_many_tasks_each_get_their_own_reply(
     transport: BaseBus,
 ) -> None:
+    """The responder answers the requests queued together in reverse order,
+    so replies do not come back in request order."""
     sub = transport.subscribe("svc.square")
-    task = responder(transport, sub, lambda e: {"n": e.payload["n"], "sq": e.payload["n"] ** 2})
+
+    async def serve() -> None:
+        async for request in sub:
+            batch = [request]
+            while sub.statistics().queued:
+                batch.append(await anext(sub))
+            for each in reversed(batch):
+                n = each.payload["n"]
+                await transport.reply(each, {"n": n, "sq": n * n})
+
+    task = asyncio.create_task(serve())
     await ready(transport)
     replies = await within(
         asyncio.gather(
