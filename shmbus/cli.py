@@ -6,6 +6,7 @@ The command line (``shmbus SUBCOMMAND ...`` and ``python -m shmbus``), its
 argument checking, its output and its exit codes. Subcommands::
 
     pub      publish events          sub      print events as they arrive
+    request  ask and print the reply reply    answer requests (echo or fixed)
     ls       list the host's buses   stat     per-instance counters of a bus
     clean    remove dead buses       metrics  serve figures to Prometheus
     bridge                           written elsewhere, loaded on demand
@@ -31,8 +32,11 @@ Invariants
   :class:`~shmbus.errors.MissingExtraError` message, which names the ``pip``
   command. Each module exposes ``add_arguments(parser)`` and
   ``main(args) -> int``.
-* Commands that join a bus (``pub``, ``sub``) use the ring geometry of the
-  bus if it already exists, so they never clash with it.
+* Commands that join a bus (``pub``, ``sub``, ``request``, ``reply``) use
+  the ring geometry of the bus if it already exists, so they never clash
+  with it.
+* ``request`` exits 1 with one line when no reply comes (nobody answered
+  within ``--timeout``), as for every runtime failure.
 """
 
 from __future__ import annotations
@@ -56,8 +60,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._checks import int_argument, number_argument
 from ._core.shmfiles import validate_bus_name
-from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .contract import (
+    BaseBus,
+    Event,
+    validate_headers,
+    validate_pattern,
+    validate_queue_name,
+    validate_topic,
+)
 from .errors import MissingExtraError, ShmBusError
+from .inbox import MAX_REQUEST_TIMEOUT
 
 if TYPE_CHECKING:
     from ._core.inspection import BusInfo
@@ -206,6 +218,8 @@ def build_parser(plugin: tuple[str, ModuleType] | None = None) -> argparse.Argum
         epilog="examples:\n"
         "  shmbus sub 'orders.>' &\n"
         "  shmbus pub orders.created '{\"id\": 1}' --type order.new\n"
+        "  shmbus reply 'svc.time' '{\"now\": \"noon\"}' &\n"
+        "  shmbus request svc.time '{}' --timeout 2\n"
         "  shmbus ls\n"
         "  shmbus stat default --watch\n\n"
         f"--bus defaults to ${BUS_ENV}, else 'default'. "
@@ -234,6 +248,8 @@ def build_parser(plugin: tuple[str, ModuleType] | None = None) -> argparse.Argum
 
     _add_pub(add)
     _add_sub(add)
+    _add_request(add)
+    _add_reply(add)
     _add_ls(add)
     _add_stat(add)
     _add_clean(add)
@@ -301,6 +317,7 @@ def _add_pub(add: _Add) -> None:
         metavar="N",
         help="publish each event N times (default 1)",
     )
+    _add_header_option(p)
     _add_bus_option(p)
     p.set_defaults(**{_HANDLER: _cmd_pub})
 
@@ -312,12 +329,14 @@ def _add_sub(add: _Add) -> None:
         "examples:\n"
         "  shmbus sub 'orders.>'                 # orders.created, orders.eu.paid, ...\n"
         "  shmbus sub 'sensors.*.temp' --json    # one JSON object per line\n"
-        "  shmbus sub '>' --count 1 --bus jobs   # wait for one event on bus 'jobs'\n\n"
+        "  shmbus sub '>' --count 1 --bus jobs   # wait for one event on bus 'jobs'\n"
+        "  shmbus sub 'jobs.>' --queue workers   # one of the group's members gets each\n\n"
         "Patterns: '*' matches one token, a final '>' one or more tokens.\n"
         "Runs until Ctrl-C or SIGTERM (exit 0), or until N events were printed.",
     )
     p.add_argument("pattern", type=_pattern, metavar="PATTERN", help="topic pattern")
     p.add_argument("--count", type=_count, default=None, metavar="N", help="exit after N events")
+    _add_queue_option(p)
     p.add_argument(
         "--json",
         action="store_true",
@@ -325,6 +344,107 @@ def _add_sub(add: _Add) -> None:
     )
     _add_bus_option(p)
     p.set_defaults(**{_HANDLER: _cmd_sub})
+
+
+def _add_request(add: _Add) -> None:
+    p = add(
+        "request",
+        "send a request and print the first reply",
+        "examples:\n"
+        "  shmbus request svc.time                      # payload {}\n"
+        "  shmbus request svc.add '{\"a\": 1, \"b\": 2}' --timeout 5\n"
+        "  shmbus request svc.echo '{}' --json -H traceparent:00-4bf9...-01\n\n"
+        "Prints the reply's payload as JSON (--json: the whole reply). Exits 1\n"
+        "with one line if no reply comes within --timeout seconds.",
+    )
+    p.add_argument("topic", type=_topic, metavar="TOPIC", help="topic to send the request on")
+    p.add_argument(
+        "payload",
+        nargs="?",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="the request's payload, a JSON object (default {})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_request_timeout,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long to wait for the reply (default 1)",
+    )
+    p.add_argument(
+        "--type", dest="event_type", default="", metavar="T", help="event type of the request"
+    )
+    _add_header_option(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole reply as JSON: v, id, topic, type, ts, payload (and headers)",
+    )
+    _add_bus_option(p)
+    p.set_defaults(**{_HANDLER: _cmd_request})
+
+
+def _add_reply(add: _Add) -> None:
+    p = add(
+        "reply",
+        "answer requests with a fixed payload, or echo each request's payload",
+        "examples:\n"
+        "  shmbus reply 'svc.echo'                          # echo every request\n"
+        "  shmbus reply 'svc.time' '{\"now\": \"noon\"}'        # always the same answer\n"
+        "  shmbus reply 'svc.>' --queue responders --count 10\n\n"
+        "Prints each request it answers (--json: one JSON object per line); events\n"
+        "published without a reply address are skipped. Runs until Ctrl-C or\n"
+        "SIGTERM (exit 0), or until it answered N requests.",
+    )
+    p.add_argument("pattern", type=_pattern, metavar="PATTERN", help="topic pattern to answer")
+    p.add_argument(
+        "payload",
+        nargs="?",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="the reply, a JSON object (default: the request's own payload)",
+    )
+    _add_queue_option(p)
+    p.add_argument(
+        "--count", type=_count, default=None, metavar="N", help="exit after N replies"
+    )
+    p.add_argument(
+        "--type", dest="event_type", default="", metavar="T", help="event type of the replies"
+    )
+    _add_header_option(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print each request as one JSON object: v, id, topic, type, ts, payload, ...",
+    )
+    _add_bus_option(p)
+    p.set_defaults(**{_HANDLER: _cmd_reply})
+
+
+def _add_queue_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--queue",
+        type=_queue_name,
+        default=None,
+        metavar="NAME",
+        help="join queue group NAME: each event goes to one of its members",
+    )
+
+
+def _add_header_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="add a header, e.g. -H traceparent:00-4bf9...-01 (repeatable)",
+    )
 
 
 def _add_ls(add: _Add) -> None:
@@ -462,6 +582,24 @@ def _pattern(value: str) -> str:
     return _checked(validate_pattern, value)
 
 
+def _queue_name(value: str) -> str:
+    return _checked(validate_queue_name, value)
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, text = value.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(
+            f"header {value!r} must be NAME:VALUE, e.g. traceparent:00-4bf9...-01"
+        )
+    text = text.strip()
+    try:
+        validate_headers({name: text})
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, text
+
+
 class _Stdin:
     """Marker: read payloads from standard input."""
 
@@ -472,6 +610,10 @@ STDIN = _Stdin()
 def _json_payload(value: str) -> dict[str, Any] | _Stdin:
     if value == "-":
         return STDIN
+    return _json_object(value)
+
+
+def _json_object(value: str) -> dict[str, Any]:
     try:
         payload = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -502,6 +644,9 @@ def _json_kind(value: object) -> str:
 _count = int_argument("the count", minimum=1)
 _interval = number_argument("the interval", above=True, unit="seconds")
 _sample = number_argument("the sample time", unit="seconds")
+_request_timeout = number_argument(
+    "the timeout", above=True, maximum=MAX_REQUEST_TIMEOUT, unit="seconds"
+)
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -544,6 +689,7 @@ async def _pub(args: argparse.Namespace) -> int:
                             payload_of_line,
                             args.event_type,
                             f"standard input line {line_number}",
+                            _headers_of(args),
                         )
                         sent += 1
             except CliError as exc:
@@ -552,7 +698,9 @@ async def _pub(args: argparse.Namespace) -> int:
                 log.warning("standard input held no events: nothing was published")
         else:
             for _ in range(args.count):
-                _publish(bus, args.topic, payload or {}, args.event_type, "payload")
+                _publish(
+                    bus, args.topic, payload or {}, args.event_type, "payload", _headers_of(args)
+                )
                 sent += 1
         failed = bus.stats().publish_errors
     finally:
@@ -598,12 +746,27 @@ def _stdin_payloads() -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _publish(
-    bus: BaseBus, topic: str, payload: dict[str, Any], event_type: str, what: str
+    bus: BaseBus,
+    topic: str,
+    payload: dict[str, Any],
+    event_type: str,
+    what: str,
+    headers: dict[str, str] | None,
 ) -> None:
     try:
-        bus.publish_nowait(topic, payload, event_type=event_type)
+        bus.publish_nowait(topic, payload, event_type=event_type, headers=headers)
     except (TypeError, ValueError) as exc:
         raise CliError(f"{what}: {exc}") from None
+
+
+def _headers_of(args: argparse.Namespace) -> dict[str, str] | None:
+    """The ``-H`` headers, checked together (their total size)."""
+    if not args.headers:
+        return None
+    try:
+        return validate_headers(dict(args.headers))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _bus_for(name: str) -> BaseBus:
@@ -635,7 +798,7 @@ async def _sub(args: argparse.Namespace) -> int:
     try:
         await bus.connect()
         render = _event_json if args.json else _event_line
-        async with bus.subscribe(args.pattern) as subscription:
+        async with bus.subscribe(args.pattern, queue=args.queue) as subscription:
             log.info("subscribed to %r on bus %r", args.pattern, args.bus)
             async for event in subscription:
                 _out(render(event))
@@ -644,6 +807,75 @@ async def _sub(args: argparse.Namespace) -> int:
                     break
     except asyncio.CancelledError:
         log.info("stopped after %d event(s)", received)
+    finally:
+        await bus.close()
+        for sig in stop_signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+# ─── request and reply ───────────────────────────────────────────────────────
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    return asyncio.run(_request(args))
+
+
+async def _request(args: argparse.Namespace) -> int:
+    headers = _headers_of(args)
+    bus = _bus_for(args.bus)
+    await bus.connect()
+    try:
+        reply = await bus.request(
+            args.topic,
+            args.payload or {},
+            timeout=args.timeout,
+            event_type=args.event_type,
+            headers=headers,
+        )
+    finally:
+        await bus.close()
+    if args.json:
+        _out(_event_json(reply))
+    else:
+        _out(json.dumps(reply.payload, ensure_ascii=False, default=_json_fallback))
+    return 0
+
+
+def _cmd_reply(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_reply(args))
+    except KeyboardInterrupt:  # before the loop's handlers were in place
+        return 0
+
+
+async def _reply(args: argparse.Namespace) -> int:
+    headers = _headers_of(args)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, task.cancel)
+    bus = _bus_for(args.bus)
+    answered = 0
+    try:
+        await bus.connect()
+        render = _event_json if args.json else _event_line
+        async with bus.subscribe(args.pattern, queue=args.queue) as subscription:
+            log.info("answering requests on %r, bus %r", args.pattern, args.bus)
+            async for request in subscription:
+                if request.reply_to is None:
+                    log.info("skipping an event on %r: it is not a request", request.topic)
+                    continue
+                payload = args.payload if args.payload is not None else request.payload
+                await bus.reply(request, payload, event_type=args.event_type, headers=headers)
+                _out(render(request))
+                answered += 1
+                if args.count is not None and answered >= args.count:
+                    break
+    except asyncio.CancelledError:
+        log.info("stopped after %d repl(ies)", answered)
     finally:
         await bus.close()
         for sig in stop_signals:

@@ -14,18 +14,35 @@ Owns
 
 Every transport uses these two functions, so the in-process bus rejects the
 same payloads that the shared-memory and NATS transports do.
+
+Envelope keys
+-------------
+``v``, ``id``, ``topic``, ``type``, ``ts``, ``payload`` always; ``headers``
+(a map of str to str) and ``reply_to`` (a topic) only when the event has
+them. An envelope without the optional keys is byte for byte what earlier
+versions wrote, and keys a decoder does not know are ignored, so adding
+optional keys does not change ``v``. A received ``headers`` or ``reply_to``
+is checked as a publish checks it; one that fails makes the envelope
+undecodable.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
 
-from .contract import EVENT_SCHEMA_VERSION, Event, new_event_id
+from .contract import (
+    EMPTY_HEADERS,
+    EVENT_SCHEMA_VERSION,
+    Event,
+    new_event_id,
+    validate_headers,
+    validate_reply_to,
+)
 from .errors import ShmBusError
 
 __all__ = ["EnvelopeDecodeError", "decode_envelope", "encode_envelope", "make_event"]
@@ -61,20 +78,26 @@ def encode_envelope(
     event_id: str | None = None,
     ts: float | None = None,
     v: int = EVENT_SCHEMA_VERSION,
+    headers: Mapping[str, str] | None = None,
+    reply_to: str | None = None,
 ) -> bytes:
     """Return the msgpack envelope for one event.
 
     *topic* must already be validated. *event_id* and *ts* default to a fresh
     id and the current time; bridges pass them through to preserve the
-    original envelope.
+    original envelope. *headers* and *reply_to* are checked here
+    (:func:`~shmbus.contract.validate_headers`,
+    :func:`~shmbus.contract.validate_reply_to`) and written only if set.
 
     Raises
     ------
     TypeError
-        *payload* is not a dict, *event_type* is not a str, or the payload
-        holds a value msgpack cannot encode.
+        *payload* is not a dict, *event_type* is not a str, the payload
+        holds a value msgpack cannot encode, or *headers* or *reply_to* has
+        the wrong type.
     ValueError
-        The encoded envelope is larger than *max_event_size* bytes.
+        The encoded envelope is larger than *max_event_size* bytes, or a
+        header or *reply_to* is not valid.
     """
     if payload.__class__ is not dict and not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
@@ -96,6 +119,12 @@ def encode_envelope(
         "ts": _now() if ts is None else ts,
         "payload": payload,
     }
+    if headers:
+        envelope["headers"] = validate_headers(headers)
+    elif headers is not None and not isinstance(headers, Mapping):
+        validate_headers(headers)  # raises the TypeError
+    if reply_to is not None:
+        envelope["reply_to"] = validate_reply_to(reply_to)
     try:
         packer: msgpack.Packer = _packers.packer
     except AttributeError:
@@ -128,10 +157,23 @@ _SET_TYPE = _slot_setter("type")
 _SET_V = _slot_setter("v")
 _SET_TS = _slot_setter("ts")
 _SET_ID = _slot_setter("id")
+_SET_HEADERS = _slot_setter("headers")
+_SET_REPLY_TO = _slot_setter("reply_to")
 _new_event = object.__new__
+#: Keys of an envelope without optional keys: a longer map has some.
+_PLAIN_KEYS = 6
 
 
-def make_event(topic: str, payload: dict[str, Any], type: str, v: int, ts: float, id: str) -> Event:
+def make_event(
+    topic: str,
+    payload: dict[str, Any],
+    type: str,
+    v: int,
+    ts: float,
+    id: str,
+    headers: Mapping[str, str] = EMPTY_HEADERS,
+    reply_to: str | None = None,
+) -> Event:
     """Build an :class:`Event` from already-checked fields (the fast path)."""
     event: Event = _new_event(Event)
     _SET_TOPIC(event, topic)
@@ -140,11 +182,22 @@ def make_event(topic: str, payload: dict[str, Any], type: str, v: int, ts: float
     _SET_V(event, v)
     _SET_TS(event, ts)
     _SET_ID(event, id)
+    _SET_HEADERS(event, headers)
+    _SET_REPLY_TO(event, reply_to)
     return event
 
 
-def decode_envelope(topic: str, data: bytes | memoryview, max_event_size: int) -> Event:
+def decode_envelope(
+    topic: str,
+    data: bytes | memoryview,
+    max_event_size: int,
+    *,
+    reply_to: str | None = None,
+) -> Event:
     """Decode envelope bytes received on *topic* into an :class:`Event`.
+
+    *reply_to*, if given, is the reply address the transport itself carried
+    (a NATS message's reply subject) and wins over the envelope's.
 
     Raises :class:`EnvelopeDecodeError` if *data* is not a msgpack map with
     the envelope's fields of the right types.
@@ -176,6 +229,11 @@ def decode_envelope(topic: str, data: bytes | memoryview, max_event_size: int) -
         if ts.__class__ is not int:
             raise EnvelopeDecodeError(f"envelope on {topic!r} has a ts of type {type(ts).__name__}")
         ts = float(ts)
+    headers: Mapping[str, str] = EMPTY_HEADERS
+    if len(envelope) > _PLAIN_KEYS:
+        headers, wire_reply_to = _optional_keys(topic, envelope)
+        if reply_to is None:
+            reply_to = wire_reply_to
     # make_event(), inlined: this runs once per delivered event.
     event: Event = _new_event(Event)
     _SET_TOPIC(event, topic)
@@ -184,4 +242,18 @@ def decode_envelope(topic: str, data: bytes | memoryview, max_event_size: int) -
     _SET_V(event, v)
     _SET_TS(event, ts)
     _SET_ID(event, event_id)
+    _SET_HEADERS(event, headers)
+    _SET_REPLY_TO(event, reply_to)
     return event
+
+
+def _optional_keys(topic: str, envelope: dict[Any, Any]) -> tuple[Mapping[str, str], str | None]:
+    """The checked ``headers`` and ``reply_to`` of a received envelope."""
+    raw_headers = envelope.get("headers")
+    raw_reply_to = envelope.get("reply_to")
+    try:
+        headers = validate_headers(raw_headers) if raw_headers else EMPTY_HEADERS
+        reply_to = validate_reply_to(raw_reply_to) if raw_reply_to is not None else None
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeDecodeError(f"envelope on {topic!r} has a bad optional key: {exc}") from None
+    return headers, reply_to

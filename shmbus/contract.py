@@ -10,9 +10,15 @@ Contract
 * An :class:`Event` is a frozen, versioned envelope: ``v`` (schema version),
   ``id`` (32 lowercase hex characters, unique across processes and restarts),
   ``topic``, ``type`` (a short discriminator), ``ts`` (epoch seconds) and
-  ``payload`` (a dict). On the receiving side the topic always comes from the
-  transport, never from the decoded wire bytes, so a publisher cannot make an
-  event appear on a topic it did not publish to.
+  ``payload`` (a dict); optionally ``headers`` (str to str, as NATS message
+  headers: the carrier of trace context such as a W3C ``traceparent``) and
+  ``reply_to`` (the topic a responder answers a request on). The optional
+  keys are on the wire only when set, so an envelope without them is the one
+  every earlier version wrote, and a consumer that does not know them ignores
+  them (:meth:`Event.from_dict` ignores unknown keys): the envelope version
+  ``v`` did not change for them. On the receiving side the topic always comes
+  from the transport, never from the decoded wire bytes, so a publisher cannot
+  make an event appear on a topic it did not publish to.
 * :meth:`BaseBus.subscribe` returns a :class:`Subscription` (every transport
   here hands out a :class:`~shmbus.delivery.QueueSubscription`, which adds
   ``statistics()``), which is both an async context manager and an async
@@ -30,6 +36,15 @@ Contract
 * ``publish_nowait()`` publishes without awaiting, from any thread;
   ``stats()`` returns the instance's counters as a
   :class:`~shmbus.stats.BusStats`.
+* :meth:`BaseBus.request` publishes an event with a fresh ``reply_to`` and
+  returns the first reply; a responder answers with :meth:`BaseBus.reply`.
+  A request nobody answers raises :class:`~shmbus.errors.RequestTimeoutError`
+  (:class:`~shmbus.errors.NoRespondersError` at once where the transport
+  knows that nobody listens), both :class:`TimeoutError`.
+* ``subscribe(pattern, queue="name")`` joins a queue group: each matching
+  event goes to one member of the group (the subscriptions with the same
+  pattern and queue name) instead of to all of them; plain subscriptions
+  still get every event.
 * Delivery is at-most-once and fire-and-forget: a transport failure while
   publishing is logged and counted, never raised, because losing a
   notification must not take a worker down (the database stays the source of
@@ -43,6 +58,14 @@ no wildcard characters. A pattern is a topic in which a token may be ``*``
 (exactly one token) and the last token may be ``>`` (one or more trailing
 tokens). Patterns are validated when they are used, so ``a.>.b`` is an error,
 not a silent prefix match.
+
+Headers and queue names
+-----------------------
+Header names are printable ASCII without ``:`` or spaces (what a NATS header
+line ``Name: value`` can carry); values are text without a line break; names
+and values together take at most :data:`MAX_HEADERS_SIZE` UTF-8 bytes. A queue
+name is shaped like a topic (no whitespace, no wildcards) and at most
+:data:`MAX_QUEUE_NAME_LENGTH` UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -52,8 +75,9 @@ import itertools
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self
 
 from .stats import BusStats
@@ -62,7 +86,10 @@ if TYPE_CHECKING:  # delivery imports this module: no runtime import back
     from .delivery import QueueSubscription
 
 __all__ = [
+    "EMPTY_HEADERS",
     "EVENT_SCHEMA_VERSION",
+    "MAX_HEADERS_SIZE",
+    "MAX_QUEUE_NAME_LENGTH",
     "MAX_TOPIC_LENGTH",
     "BaseBus",
     "Event",
@@ -70,7 +97,10 @@ __all__ = [
     "TopicMatcher",
     "matches",
     "new_event_id",
+    "validate_headers",
     "validate_pattern",
+    "validate_queue_name",
+    "validate_reply_to",
     "validate_topic",
 ]
 
@@ -79,6 +109,16 @@ EVENT_SCHEMA_VERSION = 1
 
 #: Longest topic or pattern accepted, in UTF-8 bytes.
 MAX_TOPIC_LENGTH = 1024
+
+#: Most UTF-8 bytes an event's header names and values may take together
+#: (W3C trace context and baggage fit with room to spare).
+MAX_HEADERS_SIZE = 16_384
+
+#: Longest queue group name accepted, in UTF-8 bytes.
+MAX_QUEUE_NAME_LENGTH = 255
+
+#: The headers of an event published without any (shared, read-only).
+EMPTY_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 # ─── Event ids ───────────────────────────────────────────────────────────────
@@ -132,6 +172,12 @@ class Event:
     id:
         32 lowercase hex characters, unique per event; lets a consumer de-dupe
         should it ever see an event twice (at-most-once makes that unexpected).
+    headers:
+        Per-event metadata, str to str, as NATS message headers (trace
+        context such as ``traceparent``, a message id); empty by default.
+    reply_to:
+        On a request (see :meth:`BaseBus.request`), the topic the reply goes
+        to; None on an ordinary event. Answer with :meth:`BaseBus.reply`.
     """
 
     topic: str
@@ -140,10 +186,13 @@ class Event:
     v: int = EVENT_SCHEMA_VERSION
     ts: float = field(default_factory=time.time)
     id: str = field(default_factory=new_event_id)
+    headers: Mapping[str, str] = field(default_factory=lambda: EMPTY_HEADERS)
+    reply_to: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the wire-format dict (``v``, ``id``, ``topic``, ``type``, ``ts``, ``payload``)."""
-        return {
+        """Return the wire-format dict (``v``, ``id``, ``topic``, ``type``, ``ts``,
+        ``payload``, and ``headers`` and ``reply_to`` when the event has them)."""
+        data = {
             "v": self.v,
             "id": self.id,
             "topic": self.topic,
@@ -151,6 +200,11 @@ class Event:
             "ts": self.ts,
             "payload": self.payload,
         }
+        if self.headers:
+            data["headers"] = dict(self.headers)
+        if self.reply_to:
+            data["reply_to"] = self.reply_to
+        return data
 
     @classmethod
     def from_dict(cls, topic: str, data: dict[str, Any]) -> Event:
@@ -159,9 +213,13 @@ class Event:
         The ``topic`` field inside *data* is ignored on purpose: the transport
         knows the subject the bytes arrived on, and trusting the wire would let
         a misbehaving publisher spoof events onto topics it did not publish to.
-        Missing fields take their defaults.
+        Missing fields take their defaults; keys it does not know are
+        ignored. ``headers`` and ``reply_to`` are checked as a publish checks
+        them (:func:`validate_headers`, :func:`validate_reply_to`).
         """
         event_id = data.get("id")
+        headers = data.get("headers")
+        reply_to = data.get("reply_to")
         return cls(
             topic=topic,
             payload=data.get("payload") or {},
@@ -169,6 +227,8 @@ class Event:
             v=int(data.get("v", EVENT_SCHEMA_VERSION)),
             ts=float(data.get("ts", time.time())),
             id=event_id if isinstance(event_id, str) and event_id else new_event_id(),
+            headers=validate_headers(headers) if headers else EMPTY_HEADERS,
+            reply_to=validate_reply_to(reply_to) if reply_to else None,
         )
 
 
@@ -263,6 +323,109 @@ def validate_pattern(pattern: object) -> str:
     return pattern
 
 
+def validate_reply_to(reply_to: object) -> str:
+    """Return *reply_to* if it is a valid reply topic (a topic: see
+    :func:`validate_topic`), else raise :class:`TypeError` or
+    :class:`ValueError` naming it as ``reply_to``."""
+    if not isinstance(reply_to, str):
+        raise TypeError(f"reply_to must be a str, not {type(reply_to).__name__} ({reply_to!r})")
+    try:
+        return validate_topic(reply_to)
+    except ValueError as exc:
+        raise ValueError(f"reply_to: {exc}") from None
+
+
+# ─── Headers and queue names ─────────────────────────────────────────────────
+
+# A NATS header line is "Name: value\r\n": a name is printable ASCII without
+# ':' (and without spaces, which would end it), a value anything but a break.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_LINE_BREAK = re.compile(r"[\r\n]")
+
+
+def validate_headers(headers: object) -> dict[str, str]:
+    """Return a copy of *headers* as a plain dict if it is a valid header
+    mapping, else raise. None gives an empty dict.
+
+    Raises
+    ------
+    TypeError
+        *headers* is not a mapping, or a name or a value is not a ``str``.
+    ValueError
+        A name is empty or not printable ASCII without ``:`` and spaces, a
+        value holds a line break, or names and values take more than
+        :data:`MAX_HEADERS_SIZE` UTF-8 bytes together.
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            f"headers must be a mapping of str to str, not {type(headers).__name__} ({headers!r})"
+        )
+    copy: dict[str, str] = {}
+    size = 0
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be str, not {type(name).__name__} ({name!r})")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"header {name!r} must have a str value, not {type(value).__name__} ({value!r})"
+            )
+        if _HEADER_NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"header name {name!r} is not allowed: a name is printable ASCII "
+                "without ':' or spaces, at least one character (as in NATS headers)"
+            )
+        if _LINE_BREAK.search(value) is not None:
+            raise ValueError(f"header {name!r} has a value with a line break: {value[:40]!r}")
+        try:
+            size += len(name) + len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"header {name!r} has a value that is not valid Unicode text: "
+                f"{exc.reason} at index {exc.start}"
+            ) from None
+        copy[name] = value
+    if size > MAX_HEADERS_SIZE:
+        raise ValueError(
+            f"headers take {size} bytes (names and values, UTF-8); "
+            f"the limit is {MAX_HEADERS_SIZE} bytes"
+        )
+    return copy
+
+
+def validate_queue_name(queue: object) -> str:
+    """Return *queue* if it is a valid queue group name, else raise.
+
+    Raises
+    ------
+    TypeError
+        *queue* is not a ``str``.
+    ValueError
+        *queue* is empty, contains whitespace or a wildcard, has an empty
+        token, or is longer than :data:`MAX_QUEUE_NAME_LENGTH` UTF-8 bytes.
+    """
+    if not isinstance(queue, str):
+        raise TypeError(f"queue must be a str or None, not {type(queue).__name__} ({queue!r})")
+    if not queue:
+        raise ValueError("queue name must not be empty")
+    try:
+        size = len(queue.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"queue name {queue!r} is not valid Unicode text: {exc.reason} at index {exc.start}"
+        ) from None
+    if size > MAX_QUEUE_NAME_LENGTH:
+        raise ValueError(
+            f"queue name {queue[:40]!r}... is {size} bytes long; "
+            f"the limit is {MAX_QUEUE_NAME_LENGTH} bytes"
+        )
+    if _TOPIC_SHAPE.fullmatch(queue) is None:
+        problem = _topic_problem(queue).removeprefix("topic ")
+        raise ValueError(f"queue name {problem.replace('; wildcards belong in patterns', '')}")
+    return queue
+
+
 # ─── Wildcard matching ───────────────────────────────────────────────────────
 
 
@@ -324,6 +487,16 @@ class TopicMatcher:
 # ─── Subscription and bus interfaces ─────────────────────────────────────────
 
 
+def _reply_topic_of(request: object) -> str:
+    if not isinstance(request, Event):
+        raise TypeError(f"request must be an Event, not {type(request).__name__}")
+    if not request.reply_to:
+        raise ValueError(
+            f"event {request.id} on {request.topic!r} is not a request: it has no reply_to"
+        )
+    return request.reply_to
+
+
 class Subscription(abc.ABC):
     """An open subscription: an async context manager and an async iterator.
 
@@ -370,12 +543,12 @@ class BaseBus(abc.ABC):
     """The publish/subscribe transport contract.
 
     ``connect()`` and ``close()`` may be awaited any number of times.
-    ``publish()``, ``publish_nowait()`` and ``subscribe()`` on a closed bus
-    raise :class:`RuntimeError`. ``async with bus:`` connects and closes.
-    Every transport of this package implements all of it: :class:`ShmBus
-    <shmbus.shm.ShmBus>`, :class:`MemoryBus <shmbus.memory.MemoryBus>`,
-    :class:`NullBus <shmbus.memory.NullBus>`, :class:`NatsBus
-    <shmbus.nats.NatsBus>` and :class:`FallbackBus
+    ``publish()``, ``publish_nowait()``, ``subscribe()`` and ``request()`` on
+    a closed bus raise :class:`RuntimeError`. ``async with bus:`` connects
+    and closes. Every transport of this package implements all of it:
+    :class:`ShmBus <shmbus.shm.ShmBus>`, :class:`MemoryBus
+    <shmbus.memory.MemoryBus>`, :class:`NullBus <shmbus.memory.NullBus>`,
+    :class:`NatsBus <shmbus.nats.NatsBus>` and :class:`FallbackBus
     <shmbus.fallback.FallbackBus>`.
     """
 
@@ -384,15 +557,30 @@ class BaseBus(abc.ABC):
         """Acquire the transport's resources. Idempotent."""
 
     @abc.abstractmethod
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish *payload* on *topic*, fire-and-forget, at most once.
 
-        Invalid input raises; a transport failure is logged and counted,
-        not raised.
+        *headers* (str to str, see :func:`validate_headers`) travel with the
+        event and are its :attr:`Event.headers` on every subscriber. Invalid
+        input raises; a transport failure is logged and counted, not raised.
         """
 
     @abc.abstractmethod
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish without awaiting, from any thread (with or without an event
         loop). Same semantics and errors as :meth:`publish`; a transport that
         needs a connection made on a loop (NATS) raises :class:`RuntimeError`
@@ -400,7 +588,7 @@ class BaseBus(abc.ABC):
         """
 
     @abc.abstractmethod
-    def subscribe(self, pattern: str) -> QueueSubscription:
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
         """Return a subscription to events whose topic matches *pattern*.
 
         ``*`` matches one token, a final ``>`` one or more trailing tokens:
@@ -408,7 +596,61 @@ class BaseBus(abc.ABC):
         The subscription is a :class:`~shmbus.delivery.QueueSubscription`: a
         :class:`Subscription` with a bounded drop-oldest queue and
         :meth:`~shmbus.delivery.QueueSubscription.statistics`.
+
+        With *queue* (a name, see :func:`validate_queue_name`) the
+        subscription is a member of that queue group: every matching event
+        goes to exactly one member of the group, the group being the
+        subscriptions with the same pattern and queue name, instead of to
+        each of them.
         """
+
+    @abc.abstractmethod
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish a request on *topic* and return the first reply.
+
+        The request is an event whose :attr:`Event.reply_to` names a topic
+        of this bus instance's reply inbox (``_INBOX.<random>.<token>``); a
+        responder answers it with :meth:`reply`. Any number of requests may
+        wait at once, from any number of tasks; each gets its own reply.
+
+        Raises
+        ------
+        NoRespondersError
+            Nobody subscribes to *topic*, where the transport knows it at
+            once (in-process buses, NATS). A :class:`RequestTimeoutError`.
+        RequestTimeoutError
+            No reply came within *timeout* seconds (a :class:`TimeoutError`).
+        BusClosedError
+            The bus is closed, or was closed while the request waited.
+        TypeError, ValueError
+            Bad input, as for :meth:`publish`, or a *timeout* that is not a
+            positive number of seconds.
+        """
+
+    async def reply(
+        self,
+        request: Event,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer *request* (an event received with a ``reply_to``): publish
+        *payload* on its reply topic, fire-and-forget like :meth:`publish`.
+
+        Raises :class:`ValueError` if *request* has no ``reply_to`` (it was
+        published, not requested), and what :meth:`publish` raises.
+        """
+        reply_to = _reply_topic_of(request)
+        await self.publish(reply_to, payload, event_type=event_type, headers=headers)
 
     @abc.abstractmethod
     def stats(self) -> BusStats:

@@ -52,6 +52,9 @@ class SubscriptionStatistics:
     queued: int
     #: The queue's bound.
     maxsize: int
+    #: The queue group the subscription is a member of, or None. A member's
+    #: ``delivered`` and ``dropped`` are its share of the group's events.
+    queue: str | None = None
 
 
 class QueueSubscription(Subscription):
@@ -66,6 +69,9 @@ class QueueSubscription(Subscription):
     on_close:
         Called once, with the subscription, when it closes, so the transport
         can stop routing to it.
+    queue:
+        The queue group this subscription is a member of (a validated
+        name), or None for a plain subscription.
     """
 
     def __init__(
@@ -74,11 +80,14 @@ class QueueSubscription(Subscription):
         *,
         maxsize: int,
         on_close: Callable[[QueueSubscription], None] | None = None,
+        queue: str | None = None,
     ) -> None:
         super().__init__(pattern)
         if maxsize < 1:
             raise ValueError(f"queue size must be at least 1, got {maxsize}")
         self.matcher = TopicMatcher(pattern)
+        #: The queue group this subscription belongs to, or None.
+        self.queue = queue
         self.maxsize = maxsize
         self.delivered = 0
         self.evicted = 0
@@ -112,12 +121,19 @@ class QueueSubscription(Subscription):
             dropped=self.dropped,
             queued=len(self._items),
             maxsize=self.maxsize,
+            queue=self.queue,
         )
+
+    def has_room(self) -> bool:
+        """True if the queue is below its bound now (events on their way
+        from another thread aside): a queue group prefers such members."""
+        return not self._closed and len(self._items) + len(self._pending) < self.maxsize
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
+        group = f" queue={self.queue!r}" if self.queue is not None else ""
         return (
-            f"<{type(self).__name__} {self.pattern!r} {state} delivered={self.delivered} "
+            f"<{type(self).__name__} {self.pattern!r}{group} {state} delivered={self.delivered} "
             f"dropped={self.dropped} queued={len(self._items)}>"
         )
 

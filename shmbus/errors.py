@@ -8,6 +8,8 @@
   with options that cannot coexist, out of room).
 * :class:`TransportUnavailableError`: a server-based transport (NATS) could
   not be reached or did not answer.
+* :class:`RequestTimeoutError` (and :class:`NoRespondersError`): a request
+  got no reply; both are :class:`TimeoutError`.
 * :class:`MissingExtraError`: a transport or command needs an optional
   dependency that is not installed; the message names the ``pip`` command.
 * :class:`~shmbus.codec.EnvelopeDecodeError` (defined next to the codec):
@@ -17,7 +19,7 @@ Every class here derives from :class:`ShmBusError`, so one ``except`` catches
 everything specific to shmbus. Each also derives from the built-in a caller
 would catch without knowing shmbus (:class:`RuntimeError`,
 :class:`ConnectionError`, :class:`ImportError`, :class:`PermissionError`,
-:class:`OSError`, :class:`ValueError`).
+:class:`OSError`, :class:`ValueError`, :class:`TimeoutError`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "IncompatibleSegmentError",
     "MissingExtraError",
     "NoFreeSlotError",
+    "NoRespondersError",
+    "RequestTimeoutError",
     "SegmentCorruptError",
     "SegmentError",
     "SegmentSpaceError",
@@ -90,6 +94,20 @@ class NoFreeSlotError(SegmentError):
 class TransportUnavailableError(ShmBusError, ConnectionError):
     """A server-based transport (NATS) could not be reached in time, or its
     connection is down; the message names the servers and the cause."""
+
+
+class RequestTimeoutError(ShmBusError, TimeoutError):
+    """A request got no reply within its timeout: nobody answered (on a
+    transport that cannot tell whether anyone listens), or the responder
+    died, stalled or was too slow. The message names the topic and the
+    timeout."""
+
+
+class NoRespondersError(RequestTimeoutError):
+    """A request found nobody subscribed to its topic, and the transport
+    knew it at once (in-process buses, NATS's no-responders status), so it
+    did not wait for the timeout. A :class:`RequestTimeoutError`, so code
+    that handles a timeout handles this too, on every transport."""
 
 
 #: The optional extras: name -> (the package it installs, what needs it).

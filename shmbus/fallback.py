@@ -4,6 +4,17 @@ Owns the choice of transport for each publish (NATS while it is connected,
 the host's shm bus otherwise), the re-sending and double-sending around a
 switch that keeps local subscribers from missing events, and the merging of
 both transports into one de-duplicated subscription.
+
+Start-up does not wait for NATS: :meth:`FallbackBus.connect` returns once the
+shm bus is attached and connects to NATS in the background, so a worker is
+usable at once when NATS is down or slow, and switches to NATS when it
+answers (the usual shm → NATS switch, with its overlap).
+
+Requests go through a :class:`~shmbus.inbox.ReplyInbox` whose subscription is
+a FallbackBus subscription like any other: the request and its reply each
+travel whichever transport is up, and arrive once. Queue groups are passed
+on to both transports: each picks one member of the group; an event sent on
+both during an overlap may reach one member through each.
 """
 
 from __future__ import annotations
@@ -15,13 +26,22 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ._checks import check_int, check_seconds
 from .codec import encode_envelope
-from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .contract import (
+    EMPTY_HEADERS,
+    BaseBus,
+    Event,
+    validate_pattern,
+    validate_queue_name,
+    validate_topic,
+)
 from .delivery import QueueSubscription
 from .errors import BusClosedError
+from .inbox import ReplyInbox, check_timeout
 from .lifecycle import LifecycleState
 from .nats import NatsBus
 from .recent import RecentIds
@@ -88,8 +108,9 @@ class FallbackBus(BaseBus):
     * Bad input raises (the size limit is the smaller of the shm bus's
       ``max_event_size`` and the NATS server's ``max_payload``, so it does
       not depend on which transport is in use); transport failures are
-      counted, not raised. If NATS cannot be reached at :meth:`connect`, the
-      bus starts on shm and keeps trying NATS in the background.
+      counted, not raised. :meth:`connect` does not wait for NATS: the bus
+      starts on shm and connects to NATS in the background, retrying until
+      it answers.
 
     Parameters
     ----------
@@ -152,6 +173,7 @@ class FallbackBus(BaseBus):
         self._duplicates = 0
         self._retired_delivered = 0
         self._retired_dropped = 0
+        self._inbox = ReplyInbox(self.subscribe, f"FallbackBus shm={fallback.name!r}")
         primary.add_connection_listener(self._on_nats_state)
 
     def __repr__(self) -> str:
@@ -180,37 +202,46 @@ class FallbackBus(BaseBus):
     # ─── Life cycle ───
 
     async def connect(self) -> None:
-        """Attach the shm bus and connect to NATS. Idempotent.
+        """Attach the shm bus and start connecting to NATS. Idempotent.
 
-        If NATS cannot be reached, logs a warning, publishes on shm and
-        keeps trying in the background. Raises what ``ShmBus.connect``
-        raises, and :class:`BusClosedError` on a closed bus.
+        Returns as soon as the shm bus is attached, without waiting for
+        NATS: publishes go to shm until NATS answers, then switch to it
+        (:attr:`using_nats`). If NATS cannot be reached, logs a warning and
+        keeps trying every ``retry_interval`` seconds. Raises what
+        ``ShmBus.connect`` raises, and :class:`BusClosedError` on a closed
+        bus.
         """
         if self._state is LifecycleState.OPEN:
             return
         self._check_not_closed("connect")
         await self.fallback.connect()
         self._state = LifecycleState.OPEN
-        try:
-            await self.primary.connect()
-        except ConnectionError as exc:
-            log.warning(
-                "%s; publishing on shm bus %r and retrying every %g s",
-                exc,
-                self.fallback.name,
-                self.retry_interval,
-            )
-            self._retry = asyncio.get_running_loop().create_task(self._keep_connecting())
+        self._retry = asyncio.get_running_loop().create_task(
+            self._keep_connecting(), name="shmbus-fallback-connect"
+        )
 
     async def _keep_connecting(self) -> None:
+        """Connect to NATS, retrying until it answers; once connected, the
+        NATS client reconnects by itself."""
+        warned = False
         while self._state is LifecycleState.OPEN and self.primary.loop is None:
-            await asyncio.sleep(self.retry_interval)  # back off between attempts
             try:
                 await self.primary.connect()
+                return
             except ConnectionError as exc:
-                log.debug("NATS still unreachable: %s", exc)
+                if warned:
+                    log.debug("NATS still unreachable: %s", exc)
+                else:
+                    warned = True
+                    log.warning(
+                        "%s; publishing on shm bus %r and retrying every %g s",
+                        exc,
+                        self.fallback.name,
+                        self.retry_interval,
+                    )
             except BusClosedError:
                 return
+            await asyncio.sleep(self.retry_interval)  # back off between attempts
 
     async def close(self) -> None:
         """End every subscription and close both transports. Idempotent."""
@@ -243,18 +274,59 @@ class FallbackBus(BaseBus):
 
     # ─── Publishing ───
 
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish on NATS or shm (see the class docstring); connects first if
         needed. Waits for the NATS client to take the event when called on
         the NATS bus's loop. Same errors as :meth:`publish_nowait`."""
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
-        event, body = self._encode(topic, payload, event_type)
+        event, body = self._encode(topic, payload, event_type, headers)
         if self._dispatch(event):
             await self.primary.send_encoded(topic, body)
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish a request on whichever transport is up and return the
+        first reply (see :meth:`BaseBus.request
+        <shmbus.contract.BaseBus.request>`). Whether anyone listens on shm
+        is not known, so a request nobody answers raises
+        :class:`~shmbus.errors.RequestTimeoutError` after *timeout* seconds."""
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+        if self._state is not LifecycleState.OPEN:
+            self._check_not_closed("request")
+            await self.connect()
+
+        async def send(reply_to: str) -> None:
+            event, body = self._encode(topic, payload, event_type, headers, reply_to)
+            if self._dispatch(event):
+                await self.primary.send_encoded(topic, body)
+
+        return await self._inbox.request(topic, timeout, send)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish from any thread, with or without an event loop.
 
         Raises
@@ -268,16 +340,36 @@ class FallbackBus(BaseBus):
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             raise RuntimeError(f"cannot publish on {self!r} before connect(); await connect()")
-        event, body = self._encode(topic, payload, event_type)
+        event, body = self._encode(topic, payload, event_type, headers)
         if self._dispatch(event):
             self.primary.submit_encoded(topic, body)
 
-    def _encode(self, topic: str, payload: dict[str, Any], event_type: str) -> tuple[Event, bytes]:
+    def _encode(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        event_type: str,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> tuple[Event, bytes]:
         """The new event and its envelope; raises for bad input or size."""
         validate_topic(topic)
-        event = Event(topic, payload, event_type)
+        event = Event(
+            topic,
+            payload,
+            event_type,
+            headers=EMPTY_HEADERS if headers is None else headers,
+            reply_to=reply_to,
+        )
         body = encode_envelope(
-            topic, payload, event_type, sys.maxsize, event_id=event.id, ts=event.ts
+            topic,
+            payload,
+            event_type,
+            sys.maxsize,
+            event_id=event.id,
+            ts=event.ts,
+            headers=headers,
+            reply_to=reply_to,
         )
         limit = self.max_event_size
         if len(body) > limit:
@@ -350,13 +442,16 @@ class FallbackBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
-        """Subscribe on both transports; each event is delivered once.
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
+        """Subscribe on both transports; each event is delivered once. With
+        *queue*, the subscription is a member of that queue group on both.
 
         Must be called with an event loop running (it runs the forwarding
         from both transports) on a connected bus.
         """
         validate_pattern(pattern)
+        if queue is not None:
+            validate_queue_name(queue)
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("subscribe")
             raise RuntimeError(f"cannot subscribe on {self!r} before connect(); await connect()")
@@ -366,10 +461,12 @@ class FallbackBus(BaseBus):
             raise RuntimeError(
                 "FallbackBus.subscribe() must be called from a running event loop"
             ) from None
-        out = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
-        shm_sub = self.fallback.subscribe(pattern)
+        out = QueueSubscription(
+            pattern, maxsize=self.queue_size, on_close=self._forget, queue=queue
+        )
+        shm_sub = self.fallback.subscribe(pattern, queue=queue)
         try:
-            nats_sub = self.primary.subscribe(pattern)
+            nats_sub = self.primary.subscribe(pattern, queue=queue)
         except BaseException:
             shm_sub.close_from_transport()
             raise

@@ -7,18 +7,45 @@ patterns and payloads, enforces ``max_event_size``, and round-trips every
 envelope through the wire codec so a payload that would not survive msgpack
 fails here too. Events are routed to subscriptions on their home loops with
 bounded drop-oldest queues.
+
+Queue groups (MemoryBus)
+------------------------
+The members of a group are the open subscriptions of the bus with the same
+pattern and queue name. Each matching event goes to exactly one member: the
+first, in round-robin order from the member after the last one chosen, whose
+queue has room; if none has room, the next in round-robin order (which then
+drops its oldest event, counted on it). Plain subscriptions get every event
+as before.
+
+Requests (MemoryBus)
+--------------------
+The bus knows every subscription, so a request whose topic no subscription
+matches raises :class:`~shmbus.errors.NoRespondersError` at once; replies
+come back through a :class:`~shmbus.inbox.ReplyInbox`. NullBus answers
+every request with :class:`~shmbus.errors.NoRespondersError`: nobody ever
+listens there.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from ._checks import check_int
 from ._core.layout import MIN_MAX_EVENT_SIZE
 from .codec import decode_envelope, encode_envelope
-from .contract import BaseBus, validate_pattern, validate_topic
+from .contract import (
+    BaseBus,
+    Event,
+    TopicMatcher,
+    validate_pattern,
+    validate_queue_name,
+    validate_topic,
+)
 from .delivery import QueueSubscription
+from .errors import NoRespondersError
+from .inbox import ReplyInbox, check_timeout
 from .stats import BusStats
 
 __all__ = ["MemoryBus", "NullBus"]
@@ -44,12 +71,51 @@ class _LocalBus(BaseBus):
         if self._closed:
             raise RuntimeError(f"cannot {action} on a closed {type(self).__name__}")
 
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
-        self.publish_nowait(topic, payload, event_type=event_type)
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.publish_nowait(topic, payload, event_type=event_type, headers=headers)
+
+    def _check_subscribe(self, pattern: str, queue: str | None) -> None:
+        self._check_open("subscribe")
+        validate_pattern(pattern)
+        if queue is not None:
+            validate_queue_name(queue)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {state}>"
+
+
+class _Group:
+    """The members of one queue group of a MemoryBus and its round-robin
+    position."""
+
+    __slots__ = ("matcher", "members", "next")
+
+    def __init__(self, pattern: str) -> None:
+        self.matcher = TopicMatcher(pattern)
+        self.members: list[QueueSubscription] = []
+        self.next = 0
+
+    def choose(self) -> QueueSubscription:
+        """The member to get the next event (see the module docstring)."""
+        members = self.members
+        count = len(members)
+        start = self.next % count
+        chosen = start
+        for step in range(count):
+            index = (start + step) % count
+            if members[index].has_room():
+                chosen = index
+                break
+        self.next = chosen + 1
+        return members[chosen]
 
 
 class MemoryBus(_LocalBus):
@@ -61,30 +127,83 @@ class MemoryBus(_LocalBus):
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
         super().__init__(max_event_size=max_event_size, queue_size=queue_size)
         self._subscriptions: list[QueueSubscription] = []
+        self._groups: dict[tuple[str, str], _Group] = {}
         self._retired_delivered = 0
         self._retired_dropped = 0
+        self._inbox = ReplyInbox(self.subscribe, "MemoryBus")
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._check_open("publish")
         validate_topic(topic)
-        data = encode_envelope(topic, payload, event_type, self.max_event_size)
+        data = encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
+        self._route(topic, data, request=False)
+
+    def _route(self, topic: str, data: bytes, *, request: bool) -> None:
+        """Hand one envelope to every plain subscription and to one member of
+        every queue group that matches; a request nobody matches raises."""
         with self._lock:
+            targets = [
+                sub for sub in self._subscriptions if sub.queue is None and sub.matcher(topic)
+            ]
+            for group in self._groups.values():
+                if group.matcher(topic):
+                    targets.append(group.choose())
+            if request and not targets:
+                raise NoRespondersError(
+                    f"no subscription on this MemoryBus matches the request topic {topic!r}"
+                )
             self._published += 1
-            targets = [sub for sub in self._subscriptions if sub.matcher(topic)]
-        if not targets:
-            return
         # One decoded copy per subscriber: payload dicts are mutable, and a
         # consumer that edits its copy must not change what others see.
         for sub in targets:
             sub.deliver((decode_envelope(topic, data, self.max_event_size),))
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
-        self._check_open("subscribe")
-        validate_pattern(pattern)
-        sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
+        self._check_subscribe(pattern, queue)
+        sub = QueueSubscription(
+            pattern, maxsize=self.queue_size, on_close=self._forget, queue=queue
+        )
         with self._lock:
+            self._check_open("subscribe")
             self._subscriptions.append(sub)
+            if queue is not None:
+                group = self._groups.get((pattern, queue))
+                if group is None:
+                    group = self._groups[pattern, queue] = _Group(pattern)
+                group.members.append(sub)
         return sub
+
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish a request and return the first reply (see
+        :meth:`BaseBus.request <shmbus.contract.BaseBus.request>`); raises
+        :class:`~shmbus.errors.NoRespondersError` at once if no subscription
+        matches *topic*."""
+        self._check_open("request")
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+
+        def send(reply_to: str) -> None:
+            data = encode_envelope(
+                topic, payload, event_type, self.max_event_size, headers=headers, reply_to=reply_to
+            )
+            self._route(topic, data, request=True)
+
+        return await self._inbox.request(topic, timeout, send)
 
     def _forget(self, sub: QueueSubscription) -> None:
         with self._lock:
@@ -92,6 +211,13 @@ class MemoryBus(_LocalBus):
                 self._subscriptions.remove(sub)
                 self._retired_delivered += sub.delivered
                 self._retired_dropped += sub.dropped
+            if sub.queue is not None:
+                key = (sub.pattern, sub.queue)
+                group = self._groups.get(key)
+                if group is not None and sub in group.members:
+                    group.members.remove(sub)
+                    if not group.members:
+                        del self._groups[key]
 
     async def close(self) -> None:
         if self._closed:
@@ -124,19 +250,43 @@ class NullBus(_LocalBus):
     a subscription ends immediately.
     """
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._check_open("publish")
         validate_topic(topic)
-        encode_envelope(topic, payload, event_type, self.max_event_size)
+        encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
         with self._lock:
             self._published += 1
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
-        self._check_open("subscribe")
-        validate_pattern(pattern)
-        sub = QueueSubscription(pattern, maxsize=self.queue_size)
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
+        self._check_subscribe(pattern, queue)
+        sub = QueueSubscription(pattern, maxsize=self.queue_size, queue=queue)
         sub.close_from_transport()
         return sub
+
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Check the request as a publish would, then raise
+        :class:`~shmbus.errors.NoRespondersError`: nobody listens on a
+        NullBus."""
+        self._check_open("request")
+        validate_topic(topic)
+        check_timeout(timeout)
+        encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
+        raise NoRespondersError(f"nobody answers requests on a NullBus (topic {topic!r})")
 
     async def close(self) -> None:
         self._closed = True

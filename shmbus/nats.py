@@ -26,6 +26,19 @@ Guarantees
   instance publishes afterwards. Subscribers on *other* connections see
   events published after their SUB reached the server: ``await
   bus.flush()`` after subscribing makes sure it has.
+* Headers travel in the envelope, as on every transport, not as NATS message
+  headers: the envelope is what the bridge and the fallback bus relay byte
+  for byte, so one copy of the headers can never disagree with another, and
+  a NATS client that is not shmbus cannot read the msgpack payload anyway.
+* Queue groups are NATS's own (``subscribe(pattern, queue=...)`` sends the
+  queue name with the SUB): the server gives each message to one member.
+* Requests are NATS's own (nats-py's ``request``: one inbox subscription per
+  connection, a token per request). The server answers a request nobody
+  subscribes to with a no-responders status at once:
+  :class:`~shmbus.errors.NoRespondersError`. A received request's
+  ``reply_to`` is the NATS reply subject (else the envelope's, for a request
+  relayed by a bridge). ``close()`` fails every request still waiting with
+  :class:`~shmbus.errors.BusClosedError`.
 * ``aclose()`` on a subscription ends its ``async for`` at once; ``close()``
   ends every subscription and the connection. Both are idempotent;
   ``publish`` and ``subscribe`` after ``close()`` raise
@@ -56,7 +69,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from .errors import MissingExtraError
@@ -78,10 +91,17 @@ from .contract import (
     BaseBus,
     Event,
     validate_pattern,
+    validate_queue_name,
     validate_topic,
 )
 from .delivery import QueueSubscription
-from .errors import BusClosedError, TransportUnavailableError
+from .errors import (
+    BusClosedError,
+    NoRespondersError,
+    RequestTimeoutError,
+    TransportUnavailableError,
+)
+from .inbox import check_timeout
 from .lifecycle import LifecycleState
 from .stats import BusStats
 
@@ -209,6 +229,7 @@ class NatsBus(BaseBus):
         self._routes: dict[QueueSubscription, _Route] = {}
         self._pending_subs: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._requests: set[asyncio.Task[Msg]] = set()
         # Each queued envelope with the subscriptions that were on their way
         # when it was published: it goes out after those, not after later ones
         # (a subscription made after a publish must not receive it).
@@ -302,29 +323,38 @@ class NatsBus(BaseBus):
             closed_cb=self._chain(self._on_closed, user_callbacks["closed_cb"]),
         )
         self._last_error = None
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    self.servers,
-                    name=self.name,
-                    connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
-                    **options,
-                ),
-                timeout=self.connect_timeout,
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                self.servers,
+                name=self.name,
+                connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
+                **options,
             )
+        )
+        try:
+            await asyncio.wait({connecting}, timeout=self.connect_timeout)
         except asyncio.CancelledError:
             # Cancelled mid-connect (a FallbackBus closing): leave no socket.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(nc.close())
+            await asyncio.shield(_abandon_connect(connecting, nc))
             raise
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
+        failure: BaseException | None
+        if not connecting.done():
+            await _abandon_connect(connecting, nc)
+            failure = TimeoutError(f"no answer within {self.connect_timeout:g} s")
+        elif connecting.cancelled():
+            failure = TimeoutError("the connect attempt was cancelled")
+        else:
+            failure = connecting.exception()
+        if failure is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-            cause = self._last_error or exc
+            if not isinstance(failure, (TimeoutError, OSError, nats.errors.Error)):
+                raise failure
+            cause = self._last_error or failure
             raise TransportUnavailableError(
                 f"cannot connect to NATS at {', '.join(self.servers)} within "
                 f"{self.connect_timeout:g} s: {_describe(cause)}"
-            ) from exc
+            ) from failure
         if self._state is LifecycleState.CLOSED:  # closed while we were connecting
             await nc.close()
             self._check_not_closed("connect")
@@ -378,6 +408,8 @@ class NatsBus(BaseBus):
     async def _shutdown(self) -> None:
         nc = self._nc
         assert nc is not None
+        for request in list(self._requests):
+            request.cancel()  # the requester sees the bus closed (see request())
         drainer = self._drainer
         if drainer is not None and not drainer.done():
             with contextlib.suppress(Exception):
@@ -402,7 +434,14 @@ class NatsBus(BaseBus):
 
     # ─── Publishing ───
 
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish *payload* on *topic* (the NATS subject), fire-and-forget.
 
         Connects first if :meth:`connect` was never awaited.
@@ -410,30 +449,143 @@ class NatsBus(BaseBus):
         Raises
         ------
         TypeError, ValueError
-            Bad topic, payload or event type, or an envelope larger than the
-            server's ``max_payload``.
+            Bad topic, payload, event type or headers, or an envelope larger
+            than the server's ``max_payload``.
         BusClosedError
             The bus is closed.
         """
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
-        data = self.encode(topic, payload, event_type)
+        data = self.encode(topic, payload, event_type, headers=headers)
         await self._send_or_queue(topic, data)
 
     async def publish_event(self, event: Event) -> None:
         """Publish an already-built *event*, keeping its ``id``, ``ts``,
-        ``type`` and ``v`` (for bridges and relays). Same errors as
-        :meth:`publish`."""
+        ``type``, ``v``, ``headers`` and ``reply_to`` (for bridges and
+        relays). Same errors as :meth:`publish`."""
         if self._state is not LifecycleState.OPEN:
             self._check_not_closed("publish")
             await self.connect()
         data = self.encode(
-            event.topic, event.payload, event.type, event_id=event.id, ts=event.ts, v=event.v
+            event.topic,
+            event.payload,
+            event.type,
+            event_id=event.id,
+            ts=event.ts,
+            v=event.v,
+            headers=event.headers,
+            reply_to=event.reply_to,
         )
         await self._send_or_queue(event.topic, data)
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Send a NATS request and return the first reply (see
+        :meth:`BaseBus.request <shmbus.contract.BaseBus.request>`).
+
+        Goes out after this instance's SUBs and PUBs so far, so a responder
+        subscribed on this instance just before is there to answer.
+
+        Raises
+        ------
+        NoRespondersError
+            The server knows nobody subscribes to *topic* (at once).
+        RequestTimeoutError
+            No reply within *timeout* seconds.
+        TransportUnavailableError
+            The connection is down (a :class:`ConnectionError`).
+        BusClosedError
+            The bus is closed, or closed while the request waited.
+        TypeError, ValueError
+            As :meth:`publish`, or a bad *timeout*.
+        """
+        timeout = check_timeout(timeout)
+        if self._state is not LifecycleState.OPEN:
+            self._check_not_closed("request")
+            await self.connect()
+        data = self.encode(topic, payload, event_type, headers=headers)
+        loop = self._loop
+        assert loop is not None
+        if asyncio.get_running_loop() is not loop:
+            future = asyncio.run_coroutine_threadsafe(self._request(topic, data, timeout), loop)
+            return await asyncio.wrap_future(future)
+        return await self._request(topic, data, timeout)
+
+    async def _request(self, topic: str, data: bytes, timeout: float) -> Event:
+        """On the bus loop: send one encoded request and await its reply."""
+        waiting = set(self._pending_subs)
+        drainer = self._drainer
+        if drainer is not None and not drainer.done():
+            waiting.add(drainer)
+        if waiting:
+            # SUBs and queued PUBs of this instance go out before the request.
+            await asyncio.wait(waiting, timeout=timeout)
+        nc = self._nc
+        if self._state is not LifecycleState.OPEN or nc is None:
+            self._check_not_closed("request")
+        if nc is None or not nc.is_connected:
+            raise TransportUnavailableError(
+                f"cannot send the request on {topic!r}: not connected to NATS at "
+                f"{','.join(self.servers)}"
+            )
+        assert self._loop is not None
+        pending = self._loop.create_task(nc.request(topic, data, timeout=timeout))
+        self._requests.add(pending)
+        pending.add_done_callback(self._requests.discard)
+        with self._lock:
+            self._published += 1
+        try:
+            msg = await pending
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._state is LifecycleState.CLOSED and not (task and task.cancelling()):
+                raise BusClosedError(
+                    f"NatsBus {','.join(self.servers)} was closed while the request on "
+                    f"{topic!r} waited for its reply"
+                ) from None
+            raise
+        except nats.errors.NoRespondersError:
+            raise NoRespondersError(
+                f"no responders for the request on {topic!r}: nobody subscribes to it on "
+                f"NATS at {','.join(self.servers)}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeoutError(
+                f"no reply to the request on {topic!r} within {timeout:g} s "
+                f"(NatsBus {','.join(self.servers)}): nobody answered in time"
+            ) from None
+        except nats.errors.Error as exc:
+            raise TransportUnavailableError(
+                f"the request on {topic!r} failed: {_describe(exc)}"
+            ) from exc
+        try:
+            return decode_envelope(
+                msg.subject,
+                msg.data,
+                max(self._max_payload, len(msg.data)),
+                reply_to=msg.reply or None,
+            )
+        except EnvelopeDecodeError as exc:
+            with self._lock:
+                self._corrupt += 1
+            raise exc
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish from any thread, with or without a running event loop.
 
         The input is checked and encoded here (so bad input raises in the
@@ -448,7 +600,7 @@ class NatsBus(BaseBus):
             hand the event to: await :meth:`connect` first).
         """
         self._check_ready("publish")
-        self.submit_encoded(topic, self.encode(topic, payload, event_type))
+        self.submit_encoded(topic, self.encode(topic, payload, event_type, headers=headers))
 
     def encode(
         self,
@@ -459,12 +611,22 @@ class NatsBus(BaseBus):
         event_id: str | None = None,
         ts: float | None = None,
         v: int = EVENT_SCHEMA_VERSION,
+        headers: Mapping[str, str] | None = None,
+        reply_to: str | None = None,
     ) -> bytes:
         """Validate and encode one envelope for this bus; raise for bad input
         or an envelope over the server's ``max_payload``."""
         validate_topic(topic)
         data = encode_envelope(
-            topic, payload, event_type, sys.maxsize, event_id=event_id, ts=ts, v=v
+            topic,
+            payload,
+            event_type,
+            sys.maxsize,
+            event_id=event_id,
+            ts=ts,
+            v=v,
+            headers=headers,
+            reply_to=reply_to,
         )
         limit = self._max_payload
         if len(data) > limit:
@@ -620,16 +782,21 @@ class NatsBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
         """Subscribe to events whose topic matches *pattern* (a NATS subject
-        with ``*``/``>`` wildcards, validated by shmbus's rules).
+        with ``*``/``>`` wildcards, validated by shmbus's rules); with
+        *queue*, as a member of that NATS queue group.
 
         May be called before :meth:`connect` (the NATS subscription is made
         on connect) and from any thread.
         """
         validate_pattern(pattern)
+        if queue is not None:
+            validate_queue_name(queue)
         self._check_not_closed("subscribe")
-        qsub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        qsub = QueueSubscription(
+            pattern, maxsize=self.queue_size, on_close=self._forget, queue=queue
+        )
         route = _Route(qsub)
         with self._lock:
             self._check_not_closed("subscribe")
@@ -661,7 +828,9 @@ class NatsBus(BaseBus):
             return
         callback = functools.partial(self._on_message, route.qsub)
         try:
-            nats_sub = await nc.subscribe(route.qsub.pattern, cb=callback)
+            nats_sub = await nc.subscribe(
+                route.qsub.pattern, queue=route.qsub.queue or "", cb=callback
+            )
         except Exception as exc:
             log.error("cannot subscribe to %r on NATS: %s", route.qsub.pattern, _describe(exc))
             route.qsub.close_from_transport()
@@ -672,7 +841,12 @@ class NatsBus(BaseBus):
 
     async def _on_message(self, qsub: QueueSubscription, msg: Msg) -> None:
         try:
-            event = decode_envelope(msg.subject, msg.data, max(self._max_payload, len(msg.data)))
+            event = decode_envelope(
+                msg.subject,
+                msg.data,
+                max(self._max_payload, len(msg.data)),
+                reply_to=msg.reply or None,
+            )
         except EnvelopeDecodeError as exc:
             with self._lock:
                 self._corrupt += 1
@@ -825,6 +999,32 @@ class NatsBus(BaseBus):
         task = self._loop.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+#: How long a connect that was given up on may take to unwind, in seconds.
+_ABANDON_TIMEOUT = 5.0
+
+
+async def _abandon_connect(connecting: asyncio.Future[None], nc: Client) -> None:
+    """Stop a ``Client.connect()`` that is still retrying and close its client.
+
+    nats-py's connect loop swallows a cancellation that lands while it tidies
+    up after a failed attempt (and then tries again), so one ``cancel()`` is
+    not enough: cancel until it ends, for at most :data:`_ABANDON_TIMEOUT`
+    seconds, then close the client whatever happened.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _ABANDON_TIMEOUT
+    while not connecting.done() and loop.time() < deadline:
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=0.05)
+    if connecting.done():
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: it is reported by the caller, not by asyncio
+    else:
+        log.warning("a NATS connect attempt did not stop when cancelled; leaving it behind")
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 async def _unsubscribe(nats_sub: NatsSubscription) -> None:

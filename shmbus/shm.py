@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from ._checks import check_int
@@ -54,9 +54,17 @@ from ._core.ring import RingWriter
 from ._core.segment import Segment, SegmentOptions, check_geometry
 from ._core.wakeup import Waker
 from .codec import encode_envelope
-from .contract import BaseBus, Event, validate_pattern, validate_topic
+from .contract import (
+    EMPTY_HEADERS,
+    BaseBus,
+    Event,
+    validate_pattern,
+    validate_queue_name,
+    validate_topic,
+)
 from .delivery import QueueSubscription
 from .errors import BusClosedError, ForkedBusError, ShmBusError
+from .inbox import ReplyInbox, check_timeout
 from .lifecycle import LifecycleState
 from .stats import BusStats
 
@@ -156,6 +164,7 @@ class ShmBus(BaseBus):
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
         self._subscriptions: set[QueueSubscription] = set()
+        self._inbox = ReplyInbox(self.subscribe, f"ShmBus {name!r}")
 
     @classmethod
     def for_existing(cls, name: str, **options: Any) -> ShmBus:
@@ -296,19 +305,35 @@ class ShmBus(BaseBus):
 
     # ─── Publishing ───
 
-    async def publish(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish *payload* on *topic*, fire-and-forget (see :meth:`publish_nowait`)."""
         if self._state is not _OPEN:
             await self.connect()
-        self.publish_nowait(topic, payload, event_type=event_type)
+        self.publish_nowait(topic, payload, event_type=event_type, headers=headers)
 
-    def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Publish without an event loop; safe to call from any thread.
+
+        *headers* ride in the envelope (the ring's records are unchanged).
 
         Raises
         ------
         TypeError, ValueError
-            Bad topic, payload or event type, or an envelope over
+            Bad topic, payload, event type or headers, or an envelope over
             ``max_event_size`` (the bus is unaffected).
         SegmentSpaceError
             The first publish of this instance found no room in ``/dev/shm``
@@ -321,13 +346,14 @@ class ShmBus(BaseBus):
         topic_key = self._topic_keys.get(topic)
         if topic_key is None:
             topic_key = self._topic_key(topic)
-        body = encode_envelope(topic, payload, event_type, self.max_event_size)
+        body = encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
         self._commit(topic_key, body)
 
     def republish(self, event: Event) -> None:
         """Publish *event* keeping its whole envelope (``id``, ``ts``, ``type``,
-        ``v``), for bridges and fallbacks that relay events between
-        transports. Safe from any thread; raises like :meth:`publish_nowait`.
+        ``v``, ``headers``, ``reply_to``), for bridges and fallbacks that relay
+        events between transports. Safe from any thread; raises like
+        :meth:`publish_nowait`.
         """
         if self._state is not _OPEN:
             self._ensure_open("publish")
@@ -343,8 +369,46 @@ class ShmBus(BaseBus):
             event_id=event.id,
             ts=event.ts,
             v=event.v,
+            headers=event.headers,
+            reply_to=event.reply_to,
         )
         self._commit(topic_key, body)
+
+    async def request(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Publish a request and return the first reply (see
+        :meth:`BaseBus.request <shmbus.contract.BaseBus.request>`).
+
+        The request is an ordinary event with a ``reply_to`` in its
+        envelope; the reply comes back through this instance's inbox
+        subscription (:mod:`shmbus.inbox`). Whether anyone listens is not
+        known here, so a request nobody answers raises
+        :class:`~shmbus.errors.RequestTimeoutError` after *timeout* seconds.
+        """
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+        if self._state is not _OPEN:
+            await self.connect()
+
+        def send(reply_to: str) -> None:
+            self.republish(
+                Event(
+                    topic,
+                    payload,
+                    event_type,
+                    headers=EMPTY_HEADERS if headers is None else headers,
+                    reply_to=reply_to,
+                )
+            )
+
+        return await self._inbox.request(topic, timeout, send)
 
     def _commit(self, topic_key: tuple[bytes, int], body: bytes) -> None:
         """Append one encoded envelope to this instance's ring and wake
@@ -407,7 +471,7 @@ class ShmBus(BaseBus):
 
     # ─── Subscribing ───
 
-    def subscribe(self, pattern: str) -> QueueSubscription:
+    def subscribe(self, pattern: str, *, queue: str | None = None) -> QueueSubscription:
         """Subscribe to events whose topic matches *pattern*.
 
         Must be called with an event loop running (that loop runs the
@@ -417,6 +481,12 @@ class ShmBus(BaseBus):
         returns. Takes no lock another process could hold.
         """
         validate_pattern(pattern)
+        if queue is not None:
+            validate_queue_name(queue)
+            raise NotImplementedError(
+                "queue groups on ShmBus come with their cross-process claim protocol, "
+                "which is not in this version yet; MemoryBus and NatsBus have them"
+            )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

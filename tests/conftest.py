@@ -97,6 +97,31 @@ async def any_bus(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterato
         await instance.close()
 
 
+@pytest.fixture(params=["shm", "memory", "nats", "fallback"])
+async def transport(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterator[BaseBus]:
+    """A connected bus of every transport that delivers events, the NATS
+    fallback bus included (see every_transport.py)."""
+    from every_transport import make
+
+    instance = await make(request.param, request, bus_name)
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture(params=["shm", "memory", "nats", "fallback", "null"])
+async def with_null(request: pytest.FixtureRequest, bus_name: str) -> AsyncIterator[BaseBus]:
+    """:func:`transport` and the null bus."""
+    from every_transport import make
+
+    instance = await make(request.param, request, bus_name)
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
 def _live_children() -> list[psutil.Process]:
     children = []
     for child in psutil.Process().children(recursive=True):

@@ -244,3 +244,89 @@ async def test_bridge_stops_cleanly_when_asked(nats_server: NatsServer, bus_name
     stop.set()
     await asyncio.wait_for(runner, READY_TIMEOUT)
     assert bridge.counters()["exported"] == 0
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_a_traceparent_crosses_the_bridge_in_both_directions(
+    nats_server: NatsServer, hosts: tuple[ShmBus, ShmBus]
+) -> None:
+    """Set on host A's shm bus, read on NATS and on host B's shm bus; set
+    on NATS, read on host A's shm bus."""
+    host_a, host_b = hosts
+    remote = NatsBus(nats_server.url, connect_timeout=5)
+    await remote.connect()
+    sub_b, sub_nats, back_a = host_b.subscribe("trace.>"), remote.subscribe("trace.>"), None
+    bridges = []
+    try:
+        for bus in hosts:
+            bridges.append(
+                await BridgeProcess.start(
+                    "--bus",
+                    shm_url(bus.name),
+                    "--nats",
+                    nats_server.url,
+                    "--export",
+                    "trace.>",
+                    "--import",
+                    "trace.>",
+                    "back.>",
+                )
+            )
+        back_a = host_a.subscribe("back.>")
+        await remote.flush()
+        await host_a.publish("trace.a", {"n": 1}, headers={"traceparent": TRACEPARENT})
+        [on_nats] = await take(sub_nats, 1)
+        [on_b] = await take(sub_b, 1)
+        await remote.publish("back.x", {"n": 2}, headers={"traceparent": TRACEPARENT})
+        [on_a] = await take(back_a, 1)
+    finally:
+        for bridge in bridges:
+            await bridge.kill()
+        for sub in (sub_b, sub_nats, back_a):
+            if sub is not None:
+                await sub.aclose()
+        await remote.close()
+    for event in (on_nats, on_b, on_a):
+        assert event.headers == {"traceparent": TRACEPARENT}
+    assert on_b.id == on_nats.id
+
+
+async def test_a_request_crosses_the_bridges_when_they_relay_the_inbox_topics(
+    nats_server: NatsServer, hosts: tuple[ShmBus, ShmBus]
+) -> None:
+    """A requester on host A, a responder on host B: the request and its
+    reply are ordinary events, relayed like any other when the bridges
+    export and import the service's topics and ``_INBOX.>``."""
+    host_a, host_b = hosts
+    requests = host_b.subscribe("svc.>")
+    bridges = []
+    try:
+        for bus in hosts:
+            bridges.append(
+                await BridgeProcess.start(
+                    "--bus",
+                    shm_url(bus.name),
+                    "--nats",
+                    nats_server.url,
+                    "--export",
+                    "svc.>",
+                    "_INBOX.>",
+                    "--import",
+                    "svc.>",
+                    "_INBOX.>",
+                )
+            )
+        pending = asyncio.create_task(
+            host_a.request("svc.ping", {"n": 1}, headers={"traceparent": TRACEPARENT}, timeout=30)
+        )
+        [request] = await take(requests, 1)
+        await host_b.reply(request, {"pong": request.payload["n"]})
+        reply = await asyncio.wait_for(pending, 30)
+    finally:
+        for bridge in bridges:
+            await bridge.kill()
+        await requests.aclose()
+    assert request.headers == {"traceparent": TRACEPARENT}
+    assert reply.payload == {"pong": 1}

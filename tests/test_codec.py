@@ -201,3 +201,94 @@ def test_decode_rejects_data_longer_than_the_limit():
 
 def test_envelope_decode_error_is_a_value_error():
     assert issubclass(EnvelopeDecodeError, ValueError)
+
+
+# ─── Optional keys: headers and reply_to ─────────────────────────────────────
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_an_envelope_without_headers_or_reply_to_has_exactly_the_six_keys():
+    """What every earlier version wrote, byte for byte: the envelope version
+    did not change for the optional keys."""
+    data = encode_envelope("a", {"k": 1}, "t", LIMIT, event_id="0" * 32, ts=1.5, headers={})
+    assert data == msgpack.packb(
+        {"v": 1, "id": "0" * 32, "topic": "a", "type": "t", "ts": 1.5, "payload": {"k": 1}}
+    )
+
+
+def test_headers_and_reply_to_are_added_as_keys_and_the_six_keys_stay_as_they_were():
+    data = encode_envelope(
+        "a",
+        {"k": 1},
+        "t",
+        LIMIT,
+        event_id="0" * 32,
+        ts=1.5,
+        headers={"traceparent": TRACEPARENT},
+        reply_to="_INBOX.abc.1",
+    )
+    wire = msgpack.unpackb(data)
+    assert wire.pop("headers") == {"traceparent": TRACEPARENT}
+    assert wire.pop("reply_to") == "_INBOX.abc.1"
+    assert wire == {
+        "v": 1,
+        "id": "0" * 32,
+        "topic": "a",
+        "type": "t",
+        "ts": 1.5,
+        "payload": {"k": 1},
+    }
+
+
+def test_encode_decode_round_trip_keeps_headers_and_reply_to():
+    data = encode_envelope(
+        "a", {}, "", LIMIT, headers={"traceparent": TRACEPARENT}, reply_to="_INBOX.abc.1"
+    )
+    event = decode_envelope("a", data, LIMIT)
+    assert (dict(event.headers), event.reply_to) == ({"traceparent": TRACEPARENT}, "_INBOX.abc.1")
+
+
+def test_a_reply_to_given_by_the_transport_wins_over_the_envelopes():
+    data = encode_envelope("a", {}, "", LIMIT, reply_to="_INBOX.wire.1")
+    assert decode_envelope("a", data, LIMIT, reply_to="_INBOX.nats.2").reply_to == "_INBOX.nats.2"
+
+
+def test_decode_ignores_keys_it_does_not_know():
+    event = decode_envelope("a", envelope(future={"x": [1]}, also=2), LIMIT)
+    assert (event.payload, dict(event.headers), event.reply_to) == ({"k": 1}, {}, None)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"headers": [["k", "v"]]},
+        {"headers": {"k": 1}},
+        {"headers": {1: "v"}},
+        {"headers": {"bad name": "v"}},
+        {"headers": {"k": "line\nbreak"}},
+        {"headers": {"k": "v" * 20_000}},
+        {"reply_to": 7},
+        {"reply_to": "has space"},
+        {"reply_to": "_INBOX.*"},
+        {"reply_to": ""},
+    ],
+    ids=lambda fields: "-".join(f"{k}={str(v)[:20]!r}" for k, v in fields.items()),
+)
+def test_decode_rejects_bad_optional_keys(fields):
+    with pytest.raises(EnvelopeDecodeError, match="bad optional key"):
+        decode_envelope("a", envelope(**fields), LIMIT)
+
+
+@pytest.mark.parametrize("reply_to", [7, "two words", "a.>"])
+def test_encode_rejects_a_bad_reply_to_naming_it(reply_to):
+    with pytest.raises((TypeError, ValueError), match="reply_to"):
+        encode_envelope("a", {}, "", LIMIT, reply_to=reply_to)
+
+
+def test_the_headers_count_in_the_size_limit():
+    plain = len(encode_envelope("a", {}, "", LIMIT, event_id="0" * 32, ts=0.0))
+    with pytest.raises(ValueError, match=f"max_event_size is {plain + 10} bytes"):
+        encode_envelope(
+            "a", {}, "", plain + 10, event_id="0" * 32, ts=0.0, headers={"k": "v" * 20}
+        )

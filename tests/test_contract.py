@@ -465,15 +465,21 @@ def _parameters(function: Callable[..., object]) -> list[tuple[str, object, obje
     return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
 
 
-def test_the_bus_contract_declares_publish_nowait_and_stats():
+def test_the_bus_contract_declares_publish_nowait_stats_and_request():
     assert BaseBus.__abstractmethods__ == {
         "connect",
         "publish",
         "publish_nowait",
         "subscribe",
+        "request",
         "stats",
         "close",
     }
+
+
+def test_reply_is_one_method_of_the_contract_that_no_transport_overrides():
+    assert not getattr(BaseBus.reply, "__isabstractmethod__", False)
+    assert all(transport.reply is BaseBus.reply for transport in _transports())
 
 
 @pytest.mark.parametrize("method", sorted(BaseBus.__abstractmethods__))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -50,11 +52,17 @@ async def make_bus(bus_name: str) -> AsyncIterator[Callable[[str], FallbackBus]]
 
 
 async def _connected_pair(
-    make_bus: Callable[[str], FallbackBus], url: str
+    make_bus: Callable[[str], FallbackBus], url: str, *, nats_up: bool = True
 ) -> tuple[FallbackBus, FallbackBus]:
+    """Two connected buses; with *nats_up*, once both publish on NATS
+    (connect() returns before NATS answers)."""
     publisher, subscriber = make_bus(url), make_bus(url)
     await publisher.connect()
     await subscriber.connect()
+    if nats_up:
+        await wait_until(
+            lambda: publisher.using_nats and subscriber.using_nats, what="both to reach NATS"
+        )
     return publisher, subscriber
 
 
@@ -117,7 +125,7 @@ async def test_publishes_on_shm_while_nats_is_unreachable_and_switches_when_it_a
 ) -> None:
     server = NatsServer(port=free_port())
     try:
-        publisher, subscriber = await _connected_pair(make_bus, server.url)
+        publisher, subscriber = await _connected_pair(make_bus, server.url, nats_up=False)
         sub = subscriber.subscribe("boot.*")
         await publisher.publish("boot.early", {})
         [early] = await take(sub, 1)
@@ -225,3 +233,63 @@ async def test_publish_nowait_from_a_thread_reaches_a_subscriber_once(
     await publisher.publish("threads.last", {"i": 5})
     [last] = await take(sub, 1)
     assert _numbers([*events, last]) == [0, 1, 2, 3, 4, 5]
+
+
+# ─── Start-up does not wait for NATS ─────────────────────────────────────────
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """The URL of a server that accepts connections and never answers (a
+    NATS client waits for its INFO until its timeout)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield f"nats://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_connect_returns_without_waiting_for_a_nats_that_does_not_answer(
+    bus_name: str, silent_server: str
+) -> None:
+    """With a NATS connect timeout of ten minutes, connect() still returns
+    (the bound only turns a hang into a failure) and the bus works on shm."""
+    bus = FallbackBus(
+        NatsBus(silent_server, connect_timeout=600), ShmBus(bus_name, **SMALL_RING)
+    )
+    try:
+        await asyncio.wait_for(bus.connect(), 30)
+        sub = bus.subscribe("early.*")
+        await bus.publish("early.event", {"n": 1})
+        [event] = await take(sub, 1)
+        assert not bus.using_nats
+    finally:
+        await asyncio.wait_for(bus.close(), 30)
+    assert event.payload == {"n": 1}
+    assert bus.routes() == {"nats": 0, "shm": 1}
+
+
+async def test_events_published_before_and_after_nats_answers_arrive_once_each(
+    make_bus: Callable[[str], FallbackBus],
+) -> None:
+    server = NatsServer(port=free_port())
+    try:
+        publisher, subscriber = await _connected_pair(make_bus, server.url, nats_up=False)
+        sub = subscriber.subscribe("boot.>")
+        counter = itertools.count()
+        for _ in range(20):
+            await publisher.publish("boot.n", {"i": next(counter)})
+        server.start()
+        while not (publisher.using_nats and subscriber.using_nats):
+            await publisher.publish("boot.n", {"i": next(counter)})
+            await asyncio.sleep(0.01)  # pace the publisher while the clients connect
+        for _ in range(20):
+            await publisher.publish("boot.n", {"i": next(counter)})
+        total = next(counter)
+        events = await take(sub, total, timeout=30)
+        await publisher.publish("boot.last", {"i": -1})
+        [last] = await take(sub, 1)
+    finally:
+        server.close()
+    assert _numbers(events) == list(range(total))
+    assert last.topic == "boot.last"  # no duplicate was queued before it
+    assert publisher.routes()["nats"] > 0

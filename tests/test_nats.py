@@ -12,8 +12,14 @@ import pytest
 from awaiting import take, wait_until
 from shmbus_tools.servers import NatsServer, free_port
 
-from shmbus import Event
-from shmbus.errors import BusClosedError, ShmBusError, TransportUnavailableError
+from shmbus import Event, Subscription
+from shmbus.codec import encode_envelope
+from shmbus.errors import (
+    BusClosedError,
+    NoRespondersError,
+    ShmBusError,
+    TransportUnavailableError,
+)
 from shmbus.nats import NatsBus
 
 
@@ -355,3 +361,116 @@ def test_the_installed_nats_client_keeps_the_private_buffer_shmbus_trims() -> No
     from shmbus.nats import client_buffer_is_reachable
 
     assert client_buffer_is_reachable(Client())
+
+
+# ─── Queue groups and requests: NATS's own ───
+
+
+async def test_queue_members_on_two_connections_share_each_event_once(
+    bus: NatsBus, other_bus: NatsBus
+) -> None:
+    members = [
+        bus.subscribe("jobs.*", queue="workers"),
+        other_bus.subscribe("jobs.*", queue="workers"),
+    ]
+    await bus.flush()
+    await other_bus.flush()
+    got: list[int] = []
+    ends = asyncio.Event()
+
+    async def consume(sub: Subscription) -> None:
+        async for event in sub:
+            got.append(event.payload["n"])
+            if got.count(-1) == 2:
+                ends.set()
+
+    tasks = [asyncio.create_task(consume(sub)) for sub in members]
+    for n in range(40):
+        await bus.publish("jobs.run", {"n": n})
+    for _ in range(2):
+        await bus.publish("jobs.end", {"n": -1})
+    await asyncio.wait_for(ends.wait(), 30)
+    for task in tasks:
+        task.cancel()
+    assert sorted(got) == [-1, -1, *range(40)]
+    assert sum(sub.statistics().delivered for sub in members) == 42
+
+
+async def test_on_nats_one_queue_name_is_one_group_across_overlapping_patterns(
+    bus: NatsBus,
+) -> None:
+    """NATS groups the subscriptions a message matches by queue name alone;
+    the in-process and shm buses by pattern and queue name (README)."""
+    narrow, broad = bus.subscribe("work.a", queue="w"), bus.subscribe("work.*", queue="w")
+    plain = bus.subscribe("work.>")
+    for n in range(10):
+        await bus.publish("work.a", {"n": n})
+    await take(plain, 10)
+    await bus.flush()
+    assert narrow.statistics().queued + broad.statistics().queued == 10
+    for sub in (narrow, broad, plain):
+        await sub.aclose()
+
+
+async def test_a_request_to_another_connection_gets_the_reply(
+    bus: NatsBus, other_bus: NatsBus
+) -> None:
+    async with other_bus.subscribe("svc.add") as sub:
+        await other_bus.flush()
+        pending = asyncio.create_task(bus.request("svc.add", {"a": 2, "b": 3}, timeout=30))
+        [request] = await take(sub, 1)
+        await other_bus.reply(request, {"sum": request.payload["a"] + request.payload["b"]})
+        reply = await asyncio.wait_for(pending, 30)
+    assert reply.payload == {"sum": 5}
+    assert request.reply_to and request.reply_to.startswith("_INBOX.")
+
+
+async def test_a_request_nobody_subscribes_to_fails_at_once_with_no_responders(
+    bus: NatsBus,
+) -> None:
+    with pytest.raises(NoRespondersError, match="no responders for the request on 'svc.none'"):
+        await asyncio.wait_for(bus.request("svc.none", {}, timeout=600), 30)
+
+
+async def test_a_plain_nats_client_can_answer_a_request_through_the_reply_subject(
+    bus: NatsBus, nats_server: NatsServer
+) -> None:
+    """The reply address is NATS's own reply subject: any client's
+    ``msg.respond`` reaches the requester."""
+    raw = await nats.connect(nats_server.url)
+    try:
+
+        async def answer(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(encode_envelope("ignored", {"from": "nats-py"}, "", 1 << 20))
+
+        await raw.subscribe("svc.raw", cb=answer)
+        await raw.flush()
+        reply = await asyncio.wait_for(bus.request("svc.raw", {}, timeout=30), 30)
+    finally:
+        await raw.close()
+    assert reply.payload == {"from": "nats-py"}
+    assert reply.topic.startswith("_INBOX.")
+
+
+async def test_a_request_from_another_threads_event_loop_gets_its_reply(bus: NatsBus) -> None:
+    async with bus.subscribe("svc.thread") as sub:
+        await bus.flush()
+        result: list[Event] = []
+        thread = threading.Thread(
+            target=lambda: result.append(asyncio.run(bus.request("svc.thread", {}, timeout=30)))
+        )
+        thread.start()
+        [request] = await take(sub, 1)
+        await bus.reply(request, {"ok": 1})
+        await wait_until(lambda: not thread.is_alive(), what="the requesting thread")
+        thread.join()
+    assert [r.payload for r in result] == [{"ok": 1}]
+
+
+async def test_a_request_while_the_server_is_down_raises_transport_unavailable(
+    bus: NatsBus, nats_server: NatsServer
+) -> None:
+    nats_server.stop()
+    await wait_until(lambda: not bus.connected, what="the outage to be noticed")
+    with pytest.raises(TransportUnavailableError, match="not connected to NATS"):
+        await bus.request("svc.down", {}, timeout=30)
