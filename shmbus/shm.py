@@ -49,7 +49,7 @@ from ._core.layout import (
     slot_word,
 )
 from ._core.ordering import full_fence
-from ._core.reader import BusReader, RingKey
+from ._core.reader import BusReader, RingKey, Target
 from ._core.ring import RingWriter
 from ._core.segment import Segment, SegmentOptions, check_geometry
 from ._core.wakeup import Waker
@@ -427,7 +427,7 @@ class ShmBus(BaseBus):
         if self._state is not _OPEN:
             self._ensure_open("subscribe")
         sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
-        orphans: list[QueueSubscription] = []
+        orphans: list[Target] = []
         with self._thread_lock:
             self._check_not_ended("subscribe")
             segment = self._segment
@@ -453,7 +453,8 @@ class ShmBus(BaseBus):
             reader.add(sub)
             self._subscriptions.add(sub)
         for orphan in orphans:
-            orphan.close_from_transport()
+            if isinstance(orphan, QueueSubscription):
+                orphan.close_from_transport()
         return sub
 
     def _forget(self, sub: QueueSubscription) -> None:
