@@ -6,7 +6,8 @@ is strict in the same ways as the shared-memory bus: it validates topics,
 patterns and payloads, enforces ``max_event_size``, and round-trips every
 envelope through the wire codec so a payload that would not survive msgpack
 fails here too. Events are routed to subscriptions on their home loops with
-bounded drop-oldest queues.
+bounded drop-oldest queues, and handed to blocking subscriptions
+(``subscribe_sync()``) under their lock, from whichever thread publishes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ._checks import check_int
 from ._core.layout import MIN_MAX_EVENT_SIZE
 from .codec import decode_envelope, encode_envelope
 from .contract import BaseBus, validate_pattern, validate_topic
-from .delivery import QueueSubscription
+from .delivery import BlockingSubscription, QueueSubscription
 from .stats import BusStats
 
 __all__ = ["MemoryBus", "NullBus"]
@@ -55,12 +56,13 @@ class _LocalBus(BaseBus):
 class MemoryBus(_LocalBus):
     """Publish/subscribe between the tasks and threads of one process.
 
-    ``publish_nowait()`` may be called from any thread.
+    ``publish_nowait()`` may be called from any thread; a blocking
+    subscription may be consumed from any thread.
     """
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
         super().__init__(max_event_size=max_event_size, queue_size=queue_size)
-        self._subscriptions: list[QueueSubscription] = []
+        self._subscriptions: list[QueueSubscription | BlockingSubscription] = []
         self._retired_delivered = 0
         self._retired_dropped = 0
 
@@ -86,7 +88,18 @@ class MemoryBus(_LocalBus):
             self._subscriptions.append(sub)
         return sub
 
-    def _forget(self, sub: QueueSubscription) -> None:
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """A blocking subscription (see :meth:`BaseBus.subscribe_sync`): events
+        published after this call returns, from any thread, are handed to it
+        by the publishing thread."""
+        self._check_open("subscribe")
+        validate_pattern(pattern)
+        sub = BlockingSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        with self._lock:
+            self._subscriptions.append(sub)
+        return sub
+
+    def _forget(self, sub: QueueSubscription | BlockingSubscription) -> None:
         with self._lock:
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
@@ -121,8 +134,14 @@ class NullBus(_LocalBus):
     """A bus that discards every event: for processes that must not talk.
 
     Publishing validates its input and then drops it (counted in ``stats()``);
-    a subscription ends immediately.
+    a subscription ends immediately. A blocking subscription stays open and
+    never yields (``get(timeout)`` times out) until it or the bus is closed, so
+    a worker thread consuming one idles rather than ending.
     """
+
+    def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
+        super().__init__(max_event_size=max_event_size, queue_size=queue_size)
+        self._blocking: list[BlockingSubscription] = []
 
     def publish_nowait(self, topic: str, payload: dict[str, Any], *, event_type: str = "") -> None:
         self._check_open("publish")
@@ -138,8 +157,26 @@ class NullBus(_LocalBus):
         sub.close_from_transport()
         return sub
 
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """A blocking subscription that never yields (see the class)."""
+        self._check_open("subscribe")
+        validate_pattern(pattern)
+        sub = BlockingSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        with self._lock:
+            self._blocking.append(sub)
+        return sub
+
+    def _forget(self, sub: BlockingSubscription) -> None:
+        with self._lock:
+            if sub in self._blocking:
+                self._blocking.remove(sub)
+
     async def close(self) -> None:
         self._closed = True
+        with self._lock:
+            blocking, self._blocking = self._blocking, []
+        for sub in blocking:
+            sub.close_from_transport()
 
     def stats(self) -> BusStats:
         """Counters of this bus instance: only ``published`` moves."""
