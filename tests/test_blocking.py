@@ -443,11 +443,26 @@ def test_a_blocking_subscription_reads_on_a_slot_of_its_own_shown_as_a_live_read
 ) -> None:
     subscriber, _ = shm
     with subscriber.subscribe_sync("a.*"):
-        readers = read_bus(bus_name).readers
-        instances = len(read_bus(bus_name).live_instances)
-    assert readers == 1
-    assert instances == 3  # the two instances and the subscription's reader
-    assert read_bus(bus_name).readers == 0
+        info = read_bus(bus_name)
+    after = read_bus(bus_name)
+    assert info.readers == 1 and after.readers == 0
+    # The two instances and the subscription's reader, which has a doorbell.
+    assert sorted(slot.blocking for slot in info.live_instances) == [False, False, True]
+    assert not any(slot.blocking for slot in after.live_instances)
+
+
+def test_the_memory_of_a_bus_counts_the_doorbells_of_its_blocking_readers(
+    shm: tuple[ShmBus, ShmBus], bus_name: str
+) -> None:
+    subscriber, _ = shm
+    before = read_bus(bus_name).segment_size
+    with subscriber.subscribe_sync("a.*"), subscriber.subscribe_sync("b.*"):
+        bells = doorbells(bus_name)
+        during = read_bus(bus_name).segment_size
+    # A semaphore's file is 32 bytes; its memory is a page.
+    assert len(bells) == 2
+    assert during - before == 2 * os.sysconf("SC_PAGE_SIZE")
+    assert read_bus(bus_name).segment_size == before
 
 
 def test_closing_the_bus_removes_every_file_even_with_blocking_subscriptions_open(
