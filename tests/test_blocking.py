@@ -43,15 +43,20 @@ FINISH = 30.0
 
 class Pair:
     """A bus to subscribe on and one to publish on (the same instance for
-    in-process transports, a second instance for ShmBus)."""
+    in-process transports, a second instance for ShmBus). "shm" is a private
+    bus (blocking readers sleep on a semaphore), "shm-group" one shared with
+    this process's group (they sleep on a FIFO)."""
 
     def __init__(self, kind: str, name: str, queue_size: int) -> None:
         self.kind = kind
         self.subscriber: BaseBus
         self.publisher: BaseBus
-        if kind == "shm":
-            self.subscriber = ShmBus(name, queue_size=queue_size, **SMALL_RING)
-            self.publisher = ShmBus(name, **SMALL_RING)
+        if kind in ("shm", "shm-group"):
+            shared: dict[str, Any] = (
+                {"mode": 0o660, "group": os.getegid()} if kind == "shm-group" else {}
+            )
+            self.subscriber = ShmBus(name, queue_size=queue_size, **shared, **SMALL_RING)
+            self.publisher = ShmBus(name, **shared, **SMALL_RING)
             self.subscriber.connect_sync()
             self.publisher.connect_sync()
         elif kind == "memory":
@@ -88,13 +93,13 @@ def pair(request: pytest.FixtureRequest, bus_name: str, queue_size: int = 1024) 
         made.close()
 
 
-@pytest.fixture(params=["shm", "memory"])
+@pytest.fixture(params=["shm", "shm-group", "memory"])
 def delivering(request: pytest.FixtureRequest, bus_name: str) -> Iterator[Pair]:
     """A pair of each transport that delivers events."""
     yield from pair(request, bus_name)
 
 
-@pytest.fixture(params=["shm", "memory", "null"])
+@pytest.fixture(params=["shm", "shm-group", "memory", "null"])
 def any_pair(request: pytest.FixtureRequest, bus_name: str) -> Iterator[Pair]:
     """A pair of every transport with blocking subscriptions."""
     yield from pair(request, bus_name)

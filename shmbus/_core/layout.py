@@ -17,7 +17,8 @@ Bus segment ``shmbus.NAME``::
     4352     DIRECTORY FLAGS: one byte per slot, 1 = the directory changed
              since that slot's reader last scanned it
     4608     BELL IDS: one u64 per slot, the id naming the doorbell of that
-             slot's blocking reader (0 = none); see below
+             slot's blocking reader (0 = none; a blocking reader of a bus
+             shared with a group has a wake-up FIFO instead); see below
     8192     SLOTS: MAX_SLOTS x SLOT_SIZE, one per attached bus instance
     OFF_ENTRIES   RING DIRECTORY: MAX_RINGS x ENTRY_SIZE, one per ring
     OFF_SEEN      SEEN TABLE: MAX_SLOTS x MAX_RINGS words; word (s, e) is the
@@ -199,7 +200,7 @@ def seen_word(slot: int, entry: int) -> int:
 # ─── Doorbell files ──────────────────────────────────────────────────────────
 
 #: Bytes of a doorbell's file: ``sizeof(sem_t)`` (glibc and musl, 64-bit).
-#: A shorter file is refused: the C library's mapping of it would fault.
+#: A file of another size is refused (a shorter one would fault when mapped).
 BELL_SEM_SIZE = 32
 
 # ─── Ring files ──────────────────────────────────────────────────────────────

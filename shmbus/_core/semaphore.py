@@ -16,8 +16,9 @@ Rules
    and given the bus's mode and group with ``fchmod``/``fchown``, past the
    umask. In the sticky ``/dev/shm`` nobody else can unlink or replace it.
 2. Opening someone's: the file is opened with ``O_NOFOLLOW`` and checked on
-   the descriptor (regular file, owner, mode, and at least ``BELL_SEM_SIZE``
-   bytes, so the mapping ``sem_open`` makes cannot fault); then ``sem_open``
+   the descriptor (regular file, owner, mode, and exactly ``BELL_SEM_SIZE``
+   bytes, what ``sem_open`` writes: the mapping it makes cannot fault, and
+   no other file of the bus's owner passes for a doorbell); then ``sem_open``
    (which also refuses symlinks); then the name is looked at again: it must
    still be the very file checked (same device and inode), else the
    semaphore is closed unused. The name could only have changed if its owner
@@ -113,15 +114,16 @@ class Semaphore:
 
         Raises FileNotFoundError if it is gone,
         :class:`~shmbus.errors.ForeignFileError` if it must not be used, and
-        :class:`~shmbus.errors.SegmentCorruptError` if it is too short."""
+        :class:`~shmbus.errors.SegmentCorruptError` if it has not a
+        semaphore's size."""
         fd = open_checked(path, os.O_RDONLY, access)
         try:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        if st.st_size < BELL_SEM_SIZE:
+        if st.st_size != BELL_SEM_SIZE:
             raise SegmentCorruptError(
-                f"{path} is {st.st_size} bytes, too short for a semaphore ({BELL_SEM_SIZE})"
+                f"{path} is {st.st_size} bytes, not a semaphore's {BELL_SEM_SIZE}; refusing it"
             )
         try:
             semaphore = posix_ipc.Semaphore(name)

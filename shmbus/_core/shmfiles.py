@@ -6,9 +6,11 @@ be mistaken for another's)::
 
     shmbus.NAME                  the bus segment (identity, slots, directory)
     shmbus.NAME:ring.<16 hex>    one ring per publishing instance
-    shmbus.NAME:wake.<16 hex>    one wake-up FIFO per asyncio reader
-    sem.shmbus.NAME:bell.<16 hex>  one doorbell per blocking reader: the file of
-                                 the named POSIX semaphore /shmbus.NAME:bell.<16 hex>
+    shmbus.NAME:wake.<16 hex>    one wake-up FIFO per asyncio reader (and per
+                                 blocking reader of a bus shared with a group)
+    sem.shmbus.NAME:bell.<16 hex>  one doorbell per blocking reader of a private
+                                 bus: the file of the named POSIX semaphore
+                                 /shmbus.NAME:bell.<16 hex>
 
 Rules (``/dev/shm`` is world-writable: assume another local user is waiting
 to squat any name a bus may use):

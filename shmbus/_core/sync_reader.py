@@ -6,7 +6,9 @@ Owns
 One :class:`SyncReader` per blocking subscription: its own attachment to the
 bus (a second descriptor of the segment, with its own shared attach lock and
 its own slot), the :class:`~shmbus._core.reader.RingFollower` of that slot,
-and the slot's doorbell (:class:`~shmbus._core.wakeup.Doorbell`).
+and the slot's doorbell (:class:`~shmbus._core.wakeup.Doorbell`, a POSIX
+semaphore; :class:`~shmbus._core.wakeup.FifoBell`, a FIFO, on a bus shared
+with a group).
 
 Why one per subscription (not one per bus instance): the thread that waits
 for an event is the one that reads the rings, so nothing is handed from
@@ -29,7 +31,7 @@ Invariants
   is alive like any other, and the instance's reclaims see this slot's lock
   as held by someone else. No code has to tell the two apart.
 * Sleep follows :mod:`shmbus._core.wakeup`: empty the doorbell, announce
-  (flag, ``F``, look again), then ``sem_clockwait`` with a timeout: at most
+  (flag, ``F``, look again), then wait on it with a timeout: at most
   ``IDLE_RECHECK`` the first time after reading something, ``HEARTBEAT``
   afterwards, never past the caller's deadline. So a wake-up lost to a
   publisher killed or stopped between its commit and its ring costs
@@ -49,7 +51,7 @@ import time
 from ..errors import SegmentError
 from .reader import HEARTBEAT, IDLE_RECHECK, RingFollower, RingKey, Target
 from .segment import Segment, SegmentOptions
-from .wakeup import Doorbell
+from .wakeup import Doorbell, FifoBell
 
 __all__ = ["SyncReader"]
 
@@ -86,7 +88,10 @@ class SyncReader:
                     f"bus {options.name!r}: its files were removed and made anew since this "
                     "instance connected (shmbus clean --force?); connect a new ShmBus"
                 )
-            bell = Doorbell(segment)
+            # A semaphore only where nobody else may write it (wakeup's rules).
+            bell: Doorbell | FifoBell = (
+                Doorbell(segment) if segment.access.gid is None else FifoBell(segment)
+            )
         except BaseException:
             segment.detach()
             raise

@@ -6,10 +6,14 @@ Why a FIFO for asyncio: the subscriber's event loop can watch its read end
 directly (``loop.add_reader``), so a publisher's one-byte write wakes the
 loop that runs the subscriptions, with no thread in between and no second
 wake-up. Why a semaphore for a blocking reader: the consuming thread itself
-sleeps in ``sem_clockwait`` and a ``sem_post`` wakes exactly it, the cheapest
-cross-process wake-up there is (``docs/DESIGN.md`` has the measurements behind
-both choices). Either way it is a doorbell, never a lock: nobody waits for the
-one who rings it, and a ring that never comes costs a timed re-check.
+sleeps in ``sem_timedwait`` and a ``sem_post`` wakes exactly it, the cheapest
+cross-process wake-up there is; but the C library trusts a semaphore's
+memory, and whoever may post it may write it, so only on a bus private to
+its owner: on a bus shared with a group a blocking reader sleeps in
+``poll()`` on a FIFO like an asyncio reader's (``docs/DESIGN.md`` has the
+measurements behind these choices). Either way it is a doorbell, never a
+lock: nobody waits for the one who rings it, and a ring that never comes
+costs a timed re-check.
 
 Protocol (the other half lives in :mod:`shmbus._core.reader` and :mod:`shmbus.shm`):
 
@@ -49,6 +53,7 @@ import errno
 import logging
 import os
 import secrets
+import select
 import threading
 
 from ..errors import ForeignFileError, SegmentCorruptError
@@ -57,7 +62,7 @@ from .segment import Segment
 from .semaphore import Semaphore
 from .shmfiles import Access, bell_name, bell_path, fifo_path, make_fifo, open_checked
 
-__all__ = ["Doorbell", "WakeChannel", "Waker"]
+__all__ = ["Doorbell", "FifoBell", "WakeChannel", "Waker"]
 
 log = logging.getLogger("shmbus._core.wakeup")
 
@@ -108,10 +113,59 @@ class WakeChannel:
         self.fd = -1
 
 
+class FifoBell(WakeChannel):
+    """A blocking reader's FIFO: what it sleeps on when its bus is shared
+    with a group (see :class:`Doorbell` for why). Only the slot's reader
+    waits on it; :meth:`ring` may be called from any thread of the process."""
+
+    def __init__(self, segment: Segment) -> None:
+        super().__init__(segment)
+        # ring() and close() exclude each other: a byte must never go to a
+        # descriptor number that was closed and reused.
+        self._lock = threading.Lock()
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a byte comes, up to *timeout* seconds (a signal whose
+        handler raises ends it early); True if one came."""
+        return bool(self._poll.poll(max(0.0, timeout) * 1000.0))
+
+    def ring(self) -> None:
+        """Wake the reader sleeping on this FIFO, from any thread of this
+        process (a signal handler too: it never waits)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self.fd >= 0:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self.fd, b"\x01")
+            finally:
+                self._lock.release()
+
+    def close(self, *, unlink: bool = True) -> None:
+        with self._lock:
+            super().close(unlink=unlink)
+
+    def abandon(self) -> None:
+        """In a fork child: close this process's descriptor, touch nothing
+        shared (the lock may have been held by a thread that did not survive
+        fork)."""
+        super().close(unlink=False)
+
+
 class Doorbell:
-    """The waiting end of one blocking reader's doorbell, published in its
-    slot's bell word. Only the slot's reader waits on it; :meth:`ring` may be
-    called from any thread of the process (to wake that reader early)."""
+    """The waiting end of one blocking reader's doorbell, a POSIX semaphore
+    published in its slot's bell word. Only the slot's reader waits on it;
+    :meth:`ring` may be called from any thread of the process (to wake that
+    reader early).
+
+    Only on a bus private to its owner (no group): the C library trusts a
+    semaphore's memory (a scribbled one makes ``sem_post`` and
+    ``sem_timedwait`` abort the process), and everyone who may post a
+    semaphore may also write it. On a private bus those are the owner's own
+    processes; on a bus shared with a group they would be other users', so
+    there a blocking reader sleeps on a :class:`FifoBell` instead.
+    """
 
     def __init__(self, segment: Segment) -> None:
         self._segment = segment
