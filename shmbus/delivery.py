@@ -417,6 +417,19 @@ class BlockingSubscription:
         """End the subscription because the bus closed (from any thread)."""
         self._end()
 
+    def abandon(self) -> None:
+        """In a fork child: end the subscription without touching its pump,
+        whose resources the transport let go of (a thread of the parent may
+        have held it when the process forked)."""
+        self._pump = None
+        # Only this thread survived the fork: locks another thread held
+        # then would stay held forever.
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
+        self._pump_held = threading.Lock()
+        self._waiting = 0
+        self._end()
+
     # ─── Consumer side ───
 
     def get(self, timeout: float | None = None) -> Event:

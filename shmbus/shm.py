@@ -583,8 +583,9 @@ class ShmBus(BaseBus):
         if self._waker is not None:
             self._waker.close()  # the child's copies of the FIFO descriptors
             self._waker = None
-        for sync_reader in self._sync_readers.values():
+        for blocking, sync_reader in self._sync_readers.items():
             sync_reader.abandon()
+            blocking.abandon()
         for sub in list(self._subscriptions):
             sub.close_from_transport()
         self._subscriptions.clear()

@@ -242,3 +242,73 @@ def leaves_without_closing(
     worker.start()
     conn.send("ready")
     _expect(conn, "return")
+
+
+def forking_consumer(
+    conn: Connection, name: str, *, waiting: bool, bus_kwargs: dict[str, Any] | None = None
+) -> None:
+    """No event loop. Subscribe with ``subscribe_sync`` and, with *waiting*,
+    have a thread wait in ``get()`` on it; fork (while it waits). The fork child reports what
+    ``get()`` on the inherited subscription does, and whether a new bus of its
+    own delivers to a blocking subscription, then leaves with ``os._exit``.
+    The parent then publishes: its waiting thread gets the event. Sends
+    ``{"child": ..., "parent_got": payload, "child_exit": code,
+    "parent_reader_after_fork": (doorbells, live readers)}``."""
+    import json
+
+    bus = ShmBus(name, **(bus_kwargs or {}))
+    sub = bus.subscribe_sync("fork.*")
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(sub.get(_PATIENCE).payload))
+    if waiting:
+        waiter.start()
+        segment = bus._segment
+        assert segment is not None
+        reader = bus._sync_readers[sub]
+        from shmbus._core.layout import OFF_SLEEP_FLAGS
+
+        while segment.mm[OFF_SLEEP_FLAGS + reader.slot] != 1:  # the waiter sleeps
+            threading.Event().wait(0.002)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        outcome: dict[str, Any] = {}
+        try:
+            try:
+                sub.get(0)
+                outcome["inherited"] = "returned an event"
+            except Exception as exc:
+                outcome["inherited"] = type(exc).__name__
+            own = ShmBus(name, **(bus_kwargs or {}))
+            with own.subscribe_sync("child.*") as mine:
+                own.publish_nowait("child.x", {"n": 1})
+                outcome["own"] = mine.get(_PATIENCE).payload
+            own.close_sync()
+        except Exception as exc:
+            outcome["error"] = repr(exc)
+        os.write(write_end, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = json.loads(pipe.read())
+    _, status = os.waitpid(pid, 0)
+    from shmbus._core.inspection import read_bus
+    from shmbus._core.shmfiles import bus_file_paths
+
+    # What the child left of the parent's reader: its doorbell, its live slot.
+    bells = [path for path in bus_file_paths(name) if "/sem.shmbus." in path]
+    readers = read_bus(name).readers
+    bus.publish_nowait("fork.x", {"n": 2})
+    if not waiting:
+        waiter.start()
+    waiter.join(_PATIENCE)
+    bus.close_sync()
+    conn.send(
+        {
+            "child": child,
+            "parent_got": got,
+            "child_exit": os.waitstatus_to_exitcode(status),
+            "parent_reader_after_fork": (len(bells), readers),
+        }
+    )

@@ -406,3 +406,25 @@ def test_the_next_instance_in_a_killed_blocking_readers_slot_removes_its_doorbel
         for newcomer in newcomers:
             newcomer.close_sync()
     assert bell not in left
+
+
+@pytest.mark.parametrize("waiting", [True, False], ids=["thread-waiting", "nobody-waiting"])
+def test_a_blocking_subscription_inherited_across_fork_ends_in_the_child_only(
+    bus_name: str, waiting: bool
+) -> None:
+    """A process forks (while one of its threads waits in get(), or not): in the
+    child, the inherited subscription is closed (get raises
+    SubscriptionClosedError) and a new bus of its own works; the parent's
+    reader keeps its doorbell and its live slot, and its waiting thread gets
+    the next event; nothing is left."""
+    agent = Agent(
+        blocking_agents.forking_consumer, bus_name, waiting=waiting, bus_kwargs=SMALL_RING
+    )
+    with running(agent):
+        report = agent.recv(FINISH)
+        assert agent.join(FINISH) == 0
+    assert report["child"] == {"inherited": "SubscriptionClosedError", "own": {"n": 1}}
+    assert report["child_exit"] == 0
+    assert report["parent_reader_after_fork"] == (1, 1)
+    assert report["parent_got"] == [{"n": 2}]
+    assert bus_file_paths(bus_name) == []
