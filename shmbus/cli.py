@@ -61,6 +61,7 @@ from .errors import MissingExtraError, ShmBusError
 
 if TYPE_CHECKING:
     from ._core.inspection import BusInfo
+    from .shm import ShmBus
 
 __all__ = ["build_parser", "main"]
 
@@ -638,7 +639,7 @@ def _publish(
         raise CliError(f"{what}: {exc}") from None
 
 
-def _bus_for(name: str) -> BaseBus:
+def _bus_for(name: str) -> ShmBus:
     """A ShmBus on *name* with the geometry of the existing bus, if any."""
     from .shm import ShmBus
 
@@ -649,37 +650,28 @@ def _bus_for(name: str) -> BaseBus:
 
 
 def _cmd_sub(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_sub(args))
-    except KeyboardInterrupt:  # before the loop's handlers were in place
-        return 0
-
-
-async def _sub(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, task.cancel)
+    # A blocking subscription: no event loop. SIGTERM closes it (iteration
+    # ends), Ctrl-C interrupts the wait; either way exit 0 and the bus closes.
     bus = _bus_for(args.bus)
     received = 0
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        await bus.connect()
+        bus.connect_sync()
         render = _event_json if args.json else _event_line
-        async with bus.subscribe(args.pattern) as subscription:
+        with bus.subscribe_sync(args.pattern) as subscription:
+            signal.signal(signal.SIGTERM, lambda *_: subscription.close())
             log.info("subscribed to %r on bus %r", args.pattern, args.bus)
-            async for event in subscription:
+            for event in subscription:
                 _out(render(event))
                 received += 1
                 if args.count is not None and received >= args.count:
                     break
-    except asyncio.CancelledError:
+        log.info("stopped after %d event(s)", received)
+    except KeyboardInterrupt:
         log.info("stopped after %d event(s)", received)
     finally:
-        await bus.close()
-        for sig in stop_signals:
-            loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGTERM, previous)
+        bus.close_sync()
     return 0
 
 
