@@ -446,7 +446,7 @@ class BlockingSubscription:
         TypeError, ValueError
             *timeout* is not a number of seconds, or is negative.
         """
-        deadline = _deadline(timeout)
+        deadline = None if timeout is None else _deadline(timeout)
         while True:
             if self._closed:
                 raise self._closed_error()

@@ -57,6 +57,9 @@ __all__ = ["SyncReader"]
 
 log = logging.getLogger("shmbus._core.sync_reader")
 
+#: A reader that does not sleep looks at the clock every this many steps + 1
+#: (a mask), for its chores.
+_BUSY_BEAT_STEPS = 63
 #: How long attaching the reader's slot may wait for the attach lock, in
 #: seconds. Its instance holds the lock shared, so nobody can hold it
 #: exclusively and this is never waited for; it bounds the unforeseen.
@@ -100,6 +103,7 @@ class SyncReader:
         self.follower = RingFollower(segment, _no_own_ring)
         self._idle = False
         self._next_beat = time.monotonic() + HEARTBEAT
+        self._steps = 0
         self._closed = False
 
     @property
@@ -118,31 +122,37 @@ class SyncReader:
         # Counters are written when the reader goes idle, off the latency path.
         if self.follower.step(counters=False):
             self._idle = False
-        now = time.monotonic()
-        if now >= self._next_beat:
-            self._next_beat = now + HEARTBEAT
-            self.follower.heartbeat()
-            self.follower.write_counters()
+        # A reader that never sleeps looks at the clock for its chores now
+        # and then; one that sleeps does before it sleeps.
+        self._steps += 1
+        if not self._steps & _BUSY_BEAT_STEPS and time.monotonic() >= self._next_beat:
+            self._beat(time.monotonic())
+
+    def _beat(self, now: float) -> None:
+        self._next_beat = now + HEARTBEAT
+        self.follower.heartbeat()
 
     def sleep(self, deadline: float | None) -> None:
         if self._closed:
             return
         bell = self._bell
         follower = self.follower
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._beat(now)
         follower.write_counters()
         bell.drain()
         if not follower.announce_sleep():
             return  # something came: the caller steps again
-        timeout = HEARTBEAT if self._idle else IDLE_RECHECK
+        timeout = min(HEARTBEAT if self._idle else IDLE_RECHECK, self._next_beat - now)
         self._idle = True
-        now = time.monotonic()
-        timeout = min(timeout, max(0.0, self._next_beat - now))
         if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - now))
-        bell.wait(timeout)
-        # Awake: a busy reader costs publishers nothing (rung or not, the
-        # flag goes; the next sleep announces itself again).
-        follower.clear_sleep_flag()
+            timeout = min(timeout, deadline - now)
+        if not bell.wait(timeout):
+            # Not rung (a timeout, a signal): take the flag down, so that a
+            # busy reader costs publishers nothing. A publisher that rang
+            # took it down already.
+            follower.clear_sleep_flag()
 
     def interrupt(self) -> None:
         self._bell.ring()
