@@ -428,3 +428,29 @@ def test_a_blocking_subscription_inherited_across_fork_ends_in_the_child_only(
     assert report["parent_reader_after_fork"] == (1, 1)
     assert report["parent_got"] == [{"n": 2}]
     assert bus_file_paths(bus_name) == []
+
+
+def test_a_blocking_reader_lets_a_dead_publishers_ring_go_once_it_has_read_it(
+    bus_name: str, host: ShmBus
+) -> None:
+    """A publisher process publishes and is SIGKILLed before the blocking
+    subscriber has read anything: its ring is owed to the subscriber and
+    stays. Once the subscriber has read it, the reader's periodic chores (done
+    in the consuming thread) let go of it and it is removed."""
+    sub = host.subscribe_sync("dead.*")
+    pub = Agent(blocking_agents.plain_publisher, bus_name, "dead.x", 3, bus_kwargs=SMALL_RING)
+    with running(pub):
+        pub.expect("ready", FINISH)
+        pub.send("go")
+        pub.expect({"published": 3}, FINISH)
+        pub.kill()
+    rings_while_owed = [path for path in bus_file_paths(bus_name) if ":ring." in path]
+    got = [sub.get(FINISH).payload["seq"] for _ in range(3)]
+    deadline = time.monotonic() + FINISH
+    while any(":ring." in path for path in bus_file_paths(bus_name)):
+        assert time.monotonic() < deadline, "the dead publisher's ring was never removed"
+        with pytest.raises(TimeoutError):
+            sub.get(0.05)
+    sub.close()
+    assert len(rings_while_owed) == 1
+    assert got == [0, 1, 2]
