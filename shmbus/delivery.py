@@ -476,8 +476,12 @@ class BlockingSubscription:
                     if remaining <= 0:
                         raise self._timeout_error(timeout)
                     wait = min(wait, remaining)
+                # Counted before looking at the pump: a holder that lets go
+                # of it after this look sees the count and wakes us.
                 self._waiting += 1
                 try:
+                    if pump is not None and not self._pump_held.locked():
+                        continue  # the pump was let go of meanwhile: take it
                     self._arrived.wait(wait)
                 finally:
                     self._waiting -= 1

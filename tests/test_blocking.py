@@ -378,6 +378,25 @@ def test_threads_sharing_one_subscription_get_each_event_once(delivering: Pair) 
     assert sorted(n for got in results for n in got) == list(range(300))
 
 
+@pytest.mark.usefixtures("no_timers")
+def test_a_thread_waiting_on_a_shared_subscription_takes_over_from_one_that_gives_up(
+    delivering: Pair,
+) -> None:
+    """Two threads wait in get() on one subscription, with no timer to help:
+    the first (which reads for both, on ShmBus) gives up at its timeout; the
+    other, waiting without one, takes over and gets the next event."""
+    with delivering.subscriber.subscribe_sync("h.*") as sub:
+        first = InThread(lambda: sub.get(0.2))
+        if sub._pump is not None:
+            wait_until(lambda: sub._pumper is not None, "the first thread reads")
+        second = InThread(sub.get)
+        wait_until(lambda: sub._waiting == 1, "the second waits")
+        with pytest.raises(TimeoutError):
+            first.result()
+        delivering.publish("h.x", {"n": 1})
+        assert second.result().payload == {"n": 1}
+
+
 def test_a_nullbus_blocking_subscription_never_yields_until_closed() -> None:
     bus = NullBus()
     sub = bus.subscribe_sync(">")
