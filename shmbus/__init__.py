@@ -2,7 +2,8 @@
 
 Every publishing process writes msgpack envelopes into a ring of its own in
 POSIX shared memory; every subscribing process follows all the rings with its
-own reader and feeds asyncio subscriptions. The public API is what ``__all__``
+own reader and feeds asyncio subscriptions (or blocking ones, read by the
+consuming thread itself). The public API is what ``__all__``
 names: the bus contract (:class:`BaseBus`, :class:`Subscription`,
 :class:`Event`, :func:`matches`), its transports, their counters and the
 error tree rooted at :class:`ShmBusError`; plus :class:`NatsBus` and
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from ._core.leftovers import cleanup
 from .codec import EnvelopeDecodeError
 from .contract import EVENT_SCHEMA_VERSION, BaseBus, Event, Subscription, matches
-from .delivery import QueueSubscription, SubscriptionStatistics
+from .delivery import BlockingSubscription, QueueSubscription, SubscriptionStatistics
 from .errors import (
     BusClosedError,
     BusInUseError,
@@ -31,6 +32,7 @@ from .errors import (
     SegmentError,
     SegmentSpaceError,
     ShmBusError,
+    SubscriptionClosedError,
     TransportUnavailableError,
 )
 from .memory import MemoryBus, NullBus
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 # MissingExtraError naming the pip command when the extra is missing.
 __all__ = [  # sorted() order, as tests/test_exports.py pins it
     "BaseBus",
+    "BlockingSubscription",
     "BusClosedError",
     "BusInUseError",
     "BusStats",
@@ -73,6 +76,7 @@ __all__ = [  # sorted() order, as tests/test_exports.py pins it
     "ShmBus",
     "ShmBusError",
     "Subscription",
+    "SubscriptionClosedError",
     "SubscriptionStatistics",
     "TransportUnavailableError",
     "cleanup",

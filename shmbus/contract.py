@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any, Self
 from .stats import BusStats
 
 if TYPE_CHECKING:  # delivery imports this module: no runtime import back
-    from .delivery import QueueSubscription
+    from .delivery import BlockingSubscription, QueueSubscription
 
 __all__ = [
     "EMPTY_HEADERS",
@@ -661,6 +661,24 @@ class BaseBus(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the transport's resources. Idempotent."""
+
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """Return a blocking subscription to events whose topic matches
+        *pattern*, for code without an event loop (threads, WSGI workers,
+        scripts): a :class:`~shmbus.delivery.BlockingSubscription`, a context
+        manager and an iterator, consumed from any thread with ``for event in
+        sub`` or ``sub.get(timeout)``. Same semantics as :meth:`subscribe`:
+        events published after it returns, the same queue bound, oldest
+        dropped and counted, ``statistics()``.
+
+        A transport whose client needs an event loop raises
+        :class:`NotImplementedError` naming the alternative.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no blocking subscriptions: its client runs on "
+            "asyncio. Consume with 'async for event in bus.subscribe(pattern)' on an event "
+            "loop (asyncio.run() in a thread of its own), or use ShmBus or MemoryBus"
+        )
 
     async def __aenter__(self) -> Self:
         await self.connect()

@@ -38,6 +38,7 @@ __all__ = [
     "SegmentError",
     "SegmentSpaceError",
     "ShmBusError",
+    "SubscriptionClosedError",
     "TransportUnavailableError",
 ]
 
@@ -48,6 +49,12 @@ class ShmBusError(Exception):
 
 class BusClosedError(ShmBusError, RuntimeError):
     """The bus was closed by its owner; publish and subscribe are refused."""
+
+
+class SubscriptionClosedError(ShmBusError, RuntimeError):
+    """``get()`` on a blocking subscription that is closed: by its
+    ``close()``, by its bus closing, or at interpreter exit (iterating it
+    just stops)."""
 
 
 class BusInUseError(ShmBusError, RuntimeError):

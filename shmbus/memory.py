@@ -6,7 +6,8 @@ is strict in the same ways as the shared-memory bus: it validates topics,
 patterns and payloads, enforces ``max_event_size``, and round-trips every
 envelope through the wire codec so a payload that would not survive msgpack
 fails here too. Events are routed to subscriptions on their home loops with
-bounded drop-oldest queues.
+bounded drop-oldest queues, and handed to blocking subscriptions
+(``subscribe_sync()``) under their lock, from whichever thread publishes.
 
 Queue groups (MemoryBus)
 ------------------------
@@ -43,7 +44,7 @@ from .contract import (
     validate_queue_name,
     validate_topic,
 )
-from .delivery import QueueSubscription
+from .delivery import BlockingSubscription, QueueSubscription
 from .errors import NoRespondersError
 from .inbox import ReplyInbox, check_timeout
 from .stats import BusStats
@@ -121,12 +122,13 @@ class _Group:
 class MemoryBus(_LocalBus):
     """Publish/subscribe between the tasks and threads of one process.
 
-    ``publish_nowait()`` may be called from any thread.
+    ``publish_nowait()`` may be called from any thread; a blocking
+    subscription may be consumed from any thread.
     """
 
     def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
         super().__init__(max_event_size=max_event_size, queue_size=queue_size)
-        self._subscriptions: list[QueueSubscription] = []
+        self._subscriptions: list[QueueSubscription | BlockingSubscription] = []
         self._groups: dict[tuple[str, str], _Group] = {}
         self._retired_delivered = 0
         self._retired_dropped = 0
@@ -205,7 +207,18 @@ class MemoryBus(_LocalBus):
 
         return await self._inbox.request(topic, timeout, send)
 
-    def _forget(self, sub: QueueSubscription) -> None:
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """A blocking subscription (see :meth:`BaseBus.subscribe_sync`): events
+        published after this call returns, from any thread, are handed to it
+        by the publishing thread."""
+        self._check_open("subscribe")
+        validate_pattern(pattern)
+        sub = BlockingSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        with self._lock:
+            self._subscriptions.append(sub)
+        return sub
+
+    def _forget(self, sub: QueueSubscription | BlockingSubscription) -> None:
         with self._lock:
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
@@ -247,8 +260,14 @@ class NullBus(_LocalBus):
     """A bus that discards every event: for processes that must not talk.
 
     Publishing validates its input and then drops it (counted in ``stats()``);
-    a subscription ends immediately.
+    a subscription ends immediately. A blocking subscription stays open and
+    never yields (``get(timeout)`` times out) until it or the bus is closed, so
+    a worker thread consuming one idles rather than ending.
     """
+
+    def __init__(self, *, max_event_size: int = 1_048_576, queue_size: int = 1024) -> None:
+        super().__init__(max_event_size=max_event_size, queue_size=queue_size)
+        self._blocking: list[BlockingSubscription] = []
 
     def publish_nowait(
         self,
@@ -288,8 +307,26 @@ class NullBus(_LocalBus):
         encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
         raise NoRespondersError(f"nobody answers requests on a NullBus (topic {topic!r})")
 
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """A blocking subscription that never yields (see the class)."""
+        self._check_open("subscribe")
+        validate_pattern(pattern)
+        sub = BlockingSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        with self._lock:
+            self._blocking.append(sub)
+        return sub
+
+    def _forget(self, sub: BlockingSubscription) -> None:
+        with self._lock:
+            if sub in self._blocking:
+                self._blocking.remove(sub)
+
     async def close(self) -> None:
         self._closed = True
+        with self._lock:
+            blocking, self._blocking = self._blocking, []
+        for sub in blocking:
+            sub.close_from_transport()
 
     def stats(self) -> BusStats:
         """Counters of this bus instance: only ``published`` moves."""

@@ -14,6 +14,9 @@ Guarantees
   ``subscribe()`` returned, by any instance in any process, in publish order
   per publishing instance, never duplicated; what it misses is counted on it.
   Events of different publishers interleave in no promised order.
+* A blocking subscription (``subscribe_sync()``) has the same semantics and
+  needs no event loop: it has a reader of its own (its own slot and doorbell,
+  :mod:`shmbus._core.sync_reader`), stepped by the thread that consumes it.
 * The event loop never waits for another process: ``connect()`` attaches in
   a worker thread; ``publish()``, ``subscribe()`` and ``close()`` only take
   non-blocking locks.
@@ -49,9 +52,10 @@ from ._core.layout import (
     slot_word,
 )
 from ._core.ordering import full_fence
-from ._core.reader import BusReader, RingKey
+from ._core.reader import BusReader, RingKey, Target
 from ._core.ring import RingWriter
 from ._core.segment import Segment, SegmentOptions, check_geometry
+from ._core.sync_reader import SyncReader
 from ._core.wakeup import Waker
 from .codec import encode_envelope
 from .contract import (
@@ -62,7 +66,7 @@ from .contract import (
     validate_queue_name,
     validate_topic,
 )
-from .delivery import QueueSubscription
+from .delivery import BlockingSubscription, QueueSubscription
 from .errors import BusClosedError, ForkedBusError, ShmBusError
 from .inbox import ReplyInbox, check_timeout
 from .lifecycle import LifecycleState
@@ -163,7 +167,8 @@ class ShmBus(BaseBus):
         self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
-        self._subscriptions: set[QueueSubscription] = set()
+        self._subscriptions: set[QueueSubscription | BlockingSubscription] = set()
+        self._sync_readers: dict[BlockingSubscription, SyncReader] = {}
         self._inbox = ReplyInbox(self.subscribe, f"ShmBus {name!r}")
 
     @classmethod
@@ -497,7 +502,7 @@ class ShmBus(BaseBus):
         if self._state is not _OPEN:
             self._ensure_open("subscribe")
         sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
-        orphans: list[QueueSubscription] = []
+        orphans: list[Target] = []
         with self._thread_lock:
             self._check_not_ended("subscribe")
             segment = self._segment
@@ -523,13 +528,68 @@ class ShmBus(BaseBus):
             reader.add(sub)
             self._subscriptions.add(sub)
         for orphan in orphans:
-            orphan.close_from_transport()
+            if isinstance(orphan, QueueSubscription):
+                orphan.close_from_transport()
         return sub
 
-    def _forget(self, sub: QueueSubscription) -> None:
+    def subscribe_sync(self, pattern: str) -> BlockingSubscription:
+        """Subscribe to events whose topic matches *pattern*, for code without
+        an event loop: a :class:`~shmbus.delivery.BlockingSubscription`,
+        consumed with ``for event in sub`` or ``sub.get(timeout)`` from any
+        thread.
+
+        It sees every matching event published after this call returns, like
+        :meth:`subscribe`. It has a reader of its own (a slot of the bus and
+        a doorbell in ``/dev/shm``), run by the thread that consumes it; any
+        number of threads may each consume one. Connects the bus first if
+        needed (waiting as :meth:`connect_sync` does, when no event loop runs
+        in this thread).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad pattern.
+        RuntimeError
+            The bus is closed (or inherited across fork).
+        NoFreeSlotError
+            Every slot of the bus is in use (each blocking subscription takes
+            one; a bus has 128).
+        """
+        validate_pattern(pattern)
+        if self._state is not _OPEN:
+            self._ensure_open("subscribe")
+        with self._thread_lock:
+            self._check_not_ended("subscribe")
+            segment = self._segment
+            assert segment is not None
+            st = os.fstat(segment.fd)
+        # Attaching a slot makes system calls: not under the lock publishers take.
+        reader = SyncReader(self._options, (st.st_dev, st.st_ino))
+        try:
+            sub = BlockingSubscription(
+                pattern, maxsize=self.queue_size, on_close=self._forget, pump=reader
+            )
+            reader.add(sub)
+            with self._thread_lock:
+                self._check_not_ended("subscribe")
+                self._subscriptions.add(sub)
+                self._sync_readers[sub] = reader
+        except BaseException:
+            reader.close()
+            raise
+        return sub
+
+    def _forget(self, sub: QueueSubscription | BlockingSubscription) -> None:
         with self._thread_lock:
             self._subscriptions.discard(sub)
             self._retired["delivered"] += sub.delivered
+            if isinstance(sub, BlockingSubscription):
+                self._retired["dropped"] += sub.dropped
+                sync_reader = self._sync_readers.pop(sub, None)
+                if sync_reader is not None:
+                    self._retired["corrupt"] += sync_reader.follower.corrupt
+                    self._retired["lapped"] += sync_reader.follower.lapped
+                return
             reader = self._reader
             if reader is None:
                 self._retired["dropped"] += sub.dropped
@@ -560,12 +620,15 @@ class ShmBus(BaseBus):
             live = list(self._subscriptions)
             reader = self._reader
             retired = dict(self._retired)
+            followers = [sync.follower for sync in self._sync_readers.values()]
+            if reader is not None:
+                followers.append(reader.follower)
             return BusStats(
                 published=self._published,
                 delivered=retired["delivered"] + sum(sub.delivered for sub in live),
                 dropped=retired["dropped"] + sum(sub.dropped for sub in live),
-                corrupt=retired["corrupt"] + (reader.corrupt if reader else 0),
-                lapped=retired["lapped"] + (reader.lapped if reader else 0),
+                corrupt=retired["corrupt"] + sum(f.corrupt for f in followers),
+                lapped=retired["lapped"] + sum(f.lapped for f in followers),
                 publish_errors=0,  # an append into one's own ring cannot fail
                 subscriptions=len(live),
             )
@@ -590,6 +653,9 @@ class ShmBus(BaseBus):
         if self._waker is not None:
             self._waker.close()  # the child's copies of the FIFO descriptors
             self._waker = None
+        for blocking, sync_reader in self._sync_readers.items():
+            sync_reader.abandon()
+            blocking.abandon()
         for sub in list(self._subscriptions):
             sub.close_from_transport()
         self._subscriptions.clear()

@@ -266,8 +266,9 @@ def drawing_victim(
     """Become user *uid*, connect to bus *name* and send ``"connected"``.
     On ``"go"``, make the process's next ``secrets.randbits`` return
     *first_draw* (later draws are random again), then create the file
-    *first_use* names first: ``"ring"`` (publish, then subscribe) or
-    ``"wake"`` (subscribe, then publish); publish *secret* and receive it.
+    *first_use* names first: ``"ring"`` (publish, then subscribe),
+    ``"wake"`` (subscribe, then publish) or ``"bell"`` (subscribe_sync, then
+    publish); publish *secret* and receive it.
     Send ``{"draws": [...], "got": (topic, payload)}``, and on ``"close"``
     close the bus, send ``"closed"`` and return."""
     become(uid, gid, [])
@@ -286,18 +287,25 @@ def drawing_victim(
 
             secrets.randbits = randbits
             try:
-                if first_use == "ring":
-                    await bus.publish("victim.first", {})
-                    sub = bus.subscribe("victim.secret")
-                elif first_use == "wake":
-                    sub = bus.subscribe("victim.secret")
+                if first_use == "bell":
+                    with bus.subscribe_sync("victim.secret") as blocking:
+                        await bus.publish("victim.secret", secret)
+                        event = await asyncio.to_thread(blocking.get, 30)
+                        link.send({"draws": draws, "got": (event.topic, event.payload)})
+                        await asyncio.to_thread(link.expect, "close")
                 else:
-                    raise ValueError(f"unknown first_use {first_use!r}")
-                async with sub:
-                    await bus.publish("victim.secret", secret)
-                    event = await asyncio.wait_for(anext(aiter(sub)), 30)
-                    link.send({"draws": draws, "got": (event.topic, event.payload)})
-                    await asyncio.to_thread(link.expect, "close")
+                    if first_use == "ring":
+                        await bus.publish("victim.first", {})
+                        sub = bus.subscribe("victim.secret")
+                    elif first_use == "wake":
+                        sub = bus.subscribe("victim.secret")
+                    else:
+                        raise ValueError(f"unknown first_use {first_use!r}")
+                    async with sub:
+                        await bus.publish("victim.secret", secret)
+                        event = await asyncio.wait_for(anext(aiter(sub)), 30)
+                        link.send({"draws": draws, "got": (event.topic, event.payload)})
+                        await asyncio.to_thread(link.expect, "close")
             finally:
                 secrets.randbits = real
         link.send("closed")

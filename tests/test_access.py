@@ -30,6 +30,7 @@ import os
 import pwd
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +43,14 @@ from shmbus_tools.children import Agent, running, stop_resource_tracker
 from shmbus import ShmBus
 from shmbus._core.layout import LOCK_ATTACH, OFF_SLEEP_FLAGS
 from shmbus._core.leftovers import cleanup
-from shmbus._core.shmfiles import bus_file_paths, fifo_path, ring_path, segment_path
+from shmbus._core.shmfiles import (
+    bell_name,
+    bell_path,
+    bus_file_paths,
+    fifo_path,
+    ring_path,
+    segment_path,
+)
 from shmbus.errors import ForeignFileError
 
 pytestmark = pytest.mark.skipif(
@@ -128,11 +136,13 @@ def member_options(group: grp.struct_group) -> dict[str, object]:
 
 
 def kind_of(path: str) -> str:
-    """Which file of its bus *path* is: "segment", "ring" or "wake"."""
+    """Which file of its bus *path* is: "segment", "ring", "wake" or "bell"."""
     if ":ring." in path:
         return "ring"
     if ":wake." in path:
         return "wake"
+    if ":bell." in path:
+        return "bell"
     return "segment"
 
 
@@ -564,20 +574,28 @@ async def test_a_group_members_file_with_bits_beyond_the_bus_mode_is_refused(
 
 @pytest.mark.parametrize(
     ("use", "kind"),
-    [("ring", "file"), ("ring", "fifo"), ("ring", "symlink"), ("wake", "file"), ("wake", "fifo")],
+    [
+        ("ring", "file"),
+        ("ring", "fifo"),
+        ("ring", "symlink"),
+        ("wake", "file"),
+        ("wake", "fifo"),
+        ("bell", "file"),
+        ("bell", "symlink"),
+    ],
 )
 async def test_a_file_planted_at_a_ring_or_fifo_name_is_never_used_another_id_is_drawn(
     bus_name: str, use: str, kind: str
 ) -> None:
-    """Ring and FIFO names carry 64 random bits. Suppose a squatter guessed
-    one: the victim's first draw is forced to an id whose name nobody has
-    planted (a regular file, a FIFO, or a symlink to where a file could be
-    created). The victim's ring (or FIFO) gets another id, the planted file
-    is untouched (no byte written, nothing created behind the link), and
-    the victim's events flow."""
+    """Ring, FIFO and doorbell names carry 64 random bits. Suppose a
+    squatter guessed one: the victim's first draw is forced to an id whose
+    name nobody has planted (a regular file, a FIFO, or a symlink to where
+    a file could be created). The victim's ring (or FIFO, or doorbell) gets
+    another id, the planted file is untouched (no byte written, nothing
+    created behind the link), and the victim's events flow."""
     assert NOBODY is not None
     first = secrets.randbits(64) | 1
-    path = ring_path(bus_name, first) if use == "ring" else fifo_path(bus_name, first)
+    path = {"ring": ring_path, "wake": fifo_path, "bell": bell_path}[use](bus_name, first)
     behind = spare_path("missing") if kind == "symlink" else None
     victim = Agent(
         access_agents.drawing_victim,
@@ -604,7 +622,8 @@ async def test_a_file_planted_at_a_ring_or_fifo_name_is_never_used_another_id_is
         remove_everything(bus_name, *([behind] if behind else []))
     victims = {p: kind for p, (kind, uid, _, _) in files.items() if uid == VICTIM[0]}
     assert report["draws"][0] == first and len(report["draws"]) == 3, report
-    assert sorted(victims.values()) == ["ring", "segment", "wake"], files
+    reader_file = "bell" if use == "bell" else "wake"
+    assert sorted(victims.values()) == sorted(["ring", "segment", reader_file]), files
     assert path in files and path not in victims, files
     assert after == before, "the planted file was changed"
     assert not created_behind, "a file was created behind the planted link"
@@ -661,6 +680,138 @@ async def test_a_publisher_never_writes_into_what_replaced_a_readers_fifo(
     assert any(fifo in message for message in refused), refused
     assert content == (b"" if replacement == "fifo-of-another-user" else VICTIM_BYTES)
     assert (event.topic, event.payload) == ("wake.up", {"n": 1})
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "regular-file", "semaphore-of-another-user"])
+def test_a_publisher_never_posts_what_replaced_a_blocking_readers_doorbell(
+    bus_name: str, replacement: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blocking reader sleeps on its doorbell; the doorbell is then
+    replaced (by root, so that no kernel protection of sticky directories
+    gets in the way) with a symlink to a regular file, a regular file of the
+    bus's owner and mode, or a semaphore of another user. A publisher's
+    wake-up refuses it (logged, naming the file): the file's bytes are
+    unchanged, the other user's semaphore is never posted, and the reader
+    still gets the event by its timed re-check."""
+    import concurrent.futures
+
+    import posix_ipc
+
+    assert NOBODY is not None
+    caplog.set_level(logging.WARNING, logger="shmbus._core.wakeup")
+    reader = ShmBus(bus_name, **SMALL_RING)
+    publisher = ShmBus(bus_name, **SMALL_RING)
+    reader.connect_sync()
+    publisher.connect_sync()
+    target = spare_path("victims-file")
+    spy = None
+    content: object = None
+    try:
+        with reader.subscribe_sync("bell.*") as sub:
+            bell_id = reader._sync_readers[sub]._bell.bell_id
+            bell = bell_path(bus_name, bell_id)
+            os.unlink(bell)
+            if replacement == "symlink":
+                private_file(target)
+                os.symlink(target, bell)
+            elif replacement == "regular-file":
+                target = bell
+                private_file(target)
+            else:
+                spy = posix_ipc.Semaphore(bell_name(bus_name, bell_id), posix_ipc.O_CREX)
+                os.chown(bell, NOBODY.pw_uid, NOBODY.pw_gid)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                consumer = pool.submit(sub.get, FINISH)
+                wait_asleep(reader, sub)
+                publisher.publish_nowait("bell.up", {"n": 1})
+                event = consumer.result(FINISH)
+            if spy is None:
+                with open(target, "rb") as f:
+                    content = f.read()
+            else:
+                content = spy.value
+    finally:
+        if spy is not None:
+            spy.close()
+        publisher.close_sync()
+        reader.close_sync()
+        remove_everything(bus_name, target)
+    refused = [r.getMessage() for r in caplog.records if r.name == "shmbus._core.wakeup"]
+    assert any(bell in message for message in refused), refused
+    assert content == (0 if spy is not None else VICTIM_BYTES)
+    assert (event.topic, event.payload) == ("bell.up", {"n": 1})
+
+
+def wait_asleep(bus: ShmBus, sub: Any) -> None:
+    """Wait until the blocking reader of *sub* sleeps on its doorbell."""
+    segment = bus._segment
+    assert segment is not None
+    flag = OFF_SLEEP_FLAGS + bus._sync_readers[sub].slot
+    deadline = time.monotonic() + FINISH
+    while segment.mm[flag] != 1:
+        assert time.monotonic() < deadline, "the reader never went to sleep"
+        time.sleep(0.002)
+
+
+def test_a_doorbell_has_the_bus_mode_whatever_the_umask(bus_name: str) -> None:
+    """A blocking subscription's doorbell (made by sem_open, which applies
+    the umask) ends up with exactly the bus's mode, whatever the umask."""
+    with umask(0):
+        bus = ShmBus(bus_name, **SMALL_RING)
+        try:
+            with bus.subscribe_sync(">"):
+                files = files_of(bus_name)
+        finally:
+            bus.close_sync()
+    assert sorted(kind for kind, *_ in files.values()) == ["bell", "segment"], files
+    assert {bits for _, _, bits, _ in files.values()} == {0o600}, files
+
+
+def test_a_blocking_reader_of_a_group_bus_sleeps_on_a_fifo_with_the_bus_mode_and_group(
+    bus_name: str, group: grp.struct_group
+) -> None:
+    """On a bus shared with a group, a blocking subscription has no
+    semaphore (a group member could write its memory, which the C library
+    trusts): its reader sleeps on a wake-up FIFO with the bus's mode and
+    group, whatever the umask."""
+    with umask(0o077):
+        bus = ShmBus(bus_name, **member_options(group), **SMALL_RING)
+        try:
+            with bus.subscribe_sync(">"):
+                files = files_of(bus_name)
+        finally:
+            bus.close_sync()
+    assert sorted(kind for kind, *_ in files.values()) == ["segment", "wake"], files
+    assert {(bits, gid) for _, _, bits, gid in files.values()} == {(0o660, group.gr_gid)}
+
+
+def test_a_group_members_events_wake_a_blocking_reader_of_a_group_bus(
+    bus_name: str, group: grp.struct_group
+) -> None:
+    """A group member (nobody) publishes on a 0o660 group bus while root's
+    blocking subscription waits on its FIFO: the event arrives."""
+    import concurrent.futures
+
+    bus = ShmBus(bus_name, **member_options(group), **SMALL_RING)
+    bus.connect_sync()
+    try:
+        with bus.subscribe_sync("from.member") as sub:
+            child = nobody_agent(
+                bus_name, [group.gr_gid], bus_kwargs=member_options(group), pattern="none"
+            )
+            with running(child), concurrent.futures.ThreadPoolExecutor(1) as pool:
+                child.expect("ready", FINISH)
+                consumer = pool.submit(sub.get, FINISH)
+                wait_asleep(bus, sub)
+                child.send(("publish", "from.member"))
+                child.expect("published", FINISH)
+                event = consumer.result(FINISH)
+                child.send("close")
+                child.recv(FINISH)
+    finally:
+        bus.close_sync()
+    assert (event.topic, event.payload) == ("from.member", {"uid": NOBODY.pw_uid})
+    assert bus_file_paths(bus_name) == []
 
 
 def private_file(path: str) -> None:

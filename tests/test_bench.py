@@ -190,6 +190,7 @@ def test_plan_alternates_peers_within_each_repetition() -> None:
         ("L1", "zmq"),
         ("L1", "shmll"),
         ("L1", "shmuv"),
+        ("L1", "shmsync"),
         ("L1", "fifo"),
         ("L1", "sem"),
     ]

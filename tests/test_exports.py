@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The public API, pinned: adding or removing a name is a decision, made here.
 EXPORTED = [
     "BaseBus",
+    "BlockingSubscription",
     "BusClosedError",
     "BusInUseError",
     "BusStats",
@@ -49,6 +50,7 @@ EXPORTED = [
     "ShmBus",
     "ShmBusError",
     "Subscription",
+    "SubscriptionClosedError",
     "SubscriptionStatistics",
     "TransportUnavailableError",
     "cleanup",

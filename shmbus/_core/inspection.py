@@ -88,6 +88,7 @@ from .layout import (
     W_NEXT_SEQ,
     W_RECLAIM_CORRUPT,
     W_WRITE_CURSOR,
+    bell_word,
     entry_word,
     read_identity,
     read_layout_version,
@@ -96,7 +97,7 @@ from .layout import (
     slot_offset,
 )
 from .ring import event_at
-from .shmfiles import SHM_DIR, ring_path, validate_bus_name
+from .shmfiles import SHM_DIR, bell_path, ring_path, validate_bus_name
 
 __all__ = [
     "BusInfo",
@@ -152,6 +153,10 @@ class SlotInfo:
     ring: int | None
     #: Slot byte locked by someone and the recorded process still runs.
     alive: bool
+    #: The slot is a blocking subscription's reader (it has a doorbell).
+    blocking: bool = False
+    #: Bytes of memory its doorbell's file takes (0 without one).
+    doorbell_bytes: int = 0
 
     @property
     def reader(self) -> bool:
@@ -197,7 +202,8 @@ class BusInfo:
     name: str
     #: ``/dev/shm/shmbus.NAME``.
     path: str
-    #: Bytes of the segment file and of every ring file: the bus's memory.
+    #: Bytes of the segment file, of every ring file and of the doorbells of
+    #: the slots that name one: the bus's memory.
     segment_size: int
     #: Ring geometry instances adopt unless they choose their own.
     capacity: int
@@ -238,7 +244,8 @@ def bus_names() -> list[str]:
     """Names of the buses whose segment file exists in ``/dev/shm``, sorted.
 
     Only regular files named ``shmbus.NAME`` with a valid bus name count: the
-    ring files and wake-up FIFOs (``shmbus.NAME:...``) do not.
+    ring files and wake-up FIFOs (``shmbus.NAME:...``) and the doorbells
+    (``sem.shmbus.NAME:...``) do not.
     """
     names = []
     try:
@@ -384,7 +391,7 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
             instances = tuple(
                 slot
                 for index in range(MAX_SLOTS)
-                if (slot := _read_slot(mm, words, fd, index)) is not None
+                if (slot := _read_slot(name, mm, words, fd, index)) is not None
             )
             rings = tuple(
                 ring
@@ -396,7 +403,9 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
     return BusInfo(
         name=name,
         path=path,
-        segment_size=size + sum(ring.file_size for ring in rings),
+        segment_size=size
+        + sum(ring.file_size for ring in rings)
+        + sum(slot.doorbell_bytes for slot in instances),
         capacity=identity.capacity,
         max_event_size=identity.max_event_size,
         layout_version=identity.layout_version,
@@ -488,7 +497,17 @@ def _committed(ring_mm: mmap.mmap, ring_words: memoryview, capacity: int) -> int
     return int(ring_words[W_NEXT_SEQ])
 
 
-def _read_slot(mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInfo | None:
+def _doorbell_bytes(path: str) -> int:
+    """Memory the doorbell file *path* takes (a page, for a semaphore), not
+    following a link; 0 if it is not there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
+
+
+def _read_slot(name: str, mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInfo | None:
     base = slot_offset(index)
 
     def word(field: int) -> int:
@@ -506,6 +525,7 @@ def _read_slot(mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInf
     if alive:
         text = procs.command_line(pid) or text
     ring = word(SLOT_RING)
+    bell_id = int(words[bell_word(index)])
     return SlotInfo(
         slot=index,
         pid=pid,
@@ -520,4 +540,6 @@ def _read_slot(mm: mmap.mmap, words: memoryview, fd: int, index: int) -> SlotInf
         subscriptions=subscriptions,
         ring=ring - 1 if ring else None,
         alive=alive,
+        blocking=bell_id != 0,
+        doorbell_bytes=_doorbell_bytes(bell_path(name, bell_id)) if bell_id else 0,
     )

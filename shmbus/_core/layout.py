@@ -16,10 +16,22 @@ Bus segment ``shmbus.NAME``::
     4096     SLEEP FLAGS: one byte per slot, 1 = that slot's reader sleeps
     4352     DIRECTORY FLAGS: one byte per slot, 1 = the directory changed
              since that slot's reader last scanned it
+    4608     BELL IDS: one u64 per slot, the id naming the doorbell of that
+             slot's blocking reader (0 = none; a blocking reader of a bus
+             shared with a group has a wake-up FIFO instead); see below
     8192     SLOTS: MAX_SLOTS x SLOT_SIZE, one per attached bus instance
     OFF_ENTRIES   RING DIRECTORY: MAX_RINGS x ENTRY_SIZE, one per ring
     OFF_SEEN      SEEN TABLE: MAX_SLOTS x MAX_RINGS words; word (s, e) is the
                   newest generation of entry e that slot s's reader has mapped
+
+The bell ids were added within layout version 2: the bytes were zero and
+read by nobody before, so a process of an older shmbus leaves them zero and
+never rings a bell (a blocking reader's timed wait then stands in for the
+wake-up, as it does for a publisher that dies before ringing).
+
+Doorbell ``/shmbus.NAME:bell.<bell id, 16 hex digits>``: a named POSIX
+semaphore, whose file (``sem.shmbus.NAME:bell.<id>``) the C library lays out:
+a ``sem_t`` of ``BELL_SEM_SIZE`` bytes.
 
 Ring file ``shmbus.NAME:ring.<ring id, 16 hex digits>``::
 
@@ -109,6 +121,7 @@ MAX_RINGS = 128
 
 OFF_SLEEP_FLAGS = 4096  # MAX_SLOTS bytes
 OFF_DIRECTORY_FLAGS = 4352  # MAX_SLOTS bytes
+OFF_BELL_IDS = 4608  # MAX_SLOTS u64, written by each slot's owner only
 OFF_SLOTS = 8192
 SLOT_SIZE = 128
 
@@ -169,6 +182,11 @@ def slot_word(slot: int, field: int) -> int:
     return (OFF_SLOTS + slot * SLOT_SIZE + field) // 8
 
 
+def bell_word(slot: int) -> int:
+    """Word number of the bell id of slot *slot*."""
+    return OFF_BELL_IDS // 8 + slot
+
+
 def entry_word(entry: int, field: int) -> int:
     """Word number of 8-byte *field* (an ``ENTRY_*`` offset) of directory entry *entry*."""
     return (OFF_ENTRIES + entry * ENTRY_SIZE + field) // 8
@@ -178,6 +196,12 @@ def seen_word(slot: int, entry: int) -> int:
     """Word number of the seen-table cell of reader *slot* and directory *entry*."""
     return OFF_SEEN // 8 + slot * MAX_RINGS + entry
 
+
+# ─── Doorbell files ──────────────────────────────────────────────────────────
+
+#: Bytes of a doorbell's file: ``sizeof(sem_t)`` (glibc and musl, 64-bit).
+#: A file of another size is refused (a shorter one would fault when mapped).
+BELL_SEM_SIZE = 32
 
 # ─── Ring files ──────────────────────────────────────────────────────────────
 

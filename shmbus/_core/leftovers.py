@@ -2,8 +2,9 @@
 
 A bus's last instance removes its files when it closes; a bus whose every
 process crashed leaves them in ``/dev/shm`` (the segment, the publishers'
-ring files ``shmbus.NAME:ring.<id>`` with their reserved memory, and the
-wake-up FIFOs ``shmbus.NAME:wake.<id>``). A new instance on that name resets
+ring files ``shmbus.NAME:ring.<id>`` with their reserved memory, the
+wake-up FIFOs ``shmbus.NAME:wake.<id>`` and the blocking readers' doorbells
+``sem.shmbus.NAME:bell.<id>``). A new instance on that name resets
 them, so they are harmless, but they hold memory: :func:`cleanup` removes
 them.
 
@@ -19,13 +20,13 @@ Invariants
   it shared) and which makes every newcomer wait, then start over on a fresh
   segment. So a bus that is live, or comes alive during the cleanup, is never
   removed (unless ``force=True``) and no newcomer ends up on removed files.
-* Orphans (rings or FIFOs whose segment file is gone) are removed under
+* Orphans (rings, FIFOs or doorbells whose segment file is gone) are removed under
   the same lock: the cleaner creates the segment name itself (an empty file,
   removed with the orphans) so that a newcomer cannot create the bus's
   resources between the check and the removal.
 * ``force=True`` removes the files of a live bus regardless. Its processes
-  keep working on their mappings (a reader whose FIFO was removed is woken by
-  its polling timer instead) until
+  keep working on their mappings (a reader whose FIFO or doorbell was removed
+  is woken by its polling timer instead) until
   they close, but they are cut off from processes that connect afterwards,
   which create a fresh bus under the same name.
 * The library does not print: callers get the removed paths (and, from
@@ -54,6 +55,7 @@ log = logging.getLogger("shmbus._core.leftovers")
 _RESOURCE = re.compile(
     r"shmbus\.(?P<seg>[A-Za-z0-9_.-]+)"
     r"|shmbus\.(?P<file>[A-Za-z0-9_.-]+):(?:ring|wake)\.[0-9a-f]{16}"
+    r"|sem\.shmbus\.(?P<bell>[A-Za-z0-9_.-]+):bell\.[0-9a-f]{16}"
 )
 _ATTEMPTS = 5
 
@@ -116,8 +118,8 @@ def cleanup_report(
 
 
 def leftover_names() -> list[str]:
-    """Names of the buses that have any file in ``/dev/shm`` (segment, ring
-    or FIFO), sorted."""
+    """Names of the buses that have any file in ``/dev/shm`` (segment, ring,
+    FIFO or doorbell), sorted."""
     names = set()
     try:
         entries = os.listdir(SHM_DIR)
@@ -127,7 +129,7 @@ def leftover_names() -> list[str]:
         match = _RESOURCE.fullmatch(entry)
         if match is None:
             continue
-        bus = match.group("seg") or match.group("file")
+        bus = match.group("seg") or match.group("file") or match.group("bell")
         try:
             names.add(validate_bus_name(bus))
         except (TypeError, ValueError):

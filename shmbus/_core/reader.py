@@ -1,17 +1,26 @@
-"""The reader: one per bus instance with subscriptions, following every
-publisher's ring on that instance's event loop and routing records to its
-subscriptions.
+"""Readers: following every publisher's ring for one slot and routing
+records to that slot's subscriptions, driven either by an event loop or by
+the consuming thread itself.
 
 Owns
 ----
-The instance's followed rings (a :class:`~shmbus._core.ring.RingReader` each, with
+:class:`RingFollower`, the part of a reader that knows no event loop: the
+slot's followed rings (a :class:`~shmbus._core.ring.RingReader` each, with
 the per-subscription start points), the topic-to-subscriptions route cache,
-the instance's wake-up FIFO, its row of the directory's seen table, and the
-per-slot reader counters in shared memory (what ``shmbus stat`` shows).
+its row of the directory's seen table, the slot's sleep flag and its reader
+counters in shared memory (what ``shmbus stat`` shows). It never waits: a
+step reads what is there and returns.
+
+:class:`BusReader`, the asyncio driver: one per bus instance with asyncio
+subscriptions, on that instance's slot, stepping its follower from the event
+loop and sleeping on the instance's wake-up FIFO. (The blocking driver is
+:class:`~shmbus._core.sync_reader.SyncReader`, on a slot of its own.)
 
 Invariants
 ----------
-* Runs only on its home event loop (the loop that was running when the first
+* A follower is stepped by one thread at a time (its lock), and subscriptions
+  may be added or removed from any thread meanwhile. The asyncio driver runs
+  only on its home event loop (the loop that was running when the first
   subscription was made); it never blocks it and never waits for another
   process: each step reads at most ``BATCH`` records in all and yields, so a
   step never hands a subscription more than its consumer can take between
@@ -33,16 +42,17 @@ Invariants
 * Every record a subscription should have had but did not get is counted on
   it: sequence gaps (lapped reader, corrupt run) counted whole for every
   subscription open across them, and corrupt records it matched.
-* Low-latency mode (opt-in): before sleeping, the reader keeps polling the
-  rings from the event loop (one poll per loop iteration, so other tasks still
-  run) for an adaptive window: twice the recent idle gap between records,
-  between ``SPIN_MIN`` and ``SPIN_MAX``, and only ``SPIN_MIN`` when gaps are
-  longer than ``SPIN_MAX``.
+* Low-latency mode (opt-in, asyncio driver): before sleeping, the reader
+  keeps polling the rings from the event loop (one poll per loop iteration,
+  so other tasks still run) for an adaptive window: twice the recent idle gap
+  between records, between ``SPIN_MIN`` and ``SPIN_MAX``, and only
+  ``SPIN_MIN`` when gaps are longer than ``SPIN_MAX``.
 * Sleep: only when no ring holds anything unread, by the protocol in
-  :mod:`shmbus._core.wakeup`. Two timers insure against a lost wake-up (a
-  publisher killed between its commit and its wake-up): a one-shot re-check
-  ``IDLE_RECHECK`` after going idle and a ``HEARTBEAT`` poll, which also
-  notices rings whose writer died and, every ``RECLAIM_EVERY`` beats,
+  :mod:`shmbus._core.wakeup` (:meth:`RingFollower.announce_sleep`). Two timers
+  insure against a lost wake-up (a publisher killed between its commit and
+  its wake-up): a one-shot re-check ``IDLE_RECHECK`` after going idle and a
+  ``HEARTBEAT`` poll, which also notices rings whose writer died
+  (:meth:`RingFollower.heartbeat`) and, every ``RECLAIM_EVERY`` beats,
   reclaims dead writers' rings nobody is owed.
 """
 
@@ -53,11 +63,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from ..codec import EnvelopeDecodeError, decode_envelope
-from ..contract import Event, validate_topic
-from ..delivery import QueueSubscription
+from ..contract import Event, TopicMatcher, validate_topic
 from . import directory
 from .layout import (
     OFF_SLEEP_FLAGS,
@@ -75,7 +84,7 @@ from .ring import UNKNOWN_SEQ, RingBatch, RingReader
 from .segment import Segment
 from .wakeup import WakeChannel
 
-__all__ = ["BusReader"]
+__all__ = ["BATCH", "HEARTBEAT", "IDLE_RECHECK", "BusReader", "RingFollower", "Target"]
 
 log = logging.getLogger("shmbus._core.reader")
 
@@ -98,8 +107,24 @@ class _BadTopic:
     """Route marker for a record whose topic bytes are not a valid topic."""
 
 
+class Target(Protocol):
+    """What a follower routes records to: a subscription, asyncio
+    (:class:`~shmbus.delivery.QueueSubscription`) or blocking
+    (:class:`~shmbus.delivery.BlockingSubscription`)."""
+
+    @property
+    def matcher(self) -> TopicMatcher: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    def deliver(self, events: list[Event]) -> None: ...
+
+    def count_lost(self, count: int) -> None: ...
+
+
 _BAD_TOPIC: Final = _BadTopic()
-_Route = tuple[str, tuple[QueueSubscription, ...]] | _BadTopic
+_Route = tuple[str, tuple[Target, ...]] | _BadTopic
 #: (entry, generation): one ring, for as long as it exists.
 RingKey = tuple[int, int]
 
@@ -123,7 +148,7 @@ class _Followed:
         )
         #: Start point of each subscription made while this ring was followed;
         #: the others started before the ring was found, at 0.
-        self.starts: dict[QueueSubscription, int] = {}
+        self.starts: dict[Target, int] = {}
         self.newest_start = 0
 
     def start_point(self) -> int:
@@ -134,29 +159,22 @@ class _Followed:
         return seq
 
 
-class BusReader:
-    """Follows every ring of the bus for one bus instance on its home loop.
+class RingFollower:
+    """Follows every ring of the bus for one slot and routes records to the
+    slot's subscriptions; knows no event loop and never waits (see the
+    module's invariants). A driver steps it and puts it to sleep.
 
     Parameters
     ----------
     segment:
-        The instance's attachment (gives the mapping and the slot).
-    loop:
-        The home event loop.
+        The slot's attachment (gives the mapping and the slot).
     own_ring:
-        Returns the (entry, generation) of the instance's own ring while it
-        writes one, else None: that ring's writer is alive by definition.
+        Returns the (entry, generation) of the ring the attachment writes
+        while it writes one, else None: that ring's writer is alive by
+        definition (its lock byte is held through the same descriptor).
     """
 
-    def __init__(
-        self,
-        segment: Segment,
-        loop: asyncio.AbstractEventLoop,
-        own_ring: Callable[[], RingKey | None],
-        *,
-        low_latency: bool = False,
-    ) -> None:
-        self.loop = loop
+    def __init__(self, segment: Segment, own_ring: Callable[[], RingKey | None]) -> None:
         self._segment = segment
         self._mm = segment.mm
         self._words = segment.words
@@ -164,21 +182,15 @@ class BusReader:
         self._rings: dict[RingKey, _Followed] = {}
         self._order: list[_Followed] = []
         self._first = 0
-        self._subs: set[QueueSubscription] = set()
+        self._subs: set[Target] = set()
         self._routes: dict[bytes, _Route | None] = {}
         self._slot = segment.slot
         self._flag = OFF_SLEEP_FLAGS + segment.slot
         self._finder = directory.RingFinder(segment)
-        self._channel = WakeChannel(segment)
-        self._scheduled = False
-        self._stopped = False
-        # Subscriptions may be added or removed from other threads (other
-        # event loops); a step and those changes exclude each other.
+        self._closed = False
+        # Subscriptions may be added or removed from other threads; a step
+        # and those changes exclude each other.
         self._lock = threading.Lock()
-        self._spin_until: float | None = 0.0 if low_latency else None
-        self._asleep = False
-        self._idle_since = 0.0
-        self._idle_gap = SPIN_MAX
         #: Records rejected as unreadable.
         self.corrupt = 0
         #: Sequence numbers skipped (lapped reader, corrupt run).
@@ -187,13 +199,10 @@ class BusReader:
         self.routed = 0
         self._retired_dropped = 0
         self._beats = 0
-        loop.add_reader(self._channel.fd, self._on_wake)
-        self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
-        self._recheck: asyncio.TimerHandle | None = None
 
     # ─── Subscriptions ───
 
-    def add(self, sub: QueueSubscription) -> None:
+    def add(self, sub: Target) -> None:
         """Route records published from now on to *sub*; from any thread."""
         with self._lock:
             first = not self._subs
@@ -208,9 +217,8 @@ class BusReader:
                 followed.starts[sub] = start
                 followed.newest_start = max(followed.newest_start, start)
             self._write_counters()
-        self._schedule()
 
-    def remove(self, sub: QueueSubscription) -> None:
+    def remove(self, sub: Target) -> None:
         """Stop routing to *sub*; from any thread."""
         with self._lock:
             if sub in self._subs:
@@ -219,45 +227,31 @@ class BusReader:
                 self._routes.clear()
                 for followed in self._order:
                     followed.starts.pop(sub, None)
-                if not self._stopped:
+                if not self._closed:
                     self._finder.announce(len(self._subs))
 
     @property
-    def subscriptions(self) -> list[QueueSubscription]:
+    def subscriptions(self) -> list[Target]:
         with self._lock:
             return list(self._subs)
 
-    def stop(self) -> None:
-        """Stop following the rings (no more wake-ups for this slot). Every
-        step runs even if one raised (a signal handler can raise anywhere)."""
-        if self._stopped:
+    def close(self) -> None:
+        """Stop following the rings: no more wake-ups for this slot, counters
+        written, mappings dropped. Every step runs even if one raised (a
+        signal handler can raise anywhere)."""
+        if self._closed:
             return
-        self._stopped = True
-        try:
-            self._mm[self._flag] = 0
-            with self._lock:
-                try:
-                    self._write_counters()
-                finally:
-                    self._finder.announce(0)
-                    for followed in self._order:
-                        followed.mapping.close()
-                    self._rings.clear()
-                    self._order.clear()
-        finally:
+        self._closed = True
+        self._mm[self._flag] = 0
+        with self._lock:
             try:
-                self._heartbeat.cancel()
-                if self._recheck is not None:
-                    self._recheck.cancel()
-                if not self.loop.is_closed():
-                    self.loop.remove_reader(self._channel.fd)
+                self._write_counters()
             finally:
-                self._channel.close()
-
-    def abandon(self) -> None:
-        """In a fork child: close our descriptor, touch nothing shared."""
-        self._stopped = True
-        self._channel.close(unlink=False)
+                self._finder.announce(0)
+                for followed in self._order:
+                    followed.mapping.close()
+                self._rings.clear()
+                self._order.clear()
 
     # ─── The directory ───
 
@@ -291,6 +285,16 @@ class BusReader:
         if self._finder.changed():
             self._scan(first=False)
 
+    def heartbeat(self) -> None:
+        """The periodic chores: let go of rings whose writer is gone and that
+        are drained (directory reader rule 5) and, now and then, reclaim dead
+        writers' rings. Never raises: bad shared memory is logged."""
+        with self._lock:
+            try:
+                self._drop_finished()
+            except Exception:
+                log.exception("reader failed to check its rings' writers")
+
     def _drop_finished(self) -> None:
         """Let go of rings whose writer is gone and that are drained (rule 5)."""
         own = self._own_ring()
@@ -313,6 +317,269 @@ class BusReader:
             # or that this reader was never owed, have no reader to finish them.
             directory.reclaim_dead(self._segment, own[0] if own else -1)
 
+    # ─── Reading ───
+
+    def pending(self) -> bool:
+        """True if a step would find something: a directory change, or a
+        committed record not read yet."""
+        if self._finder.changed():
+            return True
+        return any(followed.ring.pending() for followed in self._order)
+
+    def step(self, *, counters: bool = True) -> int:
+        """Read up to ``BATCH`` records over all rings, starting one ring
+        further than the previous step, and route them; return how many
+        events were handed to subscriptions. Never raises for what shared
+        memory holds. *counters*: write the slot's counters now (a driver
+        that passes False calls :meth:`write_counters` when it goes idle)."""
+        if self._closed:
+            return 0
+        with self._lock:
+            routed = self.routed
+            try:
+                self._check_directory()
+            except Exception:
+                log.exception("reader failed to scan the ring directory")
+                self.corrupt += 1
+            order = self._order
+            count = len(order)
+            if count:
+                self._first = (self._first + 1) % count
+                budget = BATCH
+                for index in range(count):
+                    budget -= self._read_ring(order[(self._first + index) % count], budget)
+                    if budget <= 0:
+                        break
+            if counters:
+                self._write_counters()
+            return self.routed - routed
+
+    def _read_ring(self, followed: _Followed, limit: int) -> int:
+        """Read up to *limit* records of one ring; return how many were read."""
+        ring = followed.ring
+        if not ring.pending():
+            return 0
+        expected = ring.expected_seq
+        try:
+            batch = ring.read(limit, self._select)
+            self._route(batch, followed)
+            return max(1, batch.examined)
+        except Exception:  # never let bad shared memory kill the driver
+            log.exception("reader failed on a batch; resynchronising at the write cursor")
+            self.corrupt += 1
+            # Whatever this batch held was not delivered: with the old
+            # expected sequence number, the next record counts it as a gap.
+            ring.expected_seq = expected
+            ring.cursor = ring.cursor + ring.backlog()
+            return limit
+
+    # ─── Sleep ───
+
+    def announce_sleep(self) -> bool:
+        """Going idle (shmbus._core.wakeup): set the slot's sleep flag, ``F``,
+        and look once more. True if the driver may sleep now; False if
+        something came meanwhile (the flag is cleared again: step)."""
+        self._mm[self._flag] = 1
+        full_fence()
+        if self.pending():
+            self._mm[self._flag] = 0
+            return False
+        return True
+
+    def clear_sleep_flag(self) -> None:
+        """Awake again: publishers need not ring this slot."""
+        self._mm[self._flag] = 0
+
+    # ─── Routing ───
+
+    def _select(self, topic: bytes) -> _Route | None:
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        route = self._compute_route(topic)
+        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _compute_route(self, raw: bytes) -> _Route | None:
+        try:
+            topic = validate_topic(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return _BAD_TOPIC
+        targets = tuple(sub for sub in self._subs if sub.matcher(topic))
+        return (topic, targets) if targets else None
+
+    def _route(self, batch: RingBatch[_Route], followed: _Followed) -> None:
+        starts = followed.starts
+        for first, end in batch.gaps:
+            self.lapped += end - first
+            for sub in self._subs:
+                missed = end - max(first, starts.get(sub, 0))
+                if missed > 0:
+                    sub.count_lost(missed)
+        self.corrupt += batch.corrupt
+        if not batch.records:
+            return
+        newest_start = followed.newest_start
+        max_size = followed.mapping.max_event_size
+        decode = decode_envelope
+        outbox: dict[Target, list[Event]] = {}
+        # Most batches go to one subscription: remember its list.
+        last_sub: Target | None = None
+        last_box: list[Event] = []
+        for seq, route, _raw, body, checksum_ok in batch.records:
+            if route.__class__ is not tuple:
+                self._reject(seq, tuple(self._subs), starts)
+                continue
+            topic, targets = route
+            if not checksum_ok:
+                self._reject(seq, targets, starts)
+                continue
+            try:
+                event = decode(topic, body, max_size)
+            except EnvelopeDecodeError as exc:
+                log.debug("corrupt record %d: %s", seq, exc)
+                self._reject(seq, targets, starts)
+                continue
+            shared = False
+            for sub in targets:
+                if seq < newest_start and seq < starts.get(sub, 0):
+                    continue  # published before this subscription existed
+                if shared:
+                    # Each subscription gets its own copy, as over NATS: a
+                    # consumer that edits its payload must not change what
+                    # another one sees.
+                    event = decode(topic, body, max_size)
+                shared = True
+                if sub is last_sub:
+                    last_box.append(event)
+                    continue
+                box = outbox.get(sub)
+                if box is None:
+                    box = outbox[sub] = []
+                box.append(event)
+                last_sub, last_box = sub, box
+        for sub, events in outbox.items():
+            self.routed += len(events)
+            sub.deliver(events)
+
+    def _reject(self, seq: int, targets: tuple[Target, ...], starts: dict[Target, int]) -> None:
+        self.corrupt += 1
+        for sub in targets:
+            if seq >= starts.get(sub, 0):
+                sub.count_lost(1)
+
+    # ─── Counters in shared memory ───
+
+    def write_counters(self) -> None:
+        """Publish this reader's counters in its slot (``shmbus stat``)."""
+        if self._closed:
+            return
+        with self._lock:
+            self._write_counters()
+
+    def dropped(self) -> int:
+        """Events lost or evicted for this reader's subscriptions, ever."""
+        return self._retired_dropped + sum(sub.dropped for sub in self._subs)
+
+    def backlog(self) -> int:
+        """Committed bytes in followed rings not read yet."""
+        return sum(followed.ring.backlog() for followed in self._order)
+
+    def _write_counters(self) -> None:
+        words = self._words
+        slot = self._slot
+        words[slot_word(slot, SLOT_BACKLOG)] = self.backlog()
+        words[slot_word(slot, SLOT_DELIVERED)] = self.routed
+        words[slot_word(slot, SLOT_DROPPED)] = self.dropped()
+        words[slot_word(slot, SLOT_CORRUPT)] = self.corrupt
+        words[slot_word(slot, SLOT_LAPPED)] = self.lapped
+
+
+class BusReader:
+    """The asyncio driver: steps the instance's :class:`RingFollower` on its
+    home loop and sleeps on the instance's wake-up FIFO.
+
+    Parameters
+    ----------
+    segment:
+        The instance's attachment (gives the mapping and the slot).
+    loop:
+        The home event loop.
+    own_ring:
+        Returns the (entry, generation) of the instance's own ring while it
+        writes one, else None: that ring's writer is alive by definition.
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        loop: asyncio.AbstractEventLoop,
+        own_ring: Callable[[], RingKey | None],
+        *,
+        low_latency: bool = False,
+    ) -> None:
+        self.loop = loop
+        self.follower = RingFollower(segment, own_ring)
+        self._channel = WakeChannel(segment)
+        self._scheduled = False
+        self._stopped = False
+        self._spin_until: float | None = 0.0 if low_latency else None
+        self._asleep = False
+        self._idle_since = 0.0
+        self._idle_gap = SPIN_MAX
+        loop.add_reader(self._channel.fd, self._on_wake)
+        self._heartbeat = loop.call_later(HEARTBEAT, self._on_heartbeat)
+        self._recheck: asyncio.TimerHandle | None = None
+
+    # ─── Subscriptions ───
+
+    def add(self, sub: Target) -> None:
+        """Route records published from now on to *sub*; from any thread."""
+        self.follower.add(sub)
+        self._schedule()
+
+    def remove(self, sub: Target) -> None:
+        """Stop routing to *sub*; from any thread."""
+        self.follower.remove(sub)
+
+    @property
+    def subscriptions(self) -> list[Target]:
+        return self.follower.subscriptions
+
+    @property
+    def corrupt(self) -> int:
+        return self.follower.corrupt
+
+    @property
+    def lapped(self) -> int:
+        return self.follower.lapped
+
+    def stop(self) -> None:
+        """Stop following the rings (no more wake-ups for this slot). Every
+        step runs even if one raised (a signal handler can raise anywhere)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.follower.close()
+        finally:
+            try:
+                self._heartbeat.cancel()
+                if self._recheck is not None:
+                    self._recheck.cancel()
+                if not self.loop.is_closed():
+                    self.loop.remove_reader(self._channel.fd)
+            finally:
+                self._channel.close()
+
+    def abandon(self) -> None:
+        """In a fork child: close our descriptor, touch nothing shared."""
+        self._stopped = True
+        self._channel.close(unlink=False)
+
     # ─── Scheduling ───
 
     def _schedule(self) -> None:
@@ -325,9 +592,7 @@ class BusReader:
             self._scheduled = True
 
     def _pending(self) -> bool:
-        if self._finder.changed():
-            return True
-        return any(followed.ring.pending() for followed in self._order)
+        return self.follower.pending()
 
     def _on_wake(self) -> None:
         # The FIFO is drained when the reader next goes idle, not here: the
@@ -354,11 +619,7 @@ class BusReader:
         if self._stopped:
             return
         self._heartbeat = self.loop.call_later(HEARTBEAT, self._on_heartbeat)
-        with self._lock:
-            try:
-                self._drop_finished()
-            except Exception:  # never let bad shared memory kill the loop's callback
-                log.exception("reader failed to check its rings' writers")
+        self.follower.heartbeat()
         if not self._scheduled and self._pending():
             self._asleep = False
             self._step()
@@ -367,52 +628,17 @@ class BusReader:
         self._scheduled = False
         if self._stopped:
             return
-        with self._lock:
-            routed = self.routed
-            try:
-                self._check_directory()
-            except Exception:
-                log.exception("reader failed to scan the ring directory")
-                self.corrupt += 1
-            order = self._order
-            count = len(order)
-            if count:
-                self._first = (self._first + 1) % count
-                budget = BATCH
-                for index in range(count):
-                    budget -= self._read_ring(order[(self._first + index) % count], budget)
-                    if budget <= 0:
-                        break
-            self._write_counters()
+        routed = self.follower.step()
         if self._pending():
             self._schedule()
             return
-        if self.routed != routed:
+        if routed:
             # Let the consumers just woken run first: going idle (a read()
             # of the FIFO, a fence, a timer) is not on their latency path.
             self.loop.call_soon(self._go_idle)
             self._scheduled = True
             return
         self._go_idle()
-
-    def _read_ring(self, followed: _Followed, limit: int) -> int:
-        """Read up to *limit* records of one ring; return how many were read."""
-        ring = followed.ring
-        if not ring.pending():
-            return 0
-        expected = ring.expected_seq
-        try:
-            batch = ring.read(limit, self._select)
-            self._route(batch, followed)
-            return max(1, batch.examined)
-        except Exception:  # never let bad shared memory kill the loop's callback
-            log.exception("reader failed on a batch; resynchronising at the write cursor")
-            self.corrupt += 1
-            # Whatever this batch held was not delivered: with the old
-            # expected sequence number, the next record counts it as a gap.
-            ring.expected_seq = expected
-            ring.cursor = ring.cursor + ring.backlog()
-            return limit
 
     def _go_idle(self) -> None:
         self._scheduled = False
@@ -455,112 +681,7 @@ class BusReader:
         """Going idle: announce it, then look once more (see shmbus._core.wakeup)."""
         self._asleep = True
         self._channel.drain()
-        self._mm[self._flag] = 1
-        full_fence()
-        if self._pending():
-            self._mm[self._flag] = 0
+        if not self.follower.announce_sleep():
             self._schedule()
         elif self._recheck is None:
             self._recheck = self.loop.call_later(IDLE_RECHECK, self._on_recheck)
-
-    # ─── Routing ───
-
-    def _select(self, topic: bytes) -> _Route | None:
-        try:
-            return self._routes[topic]
-        except KeyError:
-            pass
-        route = self._compute_route(topic)
-        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
-            self._routes.clear()
-        self._routes[topic] = route
-        return route
-
-    def _compute_route(self, raw: bytes) -> _Route | None:
-        try:
-            topic = validate_topic(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return _BAD_TOPIC
-        targets = tuple(sub for sub in self._subs if sub.matcher(topic))
-        return (topic, targets) if targets else None
-
-    def _route(self, batch: RingBatch[_Route], followed: _Followed) -> None:
-        starts = followed.starts
-        for first, end in batch.gaps:
-            self.lapped += end - first
-            for sub in self._subs:
-                missed = end - max(first, starts.get(sub, 0))
-                if missed > 0:
-                    sub.count_lost(missed)
-        self.corrupt += batch.corrupt
-        if not batch.records:
-            return
-        newest_start = followed.newest_start
-        max_size = followed.mapping.max_event_size
-        decode = decode_envelope
-        outbox: dict[QueueSubscription, list[Event]] = {}
-        # Most batches go to one subscription: remember its list.
-        last_sub: QueueSubscription | None = None
-        last_box: list[Event] = []
-        for seq, route, _raw, body, checksum_ok in batch.records:
-            if route.__class__ is not tuple:
-                self._reject(seq, tuple(self._subs), starts)
-                continue
-            topic, targets = route
-            if not checksum_ok:
-                self._reject(seq, targets, starts)
-                continue
-            try:
-                event = decode(topic, body, max_size)
-            except EnvelopeDecodeError as exc:
-                log.debug("corrupt record %d: %s", seq, exc)
-                self._reject(seq, targets, starts)
-                continue
-            shared = False
-            for sub in targets:
-                if seq < newest_start and seq < starts.get(sub, 0):
-                    continue  # published before this subscription existed
-                if shared:
-                    # Each subscription gets its own copy, as over NATS: a
-                    # consumer that edits its payload must not change what
-                    # another one sees.
-                    event = decode(topic, body, max_size)
-                shared = True
-                if sub is last_sub:
-                    last_box.append(event)
-                    continue
-                box = outbox.get(sub)
-                if box is None:
-                    box = outbox[sub] = []
-                box.append(event)
-                last_sub, last_box = sub, box
-        for sub, events in outbox.items():
-            self.routed += len(events)
-            sub.deliver(events)
-
-    def _reject(
-        self, seq: int, targets: tuple[QueueSubscription, ...], starts: dict[QueueSubscription, int]
-    ) -> None:
-        self.corrupt += 1
-        for sub in targets:
-            if seq >= starts.get(sub, 0):
-                sub.count_lost(1)
-
-    # ─── Counters in shared memory ───
-
-    def dropped(self) -> int:
-        """Events lost or evicted for this reader's subscriptions, ever."""
-        return self._retired_dropped + sum(sub.dropped for sub in self._subs)
-
-    def backlog(self) -> int:
-        """Committed bytes in followed rings not read yet."""
-        return sum(followed.ring.backlog() for followed in self._order)
-
-    def _write_counters(self) -> None:
-        words = self._words
-        slot = self._slot
-        words[slot_word(slot, SLOT_BACKLOG)] = self.backlog()
-        words[slot_word(slot, SLOT_DELIVERED)] = self.routed
-        words[slot_word(slot, SLOT_DROPPED)] = self.dropped()
-        words[slot_word(slot, SLOT_CORRUPT)] = self.corrupt
-        words[slot_word(slot, SLOT_LAPPED)] = self.lapped

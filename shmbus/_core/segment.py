@@ -71,6 +71,8 @@ from .layout import (
     SLOT_PID,
     SLOT_SIZE,
     SLOT_START,
+    SLOT_WAKE_ID,
+    bell_word,
     min_capacity,
     read_identity,
     read_layout_version,
@@ -82,9 +84,11 @@ from .procs import self_identity
 from .shmfiles import (
     SHM_DIR,
     Access,
+    bell_path,
     bus_file_paths,
     check_file,
     create_file,
+    fifo_path,
     open_checked,
     owned_by,
     reserve,
@@ -409,11 +413,13 @@ class Segment:
         for slot in range(MAX_SLOTS):
             if ofd.try_lock(self.fd, LOCK_SLOT_BASE + slot, exclusive=True):
                 base = slot_offset(slot)
+                self._remove_dead_owners_files(slot)
                 self.mm[base : base + SLOT_SIZE] = bytes(SLOT_SIZE)
                 for entry in range(MAX_RINGS):
                     words[seen_word(slot, entry)] = 0
                 self.mm[OFF_SLEEP_FLAGS + slot] = 0
                 self.mm[OFF_DIRECTORY_FLAGS + slot] = 0
+                words[bell_word(slot)] = 0
                 command = _own_command().encode("utf-8", "replace")[:SLOT_COMMAND_SIZE]
                 self.mm[base + SLOT_COMMAND : base + SLOT_COMMAND + len(command)] = command
                 words[slot_word(slot, SLOT_START)] = start
@@ -424,6 +430,26 @@ class Segment:
         raise NoFreeSlotError(
             f"bus {self.name!r} has all {MAX_SLOTS} instance slots in use by live processes"
         )
+
+    def _remove_dead_owners_files(self, slot: int) -> None:
+        """With *slot*'s byte just locked: its previous owner is gone, and one
+        that died without closing left its wake-up FIFO or doorbell named in
+        the slot (a clean close withdraws the id first). Remove them now,
+        rather than when the whole bus goes."""
+        words = self.words
+        wake_id = int(words[slot_word(slot, SLOT_WAKE_ID)])
+        bell_id = int(words[bell_word(slot)])
+        paths = [fifo_path(self.name, wake_id)] if wake_id else []
+        paths += [bell_path(self.name, bell_id)] if bell_id else []
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # another user's, in the sticky /dev/shm
+                log.info("bus %r: %s left by a dead reader stays: %s", self.name, path, exc)
+            else:
+                log.debug("bus %r: removed %s, left by a dead reader", self.name, path)
 
     # ─── Detach ───
 
@@ -441,6 +467,7 @@ class Segment:
             if self.slot >= 0:
                 self.words[slot_word(self.slot, SLOT_PID)] = 0
                 self.mm[OFF_SLEEP_FLAGS + self.slot] = 0
+                self.words[bell_word(self.slot)] = 0
                 ofd.unlock(self.fd, LOCK_SLOT_BASE + self.slot)
                 self.slot = -1
             # Let go of our shared lock before trying for the exclusive one:

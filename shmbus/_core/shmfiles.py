@@ -6,14 +6,19 @@ be mistaken for another's)::
 
     shmbus.NAME                  the bus segment (identity, slots, directory)
     shmbus.NAME:ring.<16 hex>    one ring per publishing instance
-    shmbus.NAME:wake.<16 hex>    one wake-up FIFO per reading instance
+    shmbus.NAME:wake.<16 hex>    one wake-up FIFO per asyncio reader (and per
+                                 blocking reader of a bus shared with a group)
+    sem.shmbus.NAME:bell.<16 hex>  one doorbell per blocking reader of a private
+                                 bus: the file of the named POSIX semaphore
+                                 /shmbus.NAME:bell.<16 hex>
 
 Rules (``/dev/shm`` is world-writable: assume another local user is waiting
 to squat any name a bus may use):
 
 1. A file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (FIFOs with
    ``mkfifo``, which fails on an existing name): creating never reuses a file.
-   Ring and FIFO names carry 64 random bits, so they cannot be guessed ahead.
+   Ring, FIFO and doorbell names carry 64 random bits, so they cannot be
+   guessed ahead.
 2. A file is opened with ``O_NOFOLLOW`` (a symlink is refused) and checked on
    the open descriptor with ``fstat`` before any byte of it is trusted or
    written: its type (regular file or FIFO), its owner, and its mode.
@@ -46,6 +51,8 @@ __all__ = [
     "Access",
     "bus_file_paths",
     "create_file",
+    "bell_name",
+    "bell_path",
     "fifo_path",
     "make_fifo",
     "open_checked",
@@ -57,8 +64,8 @@ __all__ = [
 SHM_DIR = "/dev/shm"
 _NAME_MAX = 255  # longest file name on Linux file systems
 _BUS_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-#: The longest derived file name is a ring's or FIFO's, "shmbus.NAME:ring.<16 hex>".
-MAX_BUS_NAME_LENGTH = _NAME_MAX - len("shmbus.:ring.") - 16
+#: The longest derived file name is a doorbell's, "sem.shmbus.NAME:bell.<16 hex>".
+MAX_BUS_NAME_LENGTH = _NAME_MAX - len("sem.shmbus.:bell.") - 16
 
 
 def validate_bus_name(name: object) -> str:
@@ -96,13 +103,26 @@ def fifo_path(bus_name: str, wake_id: int) -> str:
     return f"{SHM_DIR}/shmbus.{bus_name}:wake.{wake_id:016x}"
 
 
+def bell_name(bus_name: str, bell_id: int) -> str:
+    """POSIX semaphore name of the doorbell with id *bell_id* of bus *bus_name*."""
+    return f"/shmbus.{bus_name}:bell.{bell_id:016x}"
+
+
+def bell_path(bus_name: str, bell_id: int) -> str:
+    """Path of the file that holds the doorbell with id *bell_id* of bus
+    *bus_name* (the C library's name for semaphore :func:`bell_name`)."""
+    return f"{SHM_DIR}/sem.shmbus.{bus_name}:bell.{bell_id:016x}"
+
+
 def bus_file_paths(bus_name: str) -> list[str]:
     """Every file in ``/dev/shm`` named as a file of bus *bus_name*, now;
     the segment last, so that removing them in this order leaves a newcomer
     that finds no segment free to create everything afresh."""
     pattern = f"{SHM_DIR}/shmbus.{glob.escape(bus_name)}:"
     others = sorted(
-        glob.glob(pattern + "ring.[0-9a-f]*") + glob.glob(pattern + "wake.[0-9a-f]*")
+        glob.glob(pattern + "ring.[0-9a-f]*")
+        + glob.glob(pattern + "wake.[0-9a-f]*")
+        + glob.glob(f"{SHM_DIR}/sem.shmbus.{glob.escape(bus_name)}:bell.[0-9a-f]*")
     )
     segment = segment_path(bus_name)
     return [*others, segment] if os.path.lexists(segment) else others

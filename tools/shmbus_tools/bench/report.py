@@ -47,7 +47,20 @@ __all__ = ["host_facts", "summarise", "write_charts", "write_json", "write_markd
 Key = tuple[str, str, str]
 
 #: Order and colours of the peers in tables and charts.
-PEER_ORDER = ("shm", "nats", "zmq", "mpq", "ff", "redis", "shmll", "shmuv", "fifo", "sem", "loop")
+PEER_ORDER = (
+    "shm",
+    "nats",
+    "zmq",
+    "mpq",
+    "ff",
+    "redis",
+    "shmll",
+    "shmuv",
+    "shmsync",
+    "fifo",
+    "sem",
+    "loop",
+)
 COLOURS = {
     "shm": "#d62728",
     "nats": "#1f77b4",
@@ -58,6 +71,7 @@ COLOURS = {
     "fifo": "#17becf",
     "shmll": "#ff7f0e",
     "shmuv": "#e377c2",
+    "shmsync": "#98df8a",
     "sem": "#7f7f7f",
     "loop": "#bcbd22",
 }
@@ -426,7 +440,7 @@ def _l1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
         "shmbus/peer p99",
     )
     ours = summary.get(("L1", "", "shm"), {})
-    for peer in [*peers, "shmll", "shmuv", "fifo", "sem"]:
+    for peer in [*peers, "shmll", "shmuv", "shmsync", "fifo", "sem"]:
         figures = summary.get(("L1", "", peer))
         if figures is None:
             continue

@@ -315,7 +315,7 @@ class Bench:
                 except BaselineError as exc:
                     reasons[self.baseline.peer] = str(exc)
             drivers: dict[str, Driver] = {}
-            for name in [*self.peers, "shmll", "shmuv", "fifo", "sem", "loop"]:
+            for name in [*self.peers, "shmll", "shmuv", "shmsync", "fifo", "sem", "loop"]:
                 reason = reasons.get(name) or _unavailable(name)
                 if reason is None:
                     server = driver_class(name).server

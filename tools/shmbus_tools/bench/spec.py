@@ -134,6 +134,14 @@ REFERENCE_PEERS: Final = {
         "as shmbus, with publisher and subscriber on uvloop's event loop (`uvloop.run`); "
         "uvloop is an optional extra",
     ),
+    "shmsync": PeerInfo(
+        "shmbus, blocking subscription",
+        "blocking",
+        "blocking",
+        "shmbus without asyncio on either side: `publish_nowait()` from a plain loop; "
+        "`for event in bus.subscribe_sync(...)` in a process with no event loop (the "
+        "consuming thread reads the rings and sleeps on its doorbell, a POSIX semaphore)",
+    ),
     "sem": PeerInfo(
         "bare POSIX semaphore (reference)",
         "blocking",
@@ -355,7 +363,7 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
     if scenario == "L1":
         return [
             (
-                [*peers, *(["shmll", "shmuv"] if "shm" in peers else []), "fifo", "sem"],
+                [*peers, *(["shmll", "shmuv", "shmsync"] if "shm" in peers else []), "fifo", "sem"],
                 replace(base, rate=LATENCY_RATE, latency=True, duration=s.latency_s),
             )
         ]

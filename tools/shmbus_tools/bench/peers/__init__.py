@@ -84,6 +84,7 @@ _MODULES = {
     "shm": "shm_peer",
     "shmll": "shm_peer",
     "shmuv": "shm_peer",
+    "shmsync": "shm_peer",
     "nats": "nats_peer",
     "zmq": "zmq_peer",
     "mpq": "queue_peers",

@@ -6,6 +6,12 @@ get the library's own frozen :class:`shmbus.Event`. Every run gets a fresh bus
 ``bench-<parent pid>-<run>``: the last process to close it removes its files,
 and the parent removes whatever a killed child left behind.
 
+The ``shmsync`` row (:class:`ShmSyncDriver`) drives the blocking API instead:
+``publish_nowait`` from a plain loop and ``for event in bus.subscribe_sync(...)``
+in processes that run no event loop; each publisher ends its stream with an
+event on :data:`END_TOPIC`, and the subscriber is done when it took one from
+every publisher.
+
 Two peers use these workers: ``shm`` (the shmbus this package belongs to) and
 ``shm@<rev>`` (:class:`BaselineDriver`: shmbus as of an older git revision,
 see :mod:`shmbus_tools.bench.baseline`). So that one worker drives both versions,
@@ -30,14 +36,25 @@ from shmbus.shm import ShmBus
 
 from ...children import AsyncLink, BlockingLink
 from ..baseline import BASELINE_PREFIX, bus_class
-from ..harness import async_publisher, async_subscriber, blocking_publisher
+from ..harness import async_publisher, async_subscriber, blocking_publisher, blocking_subscriber
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, PATTERN, Recorder
 from . import Driver, Env
 
-__all__ = ["DRIVERS", "BaselineDriver", "ShmDriver", "ShmUvloopDriver", "bus_name"]
+__all__ = [
+    "DRIVERS",
+    "END_TOPIC",
+    "BaselineDriver",
+    "ShmDriver",
+    "ShmSyncDriver",
+    "ShmUvloopDriver",
+    "bus_name",
+]
 
 log = logging.getLogger("shmbus_tools.bench")
+
+#: The end-of-stream event of the blocking row (it matches the pattern).
+END_TOPIC = "decky.end.traffic"
 
 #: Makes an unconnected bus: ``(name, **options) -> bus``.
 BusFactory = Callable[..., Any]
@@ -98,6 +115,51 @@ class ShmUvloopDriver(ShmDriver):
         import uvloop
 
         uvloop.run(_subscriber(link, spec, str(resources), self.bus_factory()))
+
+
+class ShmSyncDriver(ShmDriver):
+    """shmbus's blocking API: no event loop in either process."""
+
+    name = "shmsync"
+    blocking_subscriber = True
+
+    def publisher(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        bus = ShmBus(str(resources))
+        bus.connect_sync()
+        try:
+
+            def end_of_stream() -> None:
+                bus.publish_nowait(END_TOPIC, {"publisher": index}, event_type=EVENT_TYPE)
+
+            blocking_publisher(
+                link,
+                spec,
+                functools.partial(bus.publish_nowait, event_type=EVENT_TYPE),
+                after=end_of_stream,
+                errors=lambda: bus.stats().publish_errors,
+            )
+        finally:
+            bus.close_sync()
+
+    def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        bus = ShmBus(str(resources))
+        bus.connect_sync()
+        try:
+            sub = bus.subscribe_sync(PATTERN)
+
+            def consume(record: Recorder) -> None:
+                ends = 0
+                for event in sub:
+                    if event.topic == END_TOPIC:
+                        ends += 1
+                        if ends == spec.publishers:
+                            return
+                        continue
+                    record(event)
+
+            blocking_subscriber(link, spec, consume)
+        finally:
+            bus.close_sync()
 
 
 class BaselineDriver(ShmDriver):
@@ -197,5 +259,6 @@ DRIVERS: dict[str, type[Driver]] = {
     "shm": ShmDriver,
     "shmll": ShmLowLatencyDriver,
     "shmuv": ShmUvloopDriver,
+    "shmsync": ShmSyncDriver,
     BASELINE_PREFIX: BaselineDriver,
 }
