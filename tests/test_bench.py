@@ -617,3 +617,23 @@ def test_report_shows_a_skipped_run_with_its_reason_and_leaves_its_target_unmeas
         "| not measured |" in text
     )
     assert "(1 of" not in text  # a skipped run is not a failed one
+
+
+def test_report_explains_a_missed_request_reply_target_with_the_runs_one_way_latency(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("R1", "", "shm", p50_us=400.0),
+            _result("R1", "", "nats", p50_us=500.0),
+            _result("L1", "", "shm", p50_us=180.0),
+            _result("L1", "", "fifo", p50_us=60.0),
+        ],
+    )
+    assert "| 400.0 µs vs 500.0 µs | 0.80× → **not met** |" in text
+    assert "The target asks for 250.0 µs; shmbus took 400.0 µs." in text
+    assert (
+        "One delivery took 180.0 µs at p50 in L1 of this run (twice: 360.0 µs), "
+        "60.0 µs of it the wake-up alone (the FIFO row)." in text
+    )
