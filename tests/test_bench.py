@@ -3,11 +3,13 @@
 Runs every scenario for shmbus and multiprocessing.Queue for a fraction of a
 second in a separate process (the harness forks its children, which a test
 process running threads should not do) and checks that the outputs are
-produced and well formed. No assertion is about timing or speed.
+produced and well formed; then the queue-group and request/reply scenarios
+(Q1, R1) for shmbus, NATS and ZeroMQ. No assertion is about timing or speed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,7 +23,16 @@ import pytest
 from shmbus_tools.bench.baseline import Baseline
 from shmbus_tools.bench.report import write_markdown
 from shmbus_tools.bench.runner import BenchOutcome, RunResult, derive_metrics
-from shmbus_tools.bench.spec import SCENARIOS, RunSpec, plan, settings_for
+from shmbus_tools.bench.spec import (
+    QUEUE_GROUP,
+    QUEUE_WORKERS,
+    SCENARIOS,
+    RunSpec,
+    plan,
+    settings_for,
+)
+
+from shmbus import ShmBus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMOKE_TIMEOUT = 240
@@ -85,7 +96,12 @@ def test_results_json_records_every_run(
     for key in ("generated", "command", "host", "settings", "summary", "runs", "skipped_peers"):
         assert key in document, key
     runs = document["runs"]
-    assert all(run["status"] == "ok" for run in runs), [r["error"] for r in runs]
+    # Only shmbus's queue group may be skipped (see the Q1 tests below).
+    assert all(
+        run["status"] == "ok"
+        or (run["scenario"], run["peer"], run["status"]) == ("Q1", "shm", "skipped")
+        for run in runs
+    ), [r["error"] for r in runs]
     seen = {(run["scenario"], run["peer"]) for run in runs}
     for scenario in SCENARIOS:
         assert (scenario, "shm") in seen, scenario
@@ -93,10 +109,15 @@ def test_results_json_records_every_run(
         assert (scenario, "mpq") in seen, scenario
     assert ("L1", "sem") in seen and ("L1", "fifo") in seen  # the reference rows
     for run in runs:
+        if run["status"] == "skipped":
+            continue
         metrics = run["metrics"]
         assert metrics["published"] > 0
         if run["scenario"] == "P1":
             assert metrics["us_per_call"] > 0
+            continue
+        if run["scenario"] == "R1":
+            assert 0 < metrics["answered"] <= metrics["requests"]
             continue
         assert 0 < metrics["received"] <= metrics["should_receive"]
         # A subscriber that finished draining (rather than hitting the drain
@@ -152,6 +173,125 @@ def test_smoke_run_leaves_nothing_in_dev_shm(
     pid = done.args[-1]
     leftovers = [name for name in os.listdir("/dev/shm") if f"bench-{pid}-" in name]
     assert not leftovers
+
+
+@pytest.fixture(scope="module")
+def patterns(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Q1 and R1 in smoke mode for shmbus, NATS and ZeroMQ: (out, process, results.json)."""
+    out = tmp_path_factory.mktemp("bench-patterns")
+    done = _bench(
+        "--smoke",
+        "--scenarios",
+        "Q1,R1",
+        "--peers",
+        "shm,nats,zmq",
+        "--out",
+        str(out),
+        "--no-charts",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done, json.loads((out / "results.json").read_text())
+
+
+def _measured(document: dict[str, Any], scenario: str, peers: tuple[str, ...]) -> dict[str, Any]:
+    """The runs of *scenario* by *peers*, by peer; a peer skipped as a whole
+    (no nats-server here) must say why."""
+    runs = {run["peer"]: run for run in document["runs"] if run["scenario"] == scenario}
+    for peer in peers:
+        if peer in document["skipped_peers"]:
+            assert document["skipped_peers"][peer], peer
+            runs.pop(peer, None)
+    return runs
+
+
+def _shmbus_has_queue_groups() -> bool:
+    async def probe() -> bool:
+        async with ShmBus(f"bench-probe-{os.getpid()}") as bus:
+            try:
+                bus.subscribe("decky.*.traffic", queue=QUEUE_GROUP)
+            except NotImplementedError:
+                return False
+            return True
+
+    return asyncio.run(probe())
+
+
+def _check_queue_group_run(run: dict[str, Any]) -> None:
+    assert run["status"] == "ok", run["error"]
+    assert run["spec"]["queue"] == QUEUE_GROUP
+    metrics = run["metrics"]
+    # Each event should reach one worker, not each of them.
+    assert metrics["should_receive"] == metrics["published"] > 0
+    assert 0 < metrics["received"] <= metrics["published"]
+    shares = [worker["received"] for worker in run["subscribers"]]
+    assert len(shares) == QUEUE_WORKERS
+    assert sum(shares) == metrics["received"]
+    assert (metrics["worker_min"], metrics["worker_max"]) == (min(shares), max(shares))
+
+
+def test_q1_spreads_the_events_over_four_workers_on_nats_and_zeromq(
+    patterns: tuple[Path, subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    _, _, document = patterns
+    runs = _measured(document, "Q1", ("nats", "zmq"))
+    assert "zmq" in runs  # pyzmq is a test dependency
+    for peer in ("nats", "zmq"):
+        if peer in runs:
+            _check_queue_group_run(runs[peer])
+            # Thousands of events: every member of the group gets work.
+            assert runs[peer]["metrics"]["worker_min"] > 0
+
+
+def test_q1_on_shmbus_runs_or_is_skipped_with_the_reason_shmbus_gives(
+    patterns: tuple[Path, subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    out, done, document = patterns
+    run = _measured(document, "Q1", ("shm",))["shm"]
+    if _shmbus_has_queue_groups():
+        _check_queue_group_run(run)
+        return
+    assert run["status"] == "skipped"
+    reason = run["skip_reason"]
+    assert "NotImplementedError" in reason and "queue=" in reason
+    assert f"skipped: {reason}" in (out / "results.md").read_text()
+    assert f"Q1 shm skipped: {reason}" in done.stderr
+    assert run["metrics"] == {}
+
+
+def test_r1_measures_every_round_trip_on_shmbus_nats_and_zeromq(
+    patterns: tuple[Path, subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    _, _, document = patterns
+    runs = _measured(document, "R1", ("shm", "nats", "zmq"))
+    assert {"shm", "zmq"} <= set(runs)
+    for peer, run in runs.items():
+        assert run["status"] == "ok", (peer, run["error"])
+        metrics = run["metrics"]
+        assert metrics["requests"] == settings_for("smoke").requests, peer
+        assert metrics["answered"] + metrics["timeouts"] == metrics["requests"], peer
+        assert metrics["wrong_replies"] == 0, peer
+        assert metrics["samples"] == metrics["answered"] > 0, peer
+        assert 0 < metrics["p50_us"] <= metrics["p99_us"] <= metrics["max_us"], peer
+        # The responder answered the warm-up and every measured request.
+        assert run["subscribers"][0]["received"] >= metrics["answered"], peer
+
+
+def test_results_md_checks_the_q1_and_r1_targets(
+    patterns: tuple[Path, subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    out, _, _ = patterns
+    text = (out / "results.md").read_text()
+    for scenario in ("Q1", "R1"):
+        assert f"## {scenario}: {SCENARIOS[scenario]}" in text
+    assert "| ZeroMQ PUSH → PULL | blocking PUSH / asyncio PULL |" in text
+    assert "| shmbus `await bus.request()` / `await bus.reply()` | asyncio |" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| Q1 queue group delivered/s ≥ 3× ZeroMQ PUSH/PULL" in rows
+    r1 = rows["| R1 request/reply p50 round trip ≤ 0.5× NATS's"]
+    if "nats" not in json.loads((out / "results.json").read_text())["skipped_peers"]:
+        assert "→ met |" in r1 or "→ **not met** |" in r1
 
 
 def test_bad_arguments_exit_2() -> None:
@@ -217,6 +357,67 @@ def test_derive_metrics_definitions() -> None:
     assert metrics["loss_pct"] == 25
     assert metrics["dropped_counted"] == 500
     assert metrics["sub_cpu_s_per_million"] == pytest.approx(1e6 / 1500)
+
+
+def test_plan_runs_q1_and_r1_for_shmbus_nats_and_zeromq_only() -> None:
+    settings = settings_for("quick")
+    peers = ["shm", "shm@0123abc", "nats", "zmq", "mpq", "ff"]
+    runs, _ = plan(settings, ["Q1", "R1"], peers)
+    assert [(r.scenario, r.peer) for r in runs] == [
+        ("Q1", "shm"),
+        ("Q1", "nats"),
+        ("Q1", "zmq"),
+        ("R1", "shm"),
+        ("R1", "nats"),
+        ("R1", "zmq"),
+    ]
+    q1, r1 = runs[0], runs[3]
+    assert (q1.publishers, q1.subscribers, q1.queue, q1.requests) == (
+        1,
+        QUEUE_WORKERS,
+        QUEUE_GROUP,
+        None,
+    )
+    assert (r1.publishers, r1.subscribers, r1.queue, r1.requests) == (
+        1,
+        1,
+        None,
+        settings.requests,
+    )
+
+
+def test_derive_metrics_of_a_queue_group_expects_each_event_once() -> None:
+    spec = RunSpec(scenario="Q1", peer="nats", rep=0, subscribers=4, queue="workers")
+    publishers = [{"published": 1000, "start_ns": 0, "end_ns": 1_000_000_000, "cpu_s": 1.0}]
+    subscribers = [
+        {"received": n, "dropped": None, "last_ns": 2_000_000_000, "cpu_s": 0.1, "end": "quiet"}
+        for n in (300, 300, 250, 100)
+    ]
+    metrics = derive_metrics(spec, publishers, subscribers, [])
+    assert metrics["should_receive"] == 1000
+    assert metrics["loss_pct"] == 5
+    assert metrics["delivered_per_s"] == 475  # 950 events by the last receipt, 2 s
+    assert (metrics["worker_min"], metrics["worker_max"]) == (100, 300)
+    assert metrics["spread"] == pytest.approx(1 / 3)
+
+
+def test_derive_metrics_of_request_reply_are_the_requesters_round_trips() -> None:
+    spec = RunSpec(scenario="R1", peer="shm", rep=0, requests=4)
+    requester = {
+        "published": 4,
+        "errors": 1,
+        "answered": 3,
+        "wrong_replies": 0,
+        "start_ns": 0,
+        "end_ns": 1_000_000,
+        "cpu_s": 0.001,
+    }
+    responder = {"received": 204, "dropped": 0, "last_ns": 0, "cpu_s": 0.002, "end": "complete"}
+    metrics = derive_metrics(spec, [requester], [responder], [100_000, 200_000, 300_000])
+    assert (metrics["requests"], metrics["answered"], metrics["timeouts"]) == (4, 3, 1)
+    assert metrics["loss_pct"] == 25
+    assert metrics["published_per_s"] == 4000  # requests/s
+    assert (metrics["p50_us"], metrics["max_us"], metrics["samples"]) == (200.0, 300.0, 3)
 
 
 def test_plan_runs_a_baseline_beside_shmbus() -> None:
@@ -371,3 +572,69 @@ def test_report_compares_the_work_tree_with_the_baseline(tmp_path: Path) -> None
     # The baseline also has its rows in the scenarios' own tables.
     assert "| shmbus@0123abc | asyncio | 200,000 | 200,000 |" in text
     assert "| shmbus@0123abc `await bus.publish()` | asyncio | 4.00 |" in text
+
+
+def test_report_checks_the_queue_group_and_request_reply_targets(tmp_path: Path) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("Q1", "", "shm", delivered_per_s=300_000.0),
+            _result("Q1", "", "nats", delivered_per_s=90_000.0),
+            _result("Q1", "", "zmq", delivered_per_s=120_000.0),
+            _result("R1", "", "shm", p50_us=100.0, p99_us=300.0),
+            _result("R1", "", "nats", p50_us=250.0, p99_us=400.0),
+        ],
+    )
+    assert (
+        "| Q1 queue group delivered/s ≥ 3× a NATS queue group | 300,000 vs 90,000 | 3.33× → met |"
+        in text
+    )
+    assert (
+        "| Q1 queue group delivered/s ≥ 3× ZeroMQ PUSH/PULL | 300,000 vs 120,000 "
+        "| 2.50× → **not met** |" in text
+    )
+    assert (
+        "| R1 request/reply p50 round trip ≤ 0.5× NATS's | 100.0 µs vs 250.0 µs | 0.40× → met |"
+        in text
+    )
+    assert "| NATS `await nc.request()` / `await msg.respond()` | asyncio | 250.0 |" in text
+
+
+def test_report_shows_a_skipped_run_with_its_reason_and_leaves_its_target_unmeasured(
+    tmp_path: Path,
+) -> None:
+    skipped = RunResult(
+        spec=RunSpec(scenario="Q1", peer="shm", rep=0),
+        status="skipped",
+        skip_reason="ShmBus.subscribe(pattern, queue=...) raised NotImplementedError: not yet",
+    )
+    text = _report(tmp_path, [skipped, _result("Q1", "", "nats", delivered_per_s=90_000.0)])
+    assert (
+        "- shmbus `subscribe(pattern, queue=...)`: skipped: ShmBus.subscribe(pattern, queue=...) "
+        "raised NotImplementedError: not yet." in text
+    )
+    assert (
+        "| Q1 queue group delivered/s ≥ 3× a NATS queue group | shmbus skipped (see Q1) vs 90,000 "
+        "| not measured |" in text
+    )
+    assert "(1 of" not in text  # a skipped run is not a failed one
+
+
+def test_report_explains_a_missed_request_reply_target_with_the_runs_one_way_latency(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("R1", "", "shm", p50_us=400.0),
+            _result("R1", "", "nats", p50_us=500.0),
+            _result("L1", "", "shm", p50_us=180.0),
+            _result("L1", "", "fifo", p50_us=60.0),
+        ],
+    )
+    assert "| 400.0 µs vs 500.0 µs | 0.80× → **not met** |" in text
+    assert "The target asks for 250.0 µs; shmbus took 400.0 µs." in text
+    assert (
+        "One delivery took 180.0 µs at p50 in L1 of this run (twice: 360.0 µs), "
+        "60.0 µs of it the wake-up alone (the FIFO row)." in text
+    )

@@ -8,8 +8,9 @@ on stderr, the list of files written on stdout. This and
 :mod:`shmbus_tools.bench.progress` are the only modules of the package that write
 to the console, and they write to ``sys.stdout``/``sys.stderr`` explicitly.
 
-Exit codes: 0 every run succeeded; 1 some run failed (the results are still
-written, failed runs marked); 2 bad arguments; 130 interrupted (every child
+Exit codes: 0 every run succeeded or was skipped (a peer that cannot do what
+the run needs, the reason in the report); 1 some run failed (the results are
+still written, failed runs marked); 2 bad arguments; 130 interrupted (every child
 and server is stopped first; nothing is written).
 """
 
@@ -218,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.write("".join(f"wrote {out / name}\n" for name in written))
     for name, reason in outcome.skipped.items():
         sys.stdout.write(f"skipped {peer_info(name).label}: {reason}\n")
-    failed = [r for r in outcome.results if not r.ok]
+    failed = [r for r in outcome.results if r.failed]
     if failed:
         sys.stdout.write(f"{len(failed)} of {len(outcome.results)} runs failed; see results.md\n")
     sys.stdout.flush()

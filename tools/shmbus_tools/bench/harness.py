@@ -21,6 +21,23 @@ Owns
   - blocking peers (lossless queues): when the receive loop returns, i.e. it
     took every publisher's end-of-stream sentinel, or when the parent signals
     ``SIGUSR1`` at the drain deadline.
+  - members of a queue group (Q1): each gets a share of what was published
+    and cannot know its size, so every peer's member ends after 250 ms
+    without an event (with its queue empty, where the transport tells), or
+    at the drain deadline.
+
+* The requester of R1 (:func:`async_requester`): after "start", sends
+  :data:`~shmbus_tools.bench.spec.REQUEST_WARMUP` requests, then the
+  measured ones, each once the previous one's reply is in hand, and keeps the
+  round trip of each measured one: from the ``monotonic_ns`` stamp taken when
+  its payload is built, right before the request call, to its reply in hand.
+  A request not answered within
+  :data:`~shmbus_tools.bench.spec.REQUEST_TIMEOUT` counts as timed out; the
+  run's duration bounds the whole loop. Its responder is an ordinary
+  subscriber whose receive loop answers what it records.
+* :func:`report_unsupported`: a child whose peer turns out, at run time, not
+  to support what the run needs (ShmBus's queue groups before they exist)
+  says why instead of "ready"; the parent skips the run with that reason.
 
 * The figures each child reports in its "final" message.
 
@@ -41,17 +58,21 @@ from types import FrameType
 from typing import Any, Final
 
 from ..children import EOF, AsyncLink, BlockingLink, data_of, kind_of
-from .spec import RunSpec
+from .spec import REQUEST_TIMEOUT, REQUEST_WARMUP, RunSpec
 from .workload import PayloadFactory, Recorder, cpu_seconds, payload_factory
 
 __all__ = [
+    "UNSUPPORTED",
+    "AsyncRequest",
     "AsyncSend",
     "BATCH",
     "SyncSend",
     "async_publisher",
+    "async_requester",
     "async_subscriber",
     "blocking_publisher",
     "blocking_subscriber",
+    "report_unsupported",
 ]
 
 #: Events a flooding publisher sends between two looks at the clock (and, on
@@ -62,8 +83,15 @@ BATCH: Final = 256
 QUIET_S: Final = 0.25
 _MAX_LAG_S: Final = 0.05
 
+#: The kind of the message a child sends instead of "ready" when its peer
+#: cannot do what the run needs: ``("unsupported", {"reason": ...})``.
+UNSUPPORTED: Final = "unsupported"
+
 AsyncSend = Callable[[str, dict[str, Any]], Awaitable[None]]
 SyncSend = Callable[[str, dict[str, Any]], None]
+#: Sends one request and returns its reply's payload; raises TimeoutError
+#: (or a subclass) when no reply came within the timeout it is given.
+AsyncRequest = Callable[[str, dict[str, Any], float], Awaitable[dict[str, Any]]]
 
 
 # ─── Publishers ─────────────────────────────────────────────────────────────
@@ -197,6 +225,65 @@ def _blocking_paced(send: SyncSend, make: PayloadFactory, duration: float, rate:
             time.sleep(delay)
 
 
+# ─── Request/reply ──────────────────────────────────────────────────────────
+
+
+async def async_requester(link: AsyncLink, spec: RunSpec, request: AsyncRequest) -> None:
+    """Report ready; on "start" send R1's requests through *request*, one
+    after the other; report; wait for "stop".
+
+    The figures are a publisher's (``published`` = measured requests sent,
+    ``errors`` = those timed out, the time from the first measured request
+    to the last reply) plus ``answered`` and the round trips in ``samples``.
+    """
+    make = payload_factory(spec.blob_size)
+    link.send("ready")
+    if not await link.wait_start():
+        return
+    requests = spec.requests or 0
+    mono, mono_ns = time.monotonic, time.monotonic_ns
+    end = mono() + spec.duration
+    seq = 0
+    for _ in range(REQUEST_WARMUP):
+        if mono() >= end:
+            break
+        topic, payload = make(seq)
+        seq += 1
+        try:
+            await request(topic, payload, REQUEST_TIMEOUT)
+        except TimeoutError:
+            pass
+    cpu0 = cpu_seconds()
+    samples: list[int] = []
+    sent = timeouts = wrong = 0
+    start_ns = mono_ns()
+    while sent < requests and mono() < end:
+        topic, payload = make(seq)
+        seq += 1
+        sent += 1
+        try:
+            answer = await request(topic, payload, REQUEST_TIMEOUT)
+        except TimeoutError:
+            timeouts += 1
+            continue
+        now = mono_ns()
+        if answer.get("seq") != payload["seq"]:
+            wrong += 1  # someone else's reply: a bug of the peer's driver
+            continue
+        samples.append(now - payload["t_ns"])
+    end_ns = mono_ns()
+    final = _publisher_final(sent, start_ns, end_ns, cpu0, lambda: timeouts)
+    final.update(answered=len(samples), wrong_replies=wrong, samples=sorted(samples))
+    link.send(("final", final))
+    await link.wait_stop()
+
+
+def report_unsupported(link: BlockingLink | AsyncLink, reason: str) -> None:
+    """Tell the parent this peer cannot do what the run needs, and why (in
+    place of "ready"); the caller then waits for "stop"."""
+    link.send((UNSUPPORTED, {"reason": reason}))
+
+
 def _publisher_final(
     published: int, start_ns: int, end_ns: int, cpu0: float, errors: Callable[[], int] | None
 ) -> dict[str, Any]:
@@ -218,12 +305,15 @@ async def async_subscriber(
     consume: Callable[[Recorder], Coroutine[Any, Any, None]],
     *,
     accounting: Callable[[], tuple[int, int]] | None = None,
+    share: bool = False,
 ) -> None:
     """Run *consume* from "start" until the run is drained; report; wait for "stop".
 
     *accounting*, for a transport that counts what it drops, returns
     ``(dropped, queued)``: the run is complete once received + dropped
-    reaches the number published and nothing is queued.
+    reaches the number published and nothing is queued. *share*: this is a
+    queue-group member, which gets a share of what was published; it ends
+    once quiet (see the module docstring).
     """
     record = Recorder(latency=spec.latency)
     link.send("ready")
@@ -236,7 +326,7 @@ async def async_subscriber(
         if drain is None:
             return
         expected, deadline = int(drain["expected"]), float(drain["deadline"])
-        end = await _until_drained(record, consumer, expected, deadline, accounting)
+        end = await _until_drained(record, consumer, expected, deadline, accounting, share)
         cpu_s = cpu_seconds() - cpu0
     finally:
         consumer.cancel()
@@ -280,6 +370,7 @@ async def _until_drained(
     expected: int,
     deadline: float,
     accounting: Callable[[], tuple[int, int]] | None,
+    share: bool = False,
 ) -> str:
     mono = time.monotonic
     last_count, last_change = -1, mono()
@@ -287,15 +378,20 @@ async def _until_drained(
         if consumer.done():
             _ended_early(consumer, record)
         now = mono()
+        queued = 0
         if accounting is not None:
             dropped, queued = accounting()
-            if record.count + dropped >= expected and queued == 0:
+            if not share and record.count + dropped >= expected and queued == 0:
                 return "complete"
-        elif record.count >= expected:
+        elif not share and record.count >= expected:
             return "complete"
         if record.count != last_count:
             last_count, last_change = record.count, now
-        elif (accounting is None or consumer.done()) and now - last_change >= QUIET_S:
+        elif (
+            (accounting is None or share or consumer.done())
+            and queued == 0
+            and now - last_change >= QUIET_S
+        ):
             return "quiet"
         if now >= deadline:
             return "deadline"

@@ -9,7 +9,9 @@ Owns
 * :func:`write_json` (every run, raw children's reports included),
   :func:`write_markdown` (one table per scenario, with each peer's API style
   and the shmbus/peer ratios; with ``--baseline``, a table of the work
-  tree's figures against the baseline revision's, current/baseline) and
+  tree's figures against the baseline revision's, current/baseline; Q1's
+  and R1's tables show a run a peer could not do as skipped, with its
+  reason) and
   :func:`write_charts` (``throughput.png``
   bars and ``latency_cdf.png``, drawn with matplotlib's Agg backend; without
   matplotlib the charts are skipped and the report says so).
@@ -33,7 +35,11 @@ from .spec import (
     FANIN_PUBLISHERS,
     LATENCY_RATE,
     PEERS,
+    QUEUE_GROUP,
+    QUEUE_WORKERS,
     REFERENCE_PEERS,
+    REQUEST_TIMEOUT,
+    REQUEST_WARMUP,
     SCENARIOS,
     ZERO_LOSS_FRACTION,
     Settings,
@@ -135,14 +141,22 @@ def _cpu_model() -> str:
 
 def summarise(results: Iterable[RunResult]) -> dict[Key, dict[str, Any]]:
     """Median of each numeric figure per (scenario, variant, peer), over the
-    successful runs; ``runs`` and ``failed`` count them."""
+    successful runs; ``runs``, ``failed`` and ``skipped`` count them
+    (``skip_reasons`` says why)."""
     grouped: dict[Key, list[RunResult]] = {}
     for result in results:
         grouped.setdefault(result.spec.key, []).append(result)
     summary: dict[Key, dict[str, Any]] = {}
     for key, runs in grouped.items():
         ok = [r for r in runs if r.ok]
-        figures: dict[str, Any] = {"runs": len(ok), "failed": len(runs) - len(ok)}
+        figures: dict[str, Any] = {
+            "runs": len(ok),
+            "failed": sum(1 for r in runs if r.failed),
+            "skipped": sum(1 for r in runs if r.status == "skipped"),
+        }
+        reasons = sorted({r.skip_reason for r in runs if r.skip_reason is not None})
+        if reasons:
+            figures["skip_reasons"] = reasons
         names = {name for r in ok for name, value in r.metrics.items() if _is_number(value)}
         for name in sorted(names):
             figures[name] = median([_number(r.metrics.get(name)) for r in ok])
@@ -182,6 +196,9 @@ def write_json(
             "latency_rate": LATENCY_RATE,
             "fanin_publishers": FANIN_PUBLISHERS,
             "zero_loss_fraction": ZERO_LOSS_FRACTION,
+            "queue_workers": QUEUE_WORKERS,
+            "request_warmup": REQUEST_WARMUP,
+            "request_timeout_s": REQUEST_TIMEOUT,
             "envelope_bytes": envelope_size(None),
         },
         "skipped_peers": outcome.skipped,
@@ -826,12 +843,36 @@ def _why_t2_publisher(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
     return text
 
 
+def _why_r1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """What a shmbus round trip is made of, in this run's figures."""
+    ours = _figure(summary, ("R1", "", "shm"), "p50_us")
+    nats = _figure(summary, ("R1", "", "nats"), "p50_us")
+    text = (
+        "A shmbus round trip is two deliveries, each to a reader asleep since the last "
+        "request: the request wakes the responder's reader, the reply the requester's, whose "
+        "inbox hands it to the waiting request. The target asks for "
+        f"{_fmt(nats * 0.5 if nats else None, 1)} µs; shmbus took {_fmt(ours, 1)} µs."
+    )
+    one_way = _figure(summary, ("L1", "", "shm"), "p50_us")
+    fifo = _figure(summary, ("L1", "", "fifo"), "p50_us")
+    if one_way is not None:
+        text += (
+            f" One delivery took {_fmt(one_way, 1)} µs at p50 in L1 of this run (twice: "
+            f"{_fmt(2 * one_way, 1)} µs)"
+            + (f", {_fmt(fifo, 1)} µs of it the wake-up alone (the FIFO row)." if fifo else ".")
+        )
+    else:
+        text += " (L1 did not run: no one-way figure of this run to compare with.)"
+    return text
+
+
 #: Why a target can be missed: each text is made of the run's own figures.
 _SHORTFALLS: dict[str, Callable[[dict[Key, dict[str, Any]], int], str]] = {
     "T1": _why_t1,
     "P1": _why_p1,
     "L1": _why_l1,
     "T2pub": _why_t2_publisher,
+    "R1": _why_r1,
 }
 
 
@@ -910,6 +951,8 @@ def _targets(summary: dict[Key, dict[str, Any]], cpus: int) -> list[str]:
         _check(publish, nats, 2.0, at_most=False),
         "P1",
     )
+    for row in _pattern_targets(summary):
+        add(*row)
     out = [
         "## The targets",
         "",
@@ -926,7 +969,193 @@ def _targets(summary: dict[Key, dict[str, Any]], cpus: int) -> list[str]:
     return out
 
 
-_SECTIONS = {"T1": _t1, "T2": _t2, "T3": _t3, "L1": _l1, "S1": _s1, "P1": _p1, "Z1": _z1}
+# ─── Q1 and R1: queue groups and request/reply ──────────────────────────────
+
+#: How each peer is driven in Q1 and R1: (label, API style).
+_Q1_LABELS = {
+    "shm": ("shmbus `subscribe(pattern, queue=...)`", "asyncio"),
+    "nats": ("NATS queue group `nc.subscribe(subject, queue=...)`", "asyncio"),
+    "zmq": ("ZeroMQ PUSH → PULL", "blocking PUSH / asyncio PULL"),
+}
+_R1_LABELS = {
+    "shm": ("shmbus `await bus.request()` / `await bus.reply()`", "asyncio"),
+    "nats": ("NATS `await nc.request()` / `await msg.respond()`", "asyncio"),
+    "zmq": ("ZeroMQ REQ / REP", "asyncio (zmq.asyncio)"),
+}
+
+
+def _skipped(figures: dict[str, Any]) -> str | None:
+    """'skipped: <reason>' for a row none of whose runs was measured."""
+    if figures.get("runs") or not figures.get("skipped"):
+        return None
+    return "skipped: " + "; ".join(figures.get("skip_reasons") or ["unsupported"])
+
+
+def _pattern_rows(
+    scenario: str, labels: dict[str, tuple[str, str]], summary: dict[Key, dict[str, Any]]
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(peer, label, API, figures) of the peers that ran *scenario*, in order."""
+    rows = []
+    for peer, (label, api) in labels.items():
+        figures = summary.get((scenario, "", peer))
+        if figures is not None:
+            rows.append((peer, label + _runs_note(figures), api, figures))
+    return rows
+
+
+def _skip_notes(rows: list[tuple[str, str, str, dict[str, Any]]]) -> list[str]:
+    notes = [f"- {label}: {why}." for _, label, _, f in rows if (why := _skipped(f))]
+    return ["", *notes] if notes else []
+
+
+def _q1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    table = _Table(
+        "peer",
+        "API",
+        "published/s",
+        "delivered/s",
+        "loss %",
+        "per worker, fewest – most",
+        "spread (fewest/most)",
+        "workers' CPU s / 1M delivered",
+        "shmbus/peer delivered/s",
+        "run ended",
+    )
+    ours = summary.get(("Q1", "", "shm"), {})
+    rows = _pattern_rows("Q1", _Q1_LABELS, summary)
+    for peer, label, api, figures in rows:
+        if _skipped(figures):
+            table.row(label, api, *["—"] * 7, "skipped (below)")
+            continue
+        table.row(
+            label,
+            api,
+            _fmt(figures.get("published_per_s")),
+            _fmt(figures.get("delivered_per_s")),
+            _fmt(figures.get("loss_pct"), 2),
+            f"{_fmt(figures.get('worker_min'))} – {_fmt(figures.get('worker_max'))}",
+            _fmt(figures.get("spread"), 2),
+            _fmt(figures.get("sub_cpu_s_per_million"), 2),
+            "—"
+            if peer == "shm"
+            else _ratio(ours.get("delivered_per_s"), figures.get("delivered_per_s")),
+            _ends(figures),
+        )
+    return [
+        f"One publisher floods, as in T1, {QUEUE_WORKERS} worker processes that are members "
+        f"of one queue group (`{QUEUE_GROUP}`, pattern `decky.*.traffic`): each event should "
+        "reach exactly one worker. *delivered/s* = events received by all workers together / "
+        "time from the first publish to the last receipt; *loss* = published events no worker "
+        "received; *per worker* = events received by the worker that got the fewest and the "
+        "one that got the most, *spread* their ratio (1.00 = even). A worker gets a share of "
+        f"unknown size, so every peer's worker ends {QUIET_S * 1000:g} ms after its last "
+        "event (with its queue empty, where the transport tells). ZeroMQ's PUSH blocks when "
+        "every worker is full, so it loses nothing and its publisher runs at the workers' "
+        "pace; NATS's server drops for a slow consumer; shmbus drops oldest and counts it.",
+        "",
+        table.text(),
+        *_skip_notes(rows),
+    ]
+
+
+def _r1(summary: dict[Key, dict[str, Any]], peers: list[str]) -> list[str]:
+    table = _Table(
+        "peer",
+        "API",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "max µs",
+        "round trips",
+        "requests/s",
+        "timed out",
+        "shmbus/peer p50",
+        "shmbus/peer p99",
+    )
+    ours = summary.get(("R1", "", "shm"), {})
+    rows = _pattern_rows("R1", _R1_LABELS, summary)
+    for peer, label, api, figures in rows:
+        if _skipped(figures):
+            table.row(label, api, *["—"] * 10)
+            continue
+        table.row(
+            label,
+            api,
+            _fmt(figures.get("p50_us"), 1),
+            _fmt(figures.get("p90_us"), 1),
+            _fmt(figures.get("p99_us"), 1),
+            _fmt(figures.get("p999_us"), 1),
+            _fmt(figures.get("max_us"), 1),
+            _fmt(figures.get("samples")),
+            _fmt(figures.get("published_per_s")),
+            _fmt(figures.get("timeouts")),
+            "—" if peer == "shm" else _ratio(ours.get("p50_us"), figures.get("p50_us")),
+            "—" if peer == "shm" else _ratio(ours.get("p99_us"), figures.get("p99_us")),
+        )
+    return [
+        f"One requester process sends {REQUEST_WARMUP} unmeasured requests, then the measured "
+        "ones, each once the previous reply is in hand, to one responder process that "
+        "answers each with the request's payload (both ways the standard ~230-byte "
+        "envelope, decoded into a `shmbus.Event`). *Round trip* = from the stamp taken when "
+        "the request's payload is built, right before the request call, to the reply in hand "
+        f"in the requester; a request unanswered after {REQUEST_TIMEOUT:g} s is *timed out*. "
+        "Ratios below 1 mean shmbus is faster.",
+        "",
+        table.text(),
+        *_skip_notes(rows),
+    ]
+
+
+def _pattern_targets(
+    summary: dict[Key, dict[str, Any]],
+) -> list[tuple[str, str, str, str | None]]:
+    """The targets of queue groups and request/reply: (target, measured,
+    verdict, key of the explanation of a miss in :data:`_SHORTFALLS`)."""
+    rows: list[tuple[str, str, str, str | None]] = []
+    q1 = summary.get(("Q1", "", "shm"), {})
+    ours = _figure(summary, ("Q1", "", "shm"), "delivered_per_s")
+    for peer, label in (("nats", "a NATS queue group"), ("zmq", "ZeroMQ PUSH/PULL")):
+        theirs = _figure(summary, ("Q1", "", peer), "delivered_per_s")
+        measured = f"{_fmt(ours)} vs {_fmt(theirs)}"
+        if _skipped(q1):
+            measured = f"shmbus skipped (see Q1) vs {_fmt(theirs)}"
+        rows.append(
+            (
+                f"Q1 queue group delivered/s ≥ 3× {label}",
+                measured,
+                _check(ours, theirs, 3.0, at_most=False),
+                None,
+            )
+        )
+    r1 = summary.get(("R1", "", "shm"), {})
+    ours = _figure(summary, ("R1", "", "shm"), "p50_us")
+    theirs = _figure(summary, ("R1", "", "nats"), "p50_us")
+    measured = f"{_fmt(ours, 1)} µs vs {_fmt(theirs, 1)} µs"
+    if _skipped(r1):
+        measured = f"shmbus skipped (see R1) vs {_fmt(theirs, 1)} µs"
+    rows.append(
+        (
+            "R1 request/reply p50 round trip ≤ 0.5× NATS's",
+            measured,
+            _check(ours, theirs, 0.5, at_most=True),
+            "R1",
+        )
+    )
+    return rows
+
+
+_SECTIONS = {
+    "T1": _t1,
+    "T2": _t2,
+    "T3": _t3,
+    "L1": _l1,
+    "S1": _s1,
+    "P1": _p1,
+    "Z1": _z1,
+    "Q1": _q1,
+    "R1": _r1,
+}
 
 
 # ─── Charts ──────────────────────────────────────────────────────────────────

@@ -19,6 +19,13 @@ Owns
       parent -> sub      ("drain", {"expected": n, "deadline": t})
       parent -> child    "stop"                  clean up and exit
       child  -> parent   ("error", {...})        it failed (the harness's report)
+      child  -> parent   ("unsupported", {"reason": r})   in place of "ready":
+                                                 the peer cannot do what the run
+                                                 needs; the run is skipped
+
+  Q1 runs the driver's queue-group workers as subscribers; R1 its
+  responder as the subscriber and its requester as the publisher. A run a
+  child declared unsupported has status "skipped" and the child's reason.
 
   A child whose parent's end closes behaves as if told to stop; the loops of
   the child side are :mod:`shmbus_tools.bench.harness`'s.
@@ -42,6 +49,13 @@ Definitions (every peer alike)
   thread) from "start" to the end of the drain, per million events delivered.
 * latency: from the ``monotonic_ns`` stamp taken when the payload is built,
   right before the publish call, to the event in hand in the subscriber.
+* Q1 (queue group): every event should reach exactly one worker, so loss is
+  the share of published events no worker received; *spread* is the fewest
+  events one worker received over the most.
+* R1 (request/reply): round trip from the stamp taken when the request's
+  payload is built, right before the request call, to its reply in hand in
+  the requester; requests/s = measured requests / the time from the first
+  to the last reply; loss = requests without a reply in time.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ from typing import Any, Final
 from ..children import BlockingLink, Child, ChildFailed, stop_all, wait_all
 from ..servers import NatsServer, RedisServer
 from .baseline import Baseline, BaselineError, exported, is_baseline
+from .harness import UNSUPPORTED
 from .peers import Driver, Env, driver_class
 from .progress import Progress
 from .spec import PEERS, ZERO_LOSS_FRACTION, RunSpec, Settings, plan
@@ -82,8 +97,10 @@ class RunResult:
     """One run's outcome."""
 
     spec: RunSpec
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "skipped"
     error: str | None = None
+    #: Why a skipped run was skipped (its child's words).
+    skip_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     publishers: list[dict[str, Any]] = field(default_factory=list)
     subscribers: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +113,10 @@ class RunResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
     def to_json(self) -> dict[str, Any]:
         spec = dataclasses.asdict(self.spec)
         return {
@@ -105,6 +126,7 @@ class RunResult:
             "rep": spec.pop("rep"),
             "status": self.status,
             "error": self.error,
+            "skip_reason": self.skip_reason,
             "started_at": round(self.started_at, 3),
             "wall_s": round(self.wall_s, 3),
             "spec": spec,
@@ -130,6 +152,13 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
     subs: list[Child] = []
     pubs: list[Child] = []
 
+    if spec.requests is not None:
+        sub_method, pub_method = driver.responder, driver.requester
+    elif spec.queue is not None:
+        sub_method, pub_method = driver.group_member, driver.publisher
+    else:
+        sub_method, pub_method = driver.subscriber, driver.publisher
+
     def start(role: str, method: Callable[[BlockingLink, RunSpec, Any, int], None]) -> None:
         group = subs if role == "sub" else pubs
         for i in range(spec.subscribers if role == "sub" else spec.publishers):
@@ -140,11 +169,18 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
             )
             group.append(child)
             child.start()
-        wait_all(group, _said("ready"), time.monotonic() + _READY_TIMEOUT, "ready")
+        wait_all(group, _said("ready", UNSUPPORTED), time.monotonic() + _READY_TIMEOUT, "ready")
 
     try:
-        start("sub", driver.subscriber)
-        start("pub", driver.publisher)
+        start("sub", sub_method)
+        reason = _unsupported(subs)
+        if reason is None:
+            start("pub", pub_method)
+            reason = _unsupported(pubs)
+        if reason is not None:
+            result.status, result.skip_reason = "skipped", reason
+            log.info("run %s skipped: %s", spec.describe(), reason)
+            return result
         for child in (*subs, *pubs):
             child.send("start")
         wait_all(pubs, _said("final"), time.monotonic() + spec.duration + _PUBLISH_SLACK, "figures")
@@ -171,7 +207,7 @@ def execute(spec: RunSpec, driver: Driver) -> RunResult:
         )
         sub_finals: list[dict[str, Any]] = [c.latest["final"] for c in subs]
         samples: list[int] = []
-        for final in sub_finals:
+        for final in [*sub_finals, *pub_finals]:  # R1's requester keeps round trips
             samples.extend(final.pop("samples", []))
         samples.sort()
         result.samples = samples
@@ -204,9 +240,17 @@ def _target(
     return run
 
 
-def _said(kind: str) -> Callable[[Child], bool]:
-    """Whether a child has sent a message of *kind*."""
-    return lambda child: kind in child.latest
+def _said(*kinds: str) -> Callable[[Child], bool]:
+    """Whether a child has sent a message of one of *kinds*."""
+    return lambda child: any(kind in child.latest for kind in kinds)
+
+
+def _unsupported(children: list[Child]) -> str | None:
+    """The reason the first child that declared the run unsupported gave."""
+    for child in children:
+        if UNSUPPORTED in child.latest:
+            return str(child.latest[UNSUPPORTED].get("reason") or "unsupported")
+    return None
 
 
 def derive_metrics(
@@ -231,8 +275,11 @@ def derive_metrics(
         metrics["us_per_call"] = publish_s * 1e6 / published if published else None
         metrics["calls_per_s"] = published / publish_s
         return metrics
+    if spec.requests is not None:
+        return metrics | _request_metrics(publishers, subscribers, samples)
     received = sum(int(s["received"]) for s in subscribers)
-    should = published * len(subscribers)
+    # A queue group's members share the events: each should reach one of them.
+    should = published * (1 if spec.queue is not None else len(subscribers))
     last_ns = max((int(s["last_ns"]) for s in subscribers if s["received"]), default=0)
     window_s = (last_ns - start_ns) / 1e9 if received else 0.0
     dropped = [s["dropped"] for s in subscribers if s.get("dropped") is not None]
@@ -250,18 +297,47 @@ def derive_metrics(
             "ends": sorted({str(s.get("end")) for s in subscribers}),
         }
     )
+    if spec.queue is not None:
+        shares = [int(s["received"]) for s in subscribers]
+        fewest, most = min(shares, default=0), max(shares, default=0)
+        metrics.update(worker_min=fewest, worker_max=most, spread=fewest / most if most else None)
     if spec.blob_size is not None:
         size = envelope_size(spec.blob_size)
         metrics["envelope_bytes"] = size
         metrics["mb_per_s"] = metrics["delivered_per_s"] * size / 1e6
     if spec.latency or samples:
-        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999), ("max", 1.0)):
-            value = quantile(samples, q)
-            metrics[f"{name}_us"] = round(value / 1000, 2) if value is not None else None
-        metrics["samples"] = len(samples)
+        metrics.update(_quantiles_us(samples))
     if spec.rate is not None:
         metrics["target_rate"] = spec.rate
     return metrics
+
+
+def _request_metrics(
+    requesters: list[dict[str, Any]], responders: list[dict[str, Any]], samples: list[int]
+) -> dict[str, Any]:
+    """R1's figures: the round trips, the requests answered and timed out."""
+    requests = sum(int(p["published"]) for p in requesters)
+    answered = sum(int(p.get("answered", 0)) for p in requesters)
+    metrics: dict[str, Any] = {
+        "requests": requests,
+        "answered": answered,
+        "timeouts": sum(int(p.get("errors", 0)) for p in requesters),
+        "wrong_replies": sum(int(p.get("wrong_replies", 0)) for p in requesters),
+        "loss_pct": 100.0 * (requests - answered) / requests if requests else None,
+        "responder_cpu_s": sum(float(s["cpu_s"]) for s in responders),
+        "ends": sorted({str(s.get("end")) for s in responders}),
+    }
+    return metrics | _quantiles_us(samples)
+
+
+def _quantiles_us(samples: list[int]) -> dict[str, Any]:
+    """p50 … max of sorted ns *samples*, in µs, and their number."""
+    figures: dict[str, Any] = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999), ("max", 1.0)):
+        value = quantile(samples, q)
+        figures[f"{name}_us"] = round(value / 1000, 2) if value is not None else None
+    figures["samples"] = len(samples)
+    return figures
 
 
 # ─── The whole benchmark ─────────────────────────────────────────────────────
@@ -370,6 +446,8 @@ class Bench:
         self.progress.run_started(spec)
         result = execute(spec, driver)
         self.progress.run_finished(result.wall_s, spec.duration, result.error)
+        if result.skip_reason is not None:
+            self.progress.note(f"{spec.describe()} skipped: {result.skip_reason}")
         return result
 
     def _start_server(

@@ -12,6 +12,13 @@ Owns
 * :func:`plan`: the ordered list of runs. Repetitions are the outer loop and
   peers the inner one, so the peers of one scenario run back to back,
   round-robin, and machine noise hits them alike.
+* The shapes of the two scenarios of queue groups and request/reply, run by
+  the peers of :data:`SCENARIO_PEERS` only: Q1, one publisher flooding
+  :data:`QUEUE_WORKERS` subscribers that are members of one queue group
+  (:data:`QUEUE_GROUP`), so each event goes to exactly one of them; R1, one
+  requester sending :attr:`Settings.requests` requests one after the other
+  (after :data:`REQUEST_WARMUP` unmeasured ones) to one responder, bounded
+  in time by the run's duration.
 """
 
 from __future__ import annotations
@@ -27,8 +34,13 @@ __all__ = [
     "FANIN_PUBLISHERS",
     "LATENCY_RATE",
     "PEERS",
+    "QUEUE_GROUP",
+    "QUEUE_WORKERS",
     "REFERENCE_PEERS",
+    "REQUEST_TIMEOUT",
+    "REQUEST_WARMUP",
     "SCENARIOS",
+    "SCENARIO_PEERS",
     "ZERO_LOSS_FRACTION",
     "PeerInfo",
     "RunSpec",
@@ -44,6 +56,14 @@ LATENCY_RATE: Final = 2000.0
 FANIN_PUBLISHERS: Final = 4
 #: Z1 paces the shmbus publisher at this fraction of T1's delivered/s.
 ZERO_LOSS_FRACTION: Final = 0.8
+#: Q1: worker processes in the queue group, and the group's name.
+QUEUE_WORKERS: Final = 4
+QUEUE_GROUP: Final = "workers"
+#: R1: requests sent (and answered) before the measured ones, so connections,
+#: inboxes and code paths are warm; and how long one request waits for its
+#: reply before it counts as timed out.
+REQUEST_WARMUP: Final = 200
+REQUEST_TIMEOUT: Final = 2.0
 
 #: Scenario name -> one-line description (the report's section titles).
 SCENARIOS: Final = {
@@ -54,6 +74,14 @@ SCENARIOS: Final = {
     "S1": "event size sweep (MB/s delivered)",
     "P1": "cost of one publish call in a tight loop",
     "Z1": f"zero loss when paced at {ZERO_LOSS_FRACTION:.0%} of the subscriber's capacity",
+    "Q1": f"queue group, one publisher → {QUEUE_WORKERS} worker processes in one group",
+    "R1": "request/reply round trip, one requester process → one responder process",
+}
+
+#: Scenarios only some peers run (the others have no such pattern): their peers.
+SCENARIO_PEERS: Final = {
+    "Q1": ("shm", "nats", "zmq"),
+    "R1": ("shm", "nats", "zmq"),
 }
 
 
@@ -210,6 +238,8 @@ class Settings:
     sizes: tuple[int, ...]
     #: Longest a subscriber may take, after the publishers finished, to drain.
     drain_s: float
+    #: R1: requests measured per run, after :data:`REQUEST_WARMUP`.
+    requests: int = 2000
 
 
 _MODES: Final = {
@@ -223,6 +253,7 @@ _MODES: Final = {
         fanouts=(1, 2, 4, 8),
         sizes=(64, 1024, 16384, 65536, 262144),
         drain_s=5.0,
+        requests=5000,
     ),
     "quick": Settings(
         mode="quick",
@@ -244,6 +275,7 @@ _MODES: Final = {
         call_s=0.1,
         fanouts=(2,),
         sizes=(1024,),
+        requests=50,
         # Generous: only a lagging subscriber uses it, and the smoke test
         # wants every run to account for every event, even on a busy machine.
         drain_s=5.0,
@@ -284,6 +316,13 @@ class RunSpec:
     #: Extra, scenario-specific numbers to carry into the results (e.g. Z1's
     #: calibration).
     notes: dict[str, float] = field(default_factory=dict)
+    #: Q1: the queue group every subscriber joins (None: plain subscribers,
+    #: each gets every event).
+    queue: str | None = None
+    #: R1: requests measured after the warm-up (None: not a request/reply
+    #: run). The publisher is then the requester, the subscriber the
+    #: responder, and :attr:`duration` bounds the run.
+    requests: int | None = None
 
     @property
     def is_call(self) -> bool:
@@ -372,6 +411,8 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
             (peers, replace(base, variant=f"size={size}", blob_size=size, duration=s.size_s))
             for size in s.sizes
         ]
+    if scenario in SCENARIO_PEERS:
+        return _pattern_shapes(s, scenario, [p for p in peers if p in SCENARIO_PEERS[scenario]])
     if scenario == "P1":
         shapes: list[tuple[list[str], RunSpec]] = []
         for peer in [*(p for p in peers if p1_variants(p)), "loop"]:
@@ -381,3 +422,25 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
                 )
         return shapes
     return []
+
+
+def _pattern_shapes(
+    s: Settings, scenario: str, peers: list[str]
+) -> list[tuple[list[str], RunSpec]]:
+    """Q1 and R1: the queue group and the request/reply runs."""
+    if not peers:
+        return []
+    base = RunSpec(scenario=scenario, peer="", rep=0, drain_s=s.drain_s)
+    if scenario == "Q1":
+        return [
+            (
+                peers,
+                replace(
+                    base, subscribers=QUEUE_WORKERS, queue=QUEUE_GROUP, duration=s.throughput_s
+                ),
+            )
+        ]
+    # A bound, not a length: a peer at 1 ms per round trip takes a few
+    # seconds, one whose requests time out stops there.
+    bound = max(4 * s.latency_s, 2.0)
+    return [(peers, replace(base, requests=s.requests, duration=bound))]

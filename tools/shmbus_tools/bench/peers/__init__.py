@@ -7,7 +7,10 @@ Owns
   :meth:`~Driver.prepare` and :meth:`~Driver.release` (per-run resources:
   a bus name, queues, socket paths). In the children, :meth:`~Driver.publisher`
   and :meth:`~Driver.subscriber`, entered right after ``fork()`` with the
-  child's link to the parent (:class:`shmbus_tools.children.BlockingLink`).
+  child's link to the parent (:class:`shmbus_tools.children.BlockingLink`);
+  for the peers of Q1 and R1 (:data:`~shmbus_tools.bench.spec.SCENARIO_PEERS`)
+  also :meth:`~Driver.group_member`, :meth:`~Driver.requester` and
+  :meth:`~Driver.responder`.
 * :class:`Env`: what every driver may use (the servers' URLs, a private
   temporary directory, the old shmbus of ``--baseline``).
 * :func:`driver_class`: name -> driver class, importing a peer's module (and
@@ -78,6 +81,18 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         """Child: subscriber number *index*."""
+
+    def group_member(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        """Child, Q1: worker number *index* of the queue group ``spec.queue``."""
+        raise NotImplementedError(f"peer {self.name} has no queue-group worker")
+
+    def requester(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        """Child, R1: the requester (the run's publisher)."""
+        raise NotImplementedError(f"peer {self.name} has no requester")
+
+    def responder(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        """Child, R1: the responder (the run's subscriber)."""
+        raise NotImplementedError(f"peer {self.name} has no responder")
 
 
 _MODULES = {

@@ -19,6 +19,13 @@ the workers use only the API every version has: ``ShmBus(name[,
 low_latency=...])``, ``connect``/``publish``/``publish_nowait``/``subscribe``/
 ``close``, and read ``stats()`` and ``statistics()`` by name, tolerating a
 counter that is missing.
+
+Q1 and R1 run the ``shm`` peer only. Q1's workers ``bus.subscribe(pattern,
+queue="workers")``, one bus instance per worker process; a ShmBus without
+queue groups raises NotImplementedError there, and the worker reports the
+run unsupported with that reason. R1's requester awaits ``bus.request(topic,
+payload)`` for each request; its responder answers each event of ``async for
+event in sub`` with ``await bus.reply(event, event.payload)``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ from shmbus.shm import ShmBus
 
 from ...children import AsyncLink, BlockingLink
 from ..baseline import BASELINE_PREFIX, bus_class
-from ..harness import async_publisher, async_subscriber, blocking_publisher, blocking_subscriber
+from ..harness import (
+    async_publisher,
+    async_requester,
+    async_subscriber,
+    blocking_publisher,
+    blocking_subscriber,
+    report_unsupported,
+)
 from ..spec import RunSpec
 from ..workload import EVENT_TYPE, PATTERN, Recorder
 from . import Driver, Env
@@ -82,6 +96,15 @@ class ShmDriver(Driver):
 
     def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         asyncio.run(_subscriber(link, spec, str(resources), self.bus_factory()))
+
+    def group_member(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_group_member(link, spec, str(resources), self.bus_factory()))
+
+    def requester(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_requester(link, spec, str(resources), self.bus_factory()))
+
+    def responder(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        asyncio.run(_responder(link, spec, str(resources), self.bus_factory()))
 
 
 class ShmLowLatencyDriver(ShmDriver):
@@ -241,16 +264,92 @@ async def _subscriber(
                 async for event in sub:
                     record(event)
 
-            accounting: Callable[[], tuple[int, int]] | None = None
-            if callable(getattr(sub, "statistics", None)):
-
-                def accounting() -> tuple[int, int]:
-                    stats = sub.statistics()
-                    return _count(stats, "dropped"), _count(stats, "queued")
-
-            await async_subscriber(link, spec, consume, accounting=accounting)
+            await async_subscriber(link, spec, consume, accounting=_sub_accounting(sub))
         finally:
             await bus.close()  # ends the subscription too
+    finally:
+        link.close()
+
+
+def _sub_accounting(sub: Any) -> Callable[[], tuple[int, int]] | None:
+    """``(dropped, queued)`` of *sub*, if it keeps statistics."""
+    if not callable(getattr(sub, "statistics", None)):
+        return None
+
+    def accounting() -> tuple[int, int]:
+        stats = sub.statistics()
+        return _count(stats, "dropped"), _count(stats, "queued")
+
+    return accounting
+
+
+async def _group_member(pipe: BlockingLink, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
+    link = AsyncLink(pipe)
+    try:
+        bus = make_bus(name)
+        await bus.connect()
+        try:
+            try:
+                sub = bus.subscribe(PATTERN, queue=spec.queue)
+            except NotImplementedError as exc:
+                # Until ShmBus has cross-process queue groups (measured once
+                # it has them, with no change here).
+                report_unsupported(
+                    link,
+                    f"{type(bus).__name__}.subscribe(pattern, queue=...) raised "
+                    f"NotImplementedError: {exc}",
+                )
+                await link.wait_stop()
+                return
+
+            async def consume(record: Recorder) -> None:
+                async for event in sub:
+                    record(event)
+
+            await async_subscriber(link, spec, consume, accounting=_sub_accounting(sub), share=True)
+        finally:
+            await bus.close()
+    finally:
+        link.close()
+
+
+async def _requester(pipe: BlockingLink, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
+    link = AsyncLink(pipe)
+    try:
+        bus = make_bus(name)
+        await bus.connect()
+        try:
+            request = bus.request
+
+            async def ask(topic: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+                reply = await request(topic, payload, timeout=timeout, event_type=EVENT_TYPE)
+                answer: dict[str, Any] = reply.payload
+                return answer
+
+            await async_requester(link, spec, ask)
+        finally:
+            await bus.close()
+    finally:
+        link.close()
+
+
+async def _responder(pipe: BlockingLink, spec: RunSpec, name: str, make_bus: BusFactory) -> None:
+    link = AsyncLink(pipe)
+    try:
+        bus = make_bus(name)
+        await bus.connect()
+        try:
+            sub = bus.subscribe(PATTERN)
+            reply = bus.reply
+
+            async def consume(record: Recorder) -> None:
+                async for event in sub:
+                    record(event)
+                    await reply(event, event.payload, event_type=EVENT_TYPE)
+
+            await async_subscriber(link, spec, consume, accounting=_sub_accounting(sub))
+        finally:
+            await bus.close()
     finally:
         link.close()
 
