@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # delivery imports this module: no runtime import back
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
+    "MAX_QUEUE_NAME_LENGTH",
     "MAX_TOPIC_LENGTH",
     "BaseBus",
     "Event",
@@ -71,6 +72,7 @@ __all__ = [
     "matches",
     "new_event_id",
     "validate_pattern",
+    "validate_queue_name",
     "validate_topic",
 ]
 
@@ -79,6 +81,10 @@ EVENT_SCHEMA_VERSION = 1
 
 #: Longest topic or pattern accepted, in UTF-8 bytes.
 MAX_TOPIC_LENGTH = 1024
+
+#: Longest queue-group name accepted (``subscribe(..., queue=NAME)``), in
+#: UTF-8 bytes.
+MAX_QUEUE_NAME_LENGTH = 255
 
 
 # ─── Event ids ───────────────────────────────────────────────────────────────
@@ -261,6 +267,37 @@ def validate_pattern(pattern: object) -> str:
                 f"pattern {pattern!r} has token {token!r}: '*' and '>' must be whole tokens"
             )
     return pattern
+
+
+def validate_queue_name(queue: object) -> str:
+    """Return *queue* if it can name a queue group, else raise.
+
+    Raises
+    ------
+    TypeError
+        *queue* is not a ``str``.
+    ValueError
+        *queue* is empty, contains whitespace, or is longer than
+        :data:`MAX_QUEUE_NAME_LENGTH` bytes in UTF-8.
+    """
+    if not isinstance(queue, str):
+        raise TypeError(f"queue must be a str, not {type(queue).__name__} ({queue!r})")
+    if not queue:
+        raise ValueError("queue name must not be empty")
+    try:
+        size = len(queue.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"queue name {queue!r} is not valid Unicode text: {exc.reason} at index {exc.start}"
+        ) from None
+    if size > MAX_QUEUE_NAME_LENGTH:
+        raise ValueError(
+            f"queue name {queue[:40]!r}... is {size} bytes long; "
+            f"the limit is {MAX_QUEUE_NAME_LENGTH} bytes"
+        )
+    if any(ch.isspace() for ch in queue):
+        raise ValueError(f"queue name {queue!r} contains whitespace")
+    return queue
 
 
 # ─── Wildcard matching ───────────────────────────────────────────────────────

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .contract import Event, Subscription, TopicMatcher
+from .stats import GroupStatistics
 
 __all__ = ["QueueSubscription", "SubscriptionStatistics"]
 
@@ -52,6 +53,11 @@ class SubscriptionStatistics:
     queued: int
     #: The queue's bound.
     maxsize: int
+    #: The queue group the subscription is a member of (None: a plain one).
+    queue: str | None = None
+    #: That group's statistics, every member's in every process, where the
+    #: transport keeps them (None otherwise).
+    group: GroupStatistics | None = None
 
 
 class QueueSubscription(Subscription):
