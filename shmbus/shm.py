@@ -522,7 +522,7 @@ class ShmBus(BaseBus):
             if not reader.subscriptions:
                 self._stop_reader()
             raise
-        sub.bind(membership, segment.words, lambda: self._group_of(membership))
+        sub.bind(membership, segment, lambda: self._group_of(membership))
         self._members.add(sub)
 
     def _leave(self, segment: Segment, sub: groups.MemberSubscription) -> None:

@@ -101,7 +101,7 @@ class Member:
         self.segment = segment
         self.sub = groups.MemberSubscription(pattern, queue, maxsize=window)
         self.membership = groups.join(segment, queue, pattern, window)
-        self.sub.bind(self.membership, segment.words)
+        self.sub.bind(self.membership, segment)
 
     @property
     def index(self) -> int:
@@ -522,6 +522,34 @@ def test_a_damaged_member_entry_is_skipped_counted_and_its_work_goes_to_the_othe
     chosen = {publisher.publish()[0][0] for _ in range(10)}
     assert chosen == {healthy.index}
     assert publisher.assigner.corrupt == 1
+
+
+def test_a_member_writes_its_damaged_entry_again_and_gets_work_again(attach):
+    damaged, healthy = Member(attach()), Member(attach())
+    base = member_offset(damaged.index)
+    damaged.segment.mm[base + MEMBER_QUEUE : base + MEMBER_QUEUE + 3] = b"\x00\x01\x02"
+    publisher = Publisher(attach())
+    assert {publisher.publish()[0][0] for _ in range(4)} == {healthy.index}
+    assert damaged.sub.check_entry() is True  # its heartbeat (M5)
+    assert damaged.index in {publisher.publish()[0][0] for _ in range(4)}
+    assert damaged.sub.check_entry() is False
+
+
+def test_a_control_word_scribbled_to_another_generation_is_written_again(attach):
+    member = Member(attach())
+    word = member_word(member.index, MEMBER_CONTROL)
+    member.segment.words[word] = ((member.membership.gen + 5) << 8) | MEMBER_SETTLED
+    publisher = Publisher(attach())
+    assert publisher.publish() == []
+    assert member.sub.check_entry() is True
+    assert publisher.publish()[0][:2] == (member.index, member.membership.gen)
+
+
+def test_an_intact_entry_is_left_as_it_is(attach):
+    member = Member(attach())
+    Publisher(attach()).publish()
+    member.take(1)
+    assert member.sub.check_entry() is False
 
 
 def test_a_member_entry_whose_key_does_not_match_its_strings_is_damaged(attach):

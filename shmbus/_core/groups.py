@@ -118,6 +118,11 @@ M4. Leave (the subscription closes, or its bus): store the final
     ``delivered``, then settle the entry itself (S rules; if a claim is in
     the way, store LEAVING and leave it to the next settler); release the
     lock byte.
+M5. On its heartbeat a member checks that its entry still says what it
+    wrote (control, fields, strings); if not (hostile bytes), it writes the
+    fields again, ``R``, control ``(g, LIVE)``, and sets every group flag.
+    Publishers skip a damaged entry meanwhile (P1), so its share of the
+    work goes to the other members.
 
 Settle rules (the holder of m's lock byte: the member leaving, a joiner, or
 anyone sweeping: readers every 2 s, instances on connect and close):
@@ -169,11 +174,13 @@ Crash and stall cases
   word, so it never assigns to a generation that left or to an entry reused
   by another member.
 * pid reuse: liveness is the kernel's lock byte, never a pid.
-* Hostile bytes: entries are validated before use (P1); a record's
-  assignments are only acted on when its checksum holds, and only for the
-  reader's own entry and generation (M1); counts are clamped at zero.
-  Damage costs at most the events assigned to the damaged entry (counted
-  there), never a crash or a wait.
+* Hostile bytes: entries are validated before use (P1) and repaired by
+  their member (M5); a record's assignments are only acted on when its
+  checksum holds, and only for the reader's own entry and generation (M1);
+  counts are clamped at zero. An entry that looks LIVE but whose lock byte
+  is free is settled like a dead member's, its assignments counted as
+  dropped. Damage costs at most the events assigned to the damaged entry
+  (counted there), never a crash or a wait.
 """
 
 from __future__ import annotations
@@ -380,12 +387,19 @@ def _assigned_total(words: memoryview, member: int, rows: int = MAX_RINGS) -> in
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """One member subscription's entry: index and generation."""
+    """One member subscription's entry: index and generation, and what its
+    member wrote there (to repair it, M5)."""
 
     index: int
     gen: int
     queue: str
     pattern: str
+    slot: int
+    pid: int
+    start: int
+    window: int
+    past_delivered: int
+    past_dropped: int
 
 
 def join(
@@ -473,32 +487,74 @@ def _take(
     gen = ((gen & MEMBER_GEN_MASK) + 1) & MEMBER_GEN_MASK
     words[control_word] = _control(gen, MEMBER_JOINING)  # J3
     pid, start = self_identity()
-    queue_raw = queue.encode("utf-8")
-    pattern_raw = pattern.encode("utf-8")
-    base = member_offset(index)
-    for field, value in (
-        (MEMBER_SLOT, segment.slot),
-        (MEMBER_PID, pid),
-        (MEMBER_START, start),
-        (MEMBER_WINDOW, window),
-        (MEMBER_DELIVERED, 0),
-        (MEMBER_DROPPED, 0),
-        (MEMBER_PAST_DELIVERED, past_delivered),
-        (MEMBER_PAST_DROPPED, past_dropped),
-        (MEMBER_KEY, key),
-        (MEMBER_QUEUE_LEN, len(queue_raw)),
-        (MEMBER_PATTERN_LEN, len(pattern_raw)),
-    ):
-        words[member_word(index, field)] = value
-    segment.mm[base + MEMBER_QUEUE : base + MEMBER_QUEUE + len(queue_raw)] = queue_raw
-    segment.mm[base + MEMBER_PATTERN : base + MEMBER_PATTERN + len(pattern_raw)] = pattern_raw
+    membership = Membership(
+        index, gen, queue, pattern, segment.slot, pid, start, window, past_delivered, past_dropped
+    )
+    _write_fields(segment, membership, 0, 0)
     first = assigned_word(index, 0)
     for word in range(first, first + MAX_RINGS):
         words[word] = 0
     release_fence()
     words[control_word] = _control(gen, MEMBER_LIVE)
     signal_change(segment)
-    return Membership(index, gen, queue, pattern)
+    return membership
+
+
+def _write_fields(segment: Segment, membership: Membership, delivered: int, dropped: int) -> None:
+    """Every field of *membership*'s entry but its control word (J3, M5)."""
+    words = segment.words
+    index = membership.index
+    queue_raw = membership.queue.encode("utf-8")
+    pattern_raw = membership.pattern.encode("utf-8")
+    for field, value in (
+        (MEMBER_SLOT, membership.slot),
+        (MEMBER_PID, membership.pid),
+        (MEMBER_START, membership.start),
+        (MEMBER_WINDOW, membership.window),
+        (MEMBER_DELIVERED, delivered),
+        (MEMBER_DROPPED, dropped),
+        (MEMBER_PAST_DELIVERED, membership.past_delivered),
+        (MEMBER_PAST_DROPPED, membership.past_dropped),
+        (MEMBER_KEY, group_key(membership.queue, membership.pattern)),
+        (MEMBER_QUEUE_LEN, len(queue_raw)),
+        (MEMBER_PATTERN_LEN, len(pattern_raw)),
+    ):
+        words[member_word(index, field)] = value
+    base = member_offset(index)
+    segment.mm[base + MEMBER_QUEUE : base + MEMBER_QUEUE + len(queue_raw)] = queue_raw
+    segment.mm[base + MEMBER_PATTERN : base + MEMBER_PATTERN + len(pattern_raw)] = pattern_raw
+
+
+def _entry_intact(segment: Segment, membership: Membership) -> bool:
+    """True if *membership*'s entry still says what its member wrote (M5)."""
+    try:
+        found = read_member(segment.mm, segment.words, membership.index)
+    except _Corrupt:
+        return False
+    if found is None:
+        return False
+    written = (
+        membership.gen,
+        MEMBER_LIVE,
+        membership.slot,
+        membership.pid,
+        membership.window,
+        membership.past_delivered,
+        membership.past_dropped,
+        membership.queue,
+        membership.pattern,
+    )
+    return (
+        found.gen,
+        found.state,
+        found.slot,
+        found.pid,
+        found.window,
+        found.past_delivered,
+        found.past_dropped,
+        found.queue,
+        found.pattern,
+    ) == written
 
 
 def leave(segment: Segment, membership: Membership, delivered: int, own_ring: int) -> bool:
@@ -800,7 +856,10 @@ class MemberSubscription(QueueSubscription):
         super().__init__(pattern, maxsize=maxsize, on_close=on_close)
         self.queue = queue
         self.membership: Membership | None = None
+        self._segment: Segment | None = None
         self._words: memoryview | None = None
+        #: Times its entry was found damaged and written again (M5).
+        self.repaired = 0
         self._delivered_word = 0
         self._dropped_word = 0
         self._last: dict[RingKey, int] = {}
@@ -809,12 +868,13 @@ class MemberSubscription(QueueSubscription):
     def bind(
         self,
         membership: Membership,
-        words: memoryview,
+        segment: Segment,
         group_statistics: Callable[[], GroupStatistics | None] | None = None,
     ) -> None:
         """Attach the entry :func:`join` made (before any event can be assigned)."""
         self.membership = membership
-        self._words = words
+        self._segment = segment
+        self._words = segment.words
         self._delivered_word = member_word(membership.index, MEMBER_DELIVERED)
         self._dropped_word = member_word(membership.index, MEMBER_DROPPED)
         self._group_statistics = group_statistics
@@ -823,7 +883,35 @@ class MemberSubscription(QueueSubscription):
         """Stop publishing counts (the entry is left); return the membership."""
         membership, self.membership = self.membership, None
         self._words = None
+        self._segment = None
         return membership
+
+    def check_entry(self) -> bool:
+        """M5: write the entry again if it does not say what this member
+        wrote; True if it had to."""
+        membership, segment = self.membership, self._segment
+        if membership is None or segment is None or self._words is None:
+            return False
+        try:
+            if _entry_intact(segment, membership):
+                return False
+            log.warning(
+                "bus %r: the entry of queue-group member %d (queue %r) was damaged; "
+                "writing it again",
+                segment.name,
+                membership.index,
+                membership.queue,
+            )
+            _write_fields(segment, membership, self.delivered, self.dropped)
+            release_fence()
+            segment.words[member_word(membership.index, MEMBER_CONTROL)] = _control(
+                membership.gen, MEMBER_LIVE
+            )
+            signal_change(segment)
+        except (ValueError, TypeError):
+            return False  # the bus let go of its mapping
+        self.repaired += 1
+        return True
 
     # ─── Counters (M2) ───
 
@@ -959,13 +1047,15 @@ class MemberRouting:
             if isinstance(sub, MemberSubscription):
                 sub.count_member_lost(1)
 
-    def reconcile(self, rings: Iterable[tuple[RingKey, memoryview, Callable[[], bool]]]) -> None:
-        """M3 for every followed ring (the heartbeat)."""
+    def heartbeat(self, rings: Iterable[tuple[RingKey, memoryview, Callable[[], bool]]]) -> None:
+        """M3 for every followed ring, and M5 for every member."""
         if not self._members:
             return
         for key, ring_words, caught_up in rings:
             for sub in self._members:
                 sub.reconcile(key, ring_words, caught_up)
+        for sub in self._members:
+            sub.check_entry()
 
     def forget(self, ring: RingKey) -> None:
         """The reader dropped ring *ring* (drained)."""

@@ -304,7 +304,7 @@ class BusReader:
         """Let go of rings whose writer is gone and that are drained (rule 5)."""
         own = self._own_ring()
         if self._members:
-            self._members.reconcile(
+            self._members.heartbeat(
                 (followed.key, followed.mapping.words, followed.ring.caught_up)
                 for followed in self._order
             )
