@@ -159,7 +159,13 @@ class ShmBus(BaseBus):
         self._assigner: groups.Assigner | None = None
         self._reader: BusReader | None = None
         self._published = 0
-        self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
+        self._retired = {
+            "delivered": 0,
+            "dropped": 0,
+            "corrupt": 0,
+            "lapped": 0,
+            "overcommitted": 0,
+        }
         self._members: set[groups.MemberSubscription] = set()
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
@@ -268,6 +274,7 @@ class ShmBus(BaseBus):
                     assigner, self._assigner = self._assigner, None
                     if assigner is not None:
                         self._retired["corrupt"] += assigner.corrupt
+                        self._retired["overcommitted"] += assigner.overcommitted
                         assigner.release()
                     if ring is not None:
                         directory.retire_ring(segment, ring)
@@ -594,6 +601,8 @@ class ShmBus(BaseBus):
                 lapped=retired["lapped"] + (reader.lapped if reader else 0),
                 publish_errors=0,  # an append into one's own ring cannot fail
                 subscriptions=len(live),
+                overcommitted=retired["overcommitted"]
+                + (self._assigner.overcommitted if self._assigner else 0),
             )
 
     def group_statistics(self) -> list[GroupStatistics]:

@@ -40,6 +40,11 @@ class BusStats(Mapping[str, int]):
     publish_errors: int = 0
     #: Subscriptions open now.
     subscriptions: int = 0
+    #: Queue-group events this instance published while every member of the
+    #: group was full: each went to a member with no room in its queue (it
+    #: waits there, or evicts an older one, counted as dropped). A group
+    #: that is too slow for its publishers shows here first.
+    overcommitted: int = 0
 
     def __getitem__(self, key: str) -> int:
         if key not in _FIELD_NAMES:

@@ -248,6 +248,22 @@ def test_when_no_member_has_room_the_one_with_the_most_gets_the_event(attach):
     assert publisher.publish()[0][0] in (a.index, b.index)  # both at 0: someone gets it
 
 
+def test_while_all_are_full_a_member_whose_consumer_stopped_gets_nothing_once_another_moves(
+    attach,
+):
+    stopped = Member(attach(), window=2)
+    busy = Member(attach(), window=2)
+    publisher = Publisher(attach())
+    for _ in range(4):
+        publisher.publish()  # both full now
+    publisher.publish()  # over-committed: nobody has moved yet, either may get it
+    chosen = []
+    for _ in range(10):
+        busy.take(1)  # only the busy one's consumer moves, slower than events come
+        chosen += [publisher.publish()[0][0] for _ in range(3)]
+    assert stopped.index not in chosen
+
+
 def test_two_publishers_count_each_others_assignments_against_a_members_credit(attach):
     """Alternating publishers fill two members of window 3 exactly: each
     publisher's choice sees the other's assignments (were they ignored, the

@@ -79,10 +79,14 @@ P1. If its group flag is set (or it has never read the table): clear the
     entries are not summed).
 P2. For each matching group choose a member: of the next two members in
     round-robin order, the one with more credit, where
-    ``credit = window + delivered + dropped - sum of its assigned words``;
-    if neither has any, the member with the most credit of all (the event
-    then waits in, or evicts from, a full queue, counted there: nothing is
-    lost silently).
+    ``credit = window + delivered + dropped - sum of its assigned words``.
+    If neither has any (every member is full), *over-commit*: choose the
+    member whose consumer was last seen to move (its ``delivered`` changed,
+    as this publisher's over-commits see it), and among those the one it
+    over-committed least since. The event then waits in, or evicts from, a
+    full queue, counted there: nothing is lost silently. A stopped or dead
+    member shares the over-commits only until another member's consumer is
+    seen to move.
 P3. **Claim**: store claim ``e = (m, g)``, ``F``, load m's control. If it is
     not ``(g, LIVE)`` the member left: store claim 0, drop it from the
     choice (and read the table again at the next publish). Otherwise add 1
@@ -668,9 +672,15 @@ class Assigner:
         #: member entry -> (generation, last ordinal this ring gave it)
         self._ordinals: dict[int, tuple[int, int]] = {}
         self._pending: list[tuple[int, int, int, tuple[int, int] | None]] = []
+        #: member -> (its ``delivered``, the over-commit that saw it change,
+        #: over-commits to it since)
+        self._moved: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self._ticks = 0
         self._warned: set[tuple[int, int]] = set()
         #: Member entries skipped because their bytes make no sense.
         self.corrupt = 0
+        #: Events assigned while every member of their group was full (P2).
+        self.overcommitted = 0
         # A claim a dead writer of this entry left is ours to clear.
         self._words[self._claim] = 0
 
@@ -754,17 +764,39 @@ class Assigner:
         turn = group.turn % count
         group.turn = turn + 1
         first, second = members[turn], members[(turn + 1) % count]
-        first_credit, second_credit = self._credit(first[0]), self._credit(second[0])
+        first_credit, second_credit = self._credit(first), self._credit(second)
         if first_credit >= second_credit:
             best, credit = first, first_credit
         else:
             best, credit = second, second_credit
         if credit > 0:
             return best
-        return max(members, key=lambda member: self._credit(member[0]))
+        return self._over_commit(members)
 
-    def _credit(self, index: int) -> int:
+    def _over_commit(self, members: list[tuple[int, int]]) -> tuple[int, int]:
+        """P2 when every member is full: the member whose consumer moved last,
+        and of those the one over-committed least since."""
         words = self._words
+        moved = self._moved
+        tick = self._ticks = self._ticks + 1
+        best = members[0]
+        best_key: tuple[int, int] | None = None
+        for member in members:
+            delivered = int(words[member_word(member[0], MEMBER_DELIVERED)])
+            seen = moved.get(member)
+            if seen is None or seen[0] != delivered:
+                seen = moved[member] = (delivered, tick, 0)
+            key = (seen[1], -seen[2])
+            if best_key is None or key > best_key:
+                best, best_key = member, key
+        delivered, changed, count = moved[best]
+        moved[best] = (delivered, changed, count + 1)
+        self.overcommitted += 1
+        return best
+
+    def _credit(self, member: tuple[int, int]) -> int:
+        words = self._words
+        index = member[0]
         return (
             int(words[member_word(index, MEMBER_WINDOW)])
             + int(words[member_word(index, MEMBER_DELIVERED)])
@@ -812,6 +844,8 @@ class Assigner:
             group.members.append((index, found.gen))
         self._groups = groups
         self._by_topic.clear()
+        live = {member for group in groups.values() for member in group.members}
+        self._moved = {member: seen for member, seen in self._moved.items() if member in live}
 
     def _warn(self, index: int, control: int, problem: str) -> None:
         if (index, control) not in self._warned:
