@@ -551,6 +551,27 @@ def test_a_member_writes_its_damaged_entry_again_and_gets_work_again(attach):
     assert damaged.sub.check_entry() is False
 
 
+def test_a_member_one_table_read_missed_goes_on_from_its_ordinal(attach):
+    """Skipped once (here: damaged, then written again), a member must not
+    get ordinals from 1 again: its reader would take them for old ones."""
+    member = Member(attach())
+    Member(attach())  # takes the work meanwhile
+    publisher = Publisher(attach())
+    reader = publisher.reader()
+    names = [publisher.publish() for _ in range(4)]
+    base = member_offset(member.index)
+    member.segment.mm[base + MEMBER_QUEUE : base + MEMBER_QUEUE + 1] = b" "
+    groups.signal_change(member.segment)
+    missed = publisher.publish()  # reads the table without it
+    assert missed[0][0] != member.index
+    assert member.sub.check_entry() is True
+    later = [publisher.publish() for _ in range(4)]  # reads it again, with it
+    assert any(n[0][0] == member.index for n in later)
+    received = member.receive(publisher, reader)
+    assert len(received) == sum(n[0][0] == member.index for n in names + later)
+    assert member.sub.lost == 0
+
+
 def test_a_control_word_scribbled_to_another_generation_is_written_again(attach):
     member = Member(attach())
     word = member_word(member.index, MEMBER_CONTROL)

@@ -192,6 +192,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
+import struct
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -632,6 +633,47 @@ def _settle_owned(segment: Segment, index: int, own_ring: int) -> bool:
 # ─── Publishers ──────────────────────────────────────────────────────────────
 
 
+class _Member:
+    """A LIVE member as one publisher knows it: the words it reads and
+    writes for it (computed once), and what this ring gave it."""
+
+    __slots__ = (
+        "index",
+        "gen",
+        "claim",
+        "live",
+        "control",
+        "cell",
+        "window",
+        "delivered",
+        "dropped",
+        "assigned",
+        "ordinal",
+        "seen",
+        "moved_at",
+        "over",
+    )
+
+    def __init__(self, index: int, gen: int, ring_entry: int) -> None:
+        self.index = index
+        self.gen = gen
+        self.claim = _claim(index, gen)
+        self.live = _control(gen, MEMBER_LIVE)
+        self.control = member_word(index, MEMBER_CONTROL)
+        self.cell = assigned_word(index, ring_entry)
+        self.window = member_word(index, MEMBER_WINDOW)
+        self.delivered = member_word(index, MEMBER_DELIVERED)
+        self.dropped = member_word(index, MEMBER_DROPPED)
+        self.assigned = assigned_word(index, 0)
+        #: The last ordinal this ring gave this generation (P4).
+        self.ordinal = 0
+        #: Over-commit bookkeeping (P2): its ``delivered`` when last seen, the
+        #: over-commit that saw it change, over-commits to it since.
+        self.seen = -1
+        self.moved_at = 0
+        self.over = 0
+
+
 class _Group:
     """A group as one publisher's table read found it."""
 
@@ -641,9 +683,12 @@ class _Group:
         self.queue = queue
         self.pattern = pattern
         self.matcher = TopicMatcher(pattern)
-        #: (entry, generation) of each LIVE member.
-        self.members: list[tuple[int, int]] = []
+        self.members: list[_Member] = []
         self.turn = 0
+
+
+#: The assignments block of a record for one group.
+_ONE_ASSIGNMENT = struct.Struct("<IIIIQ")
 
 
 class Assigner:
@@ -666,15 +711,16 @@ class Assigner:
         self._claim = claim_word(ring_entry)
         self._flag = OFF_GROUP_FLAGS + segment.slot
         self._groups: dict[tuple[str, str], _Group] = {}
+        self._members: dict[tuple[int, int], _Member] = {}
+        #: member entry -> (generation, last ordinal this ring gave it): kept
+        #: across table reads, so a member one read missed (moving, damaged)
+        #: goes on from its ordinal, never back to 1 (its reader would take
+        #: those records for old ones).
+        self._ordinals: dict[int, tuple[int, int]] = {}
         self._by_topic: dict[bytes, tuple[_Group, ...]] = {}
         self._rows = MAX_RINGS
         self._stale = True
-        #: member entry -> (generation, last ordinal this ring gave it)
-        self._ordinals: dict[int, tuple[int, int]] = {}
-        self._pending: list[tuple[int, int, int, tuple[int, int] | None]] = []
-        #: member -> (its ``delivered``, the over-commit that saw it change,
-        #: over-commits to it since)
-        self._moved: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self._pending: list[_Member] = []
         self._ticks = 0
         self._warned: set[tuple[int, int]] = set()
         #: Member entries skipped because their bytes make no sense.
@@ -690,9 +736,7 @@ class Assigner:
         matches). Call :meth:`finish` once the append is done."""
         if self._stale or self._mm[self._flag]:
             self._read_table()
-            if not self._groups:
-                return b""
-        elif not self._groups:
+        if not self._groups:
             return b""
         groups = self._by_topic.get(raw_topic)
         if groups is None:
@@ -702,17 +746,17 @@ class Assigner:
         pending = self._pending
         pending.clear()
         for group in groups:
-            chosen = self._claim_one(group)
-            if chosen is not None:
-                index, gen = chosen
-                before = self._ordinals.get(index)
-                ordinal = before[1] + 1 if before is not None and before[0] == gen else 1
-                self._ordinals[index] = (gen, ordinal)
-                pending.append((index, gen, ordinal, before))
+            member = self._claim_one(group)
+            if member is not None:
+                member.ordinal += 1
+                pending.append(member)
         if not pending:
             return b""
+        if len(pending) == 1:
+            member = pending[0]
+            return _ONE_ASSIGNMENT.pack(1, 0, member.index, member.gen, member.ordinal)
         return GROUP_HEADER.pack(len(pending), 0) + b"".join(
-            ASSIGNMENT.pack(index, gen, ordinal) for index, gen, ordinal, _ in pending
+            ASSIGNMENT.pack(member.index, member.gen, member.ordinal) for member in pending
         )
 
     def release(self) -> None:
@@ -725,38 +769,37 @@ class Assigner:
         if committed:
             release_fence()
             ring_words = self._ring_words
-            for index, gen, ordinal, _ in pending:
-                ring_words[W_ORDINALS + index] = (gen << ORDINAL_BITS) | ordinal
+            for member in pending:
+                word = (member.gen << ORDINAL_BITS) | member.ordinal
+                ring_words[W_ORDINALS + member.index] = word
         else:
-            for index, _, _, before in reversed(pending):
-                if before is None:
-                    self._ordinals.pop(index, None)
-                else:
-                    self._ordinals[index] = before
+            for member in pending:
+                member.ordinal -= 1
         pending.clear()
 
     # ─── P2, P3 ───
 
-    def _claim_one(self, group: _Group) -> tuple[int, int] | None:
+    def _claim_one(self, group: _Group) -> _Member | None:
         words = self._words
+        claim = self._claim
         members = group.members
         while members:
-            index, gen = choice = self._choose(group)
-            words[self._claim] = _claim(index, gen)  # P3
+            member = self._choose(group)
+            words[claim] = member.claim  # P3
             full_fence()
-            if words[member_word(index, MEMBER_CONTROL)] != _control(gen, MEMBER_LIVE):
-                words[self._claim] = 0
-                members.remove(choice)
+            if words[member.control] != member.live:
+                words[claim] = 0
+                members.remove(member)
                 self._stale = True  # it left: read the table at the next publish
                 continue
-            cell = assigned_word(index, self._entry)
+            cell = member.cell
             words[cell] = (words[cell] + 1) & _U64
             release_fence()
-            words[self._claim] = 0
-            return choice
+            words[claim] = 0
+            return member
         return None
 
-    def _choose(self, group: _Group) -> tuple[int, int]:
+    def _choose(self, group: _Group) -> _Member:
         members = group.members
         count = len(members)
         if count == 1:
@@ -773,35 +816,32 @@ class Assigner:
             return best
         return self._over_commit(members)
 
-    def _over_commit(self, members: list[tuple[int, int]]) -> tuple[int, int]:
+    def _over_commit(self, members: list[_Member]) -> _Member:
         """P2 when every member is full: the member whose consumer moved last,
         and of those the one over-committed least since."""
         words = self._words
-        moved = self._moved
         tick = self._ticks = self._ticks + 1
         best = members[0]
         best_key: tuple[int, int] | None = None
         for member in members:
-            delivered = int(words[member_word(member[0], MEMBER_DELIVERED)])
-            seen = moved.get(member)
-            if seen is None or seen[0] != delivered:
-                seen = moved[member] = (delivered, tick, 0)
-            key = (seen[1], -seen[2])
+            delivered = int(words[member.delivered])
+            if delivered != member.seen:
+                member.seen, member.moved_at, member.over = delivered, tick, 0
+            key = (member.moved_at, -member.over)
             if best_key is None or key > best_key:
                 best, best_key = member, key
-        delivered, changed, count = moved[best]
-        moved[best] = (delivered, changed, count + 1)
+        best.over += 1
         self.overcommitted += 1
         return best
 
-    def _credit(self, member: tuple[int, int]) -> int:
+    def _credit(self, member: _Member) -> int:
         words = self._words
-        index = member[0]
+        start = member.assigned
         return (
-            int(words[member_word(index, MEMBER_WINDOW)])
-            + int(words[member_word(index, MEMBER_DELIVERED)])
-            + int(words[member_word(index, MEMBER_DROPPED)])
-            - _assigned_total(words, index, self._rows)
+            int(words[member.window])
+            + int(words[member.delivered])
+            + int(words[member.dropped])
+            - sum(words[start : start + self._rows])
         )
 
     # ─── P1 ───
@@ -818,8 +858,12 @@ class Assigner:
                 rows = entry + 1
                 break
         self._rows = rows
-        previous = self._groups
+        previous_groups, previous_members = self._groups, self._members
+        ordinals = self._ordinals
+        for old_member in previous_members.values():
+            ordinals[old_member.index] = (old_member.gen, old_member.ordinal)
         groups: dict[tuple[str, str], _Group] = {}
+        members: dict[tuple[int, int], _Member] = {}
         for index in range(MAX_MEMBERS):
             if int(words[member_word(index, MEMBER_CONTROL)]) & 0xFF != MEMBER_LIVE:
                 continue
@@ -838,14 +882,20 @@ class Assigner:
             group = groups.get(name)
             if group is None:
                 group = groups[name] = _Group(*name)
-                old = previous.get(name)
+                old = previous_groups.get(name)
                 if old is not None:
                     group.turn = old.turn
-            group.members.append((index, found.gen))
+            key = (index, found.gen)
+            member = previous_members.get(key)
+            if member is None:
+                member = _Member(index, found.gen, self._entry)
+                gen, ordinal = ordinals.get(index, (-1, 0))
+                member.ordinal = ordinal if gen == found.gen else 0
+            members[key] = member
+            group.members.append(member)
         self._groups = groups
+        self._members = members
         self._by_topic.clear()
-        live = {member for group in groups.values() for member in group.members}
-        self._moved = {member: seen for member, seen in self._moved.items() if member in live}
 
     def _warn(self, index: int, control: int, problem: str) -> None:
         if (index, control) not in self._warned:
