@@ -589,6 +589,14 @@ def test_an_intact_entry_is_left_as_it_is(attach):
     assert member.sub.check_entry() is False
 
 
+def test_a_member_entry_in_a_state_no_member_writes_is_counted_damaged(attach):
+    member = Member(attach())
+    member.segment.words[member_word(member.index, MEMBER_CONTROL)] = (7 << 8) | 0x77
+    publisher = Publisher(attach())
+    assert publisher.publish() == []
+    assert publisher.assigner.corrupt == 1
+
+
 def test_a_member_entry_whose_key_does_not_match_its_strings_is_damaged(attach):
     member = Member(attach())
     member.segment.words[member_word(member.index, MEMBER_KEY)] ^= 1

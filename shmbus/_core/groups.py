@@ -71,7 +71,8 @@ Publisher rules (the writer of ring entry ``e``, under its instance's thread
 lock, for an event whose topic matches some group):
 
 P1. If its group flag is set (or it has never read the table): clear the
-    flag, ``F``, read the table. An entry is read as control, ``A``, fields
+    flag, ``F``, read the table (whoever changes the table stores its words,
+    ``R``, then sets every flag). An entry is read as control, ``A``, fields
     and strings, ``A``, control again; a moving entry sets the flag again
     for another read; an entry whose strings do not make a valid pattern and
     queue name, or whose key does not match them, is skipped and counted
@@ -289,7 +290,9 @@ def _claim(member: int, gen: int) -> int:
 
 
 def signal_change(segment: Segment) -> None:
-    """Set every slot's group flag (J3, S3): publishers read the table again."""
+    """Set every slot's group flag (J3, S3, M5): publishers read the table
+    again. ``R`` first: the table's new words before the flags."""
+    release_fence()
     end = OFF_GROUP_FLAGS + MAX_SLOTS
     segment.mm[OFF_GROUP_FLAGS:end] = _ALL_FLAGS
 
@@ -865,7 +868,11 @@ class Assigner:
         groups: dict[tuple[str, str], _Group] = {}
         members: dict[tuple[int, int], _Member] = {}
         for index in range(MAX_MEMBERS):
-            if int(words[member_word(index, MEMBER_CONTROL)]) & 0xFF != MEMBER_LIVE:
+            state = int(words[member_word(index, MEMBER_CONTROL)]) & 0xFF
+            if state != MEMBER_LIVE:
+                if state > MEMBER_SETTLED:
+                    self.corrupt += 1
+                    self._warn(index, int(words[member_word(index, MEMBER_CONTROL)]), "state")
                 continue
             try:
                 found = read_member(mm, words, index)
