@@ -74,10 +74,10 @@ P1. If its group flag is set (or it has never read the table): clear the
     flag, ``F``, read the table (whoever changes the table stores its words,
     ``R``, then sets every flag). An entry is read as control, ``A``, fields
     and strings, ``A``, control again; a moving entry sets the flag again
-    for another read; an entry whose strings do not make a valid pattern and
-    queue name, or whose key does not match them, is skipped and counted
-    corrupt. Also re-count the ring entries in use (assigned words of higher
-    entries are not summed).
+    for another read; an entry in a state no member writes, or whose strings
+    do not make a valid pattern and queue name, or whose key does not match
+    them, is skipped and counted corrupt. Also re-count the ring entries in
+    use (assigned words of higher entries are not summed).
 P2. For each matching group choose a member: of the next two members in
     round-robin order, the one with more credit, where
     ``credit = window + delivered + dropped - sum of its assigned words``.
@@ -92,11 +92,12 @@ P3. **Claim**: store claim ``e = (m, g)``, ``F``, load m's control. If it is
     not ``(g, LIVE)`` the member left: store claim 0, drop it from the
     choice (and read the table again at the next publish). Otherwise add 1
     to assigned ``(m, e)``, ``R``, store claim 0. With S1-S2 this is a
-    Dekker pair: a settler either sees the claim and waits for it, or the
-    claim sees LEAVING and does not assign.
+    Dekker pair: a settler either sees the claim and leaves settling for
+    later, or the claim sees LEAVING and does not assign.
 P4. Write the record as a group record naming ``(m, g, ordinal)`` per group,
     where ordinals count this ring's assignments to generation ``g`` of m,
-    from 1; commit it (ring rules).
+    from 1, in the publisher's memory across table reads (a read that
+    missed m must not start it at 1 again); commit it (ring rules).
 P5. After the commit, ``R``, store the ring's ORDINALS word m = ``(g,
     ordinal)``. If the append was interrupted before its commit (a signal
     handler raised), the ordinals are taken back (the assigned word keeps
@@ -108,9 +109,10 @@ M1. A group record is delivered to a member iff its assignments name the
     member's entry and generation, its checksum holds, and its ordinal is
     above the last one seen from that ring (anything else is not this
     member's). An ordinal that jumps counts the ordinals skipped as dropped
-    (lapped or corrupt records that were this member's). Ring-level losses
-    (sequence gaps, records whose checksum fails) are not counted on a
-    member: they cannot be attributed, its ordinals count them.
+    (lapped or corrupt records that were this member's), and so does a
+    record named for it that does not decode. Ring-level losses (sequence
+    gaps, records whose checksum fails) are not counted on a member: they
+    cannot be attributed, its ordinals count them.
 M2. After each event its consumer takes, store ``delivered`` and
     ``dropped`` (evicted + lost): its credit moves with its consumer, so a
     stopped or blocked member stops taking work once ``window`` events wait
