@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import agents
+import fault_agents
 import group_agents
 import pytest
 from spawn import Agent, running, stop_resource_tracker
@@ -360,6 +361,43 @@ async def test_four_workers_share_every_event_once_while_one_is_killed_and_one_s
         f"main: workers handled {[len(log) for log in logs]} (killed one first), "
         f"group delivered {group.delivered} dropped {group.dropped}, unlogged {unlogged}"
     )
+
+
+@pytest.mark.parametrize(
+    ("point", "delivered", "dropped"),
+    [
+        # Assigned (P3), never committed: counted as dropped, the one over-count.
+        ("mid-record", 50, 1),
+        # Committed, its ring's ORDINALS word never stored (P5): delivered.
+        ("committed", 51, 0),
+    ],
+)
+async def test_a_publisher_killed_while_assigning_leaves_the_group_books_balanced(
+    bus_name: str, host: ShmBus, point: str, delivered: int, dropped: int
+) -> None:
+    """A publisher SIGKILLed in the middle of its 51st publish, an event for
+    a group of one member (in this process, with a plain subscription
+    beside it): the member gets every committed event, and its books close
+    with what was committed, plus the one event assigned and never
+    committed when the kill landed before the commit."""
+    member = host.subscribe("fault.>", queue="workers")
+    plain = host.subscribe("fault.>")
+    doomed = Agent(fault_agents.doomed_publisher, bus_name, 0, point, before=50)
+    with running(doomed):
+        doomed.expect("ready", FINISH)
+        doomed.send("go")
+        assert doomed.recv(FINISH) == ("dying", point)
+        doomed.kill()
+    committed = delivered
+    got = [await asyncio.wait_for(anext(member), FINISH) for _ in range(committed)]
+    assert [event.payload["n"] for event in got] == list(range(committed))
+    seen = [await asyncio.wait_for(anext(plain), FINISH) for _ in range(committed)]
+    assert len(seen) == committed
+    await asyncio.sleep(0.6)  # two heartbeats: the member looks for tail losses (M3)
+    assert member.statistics().dropped == 0  # none: everything committed arrived
+    await member.aclose()
+    group = group_of(host)
+    assert (group.delivered, group.dropped) == (delivered, dropped)
 
 
 def member_entry_of(bus_name: str, pid: int) -> int:
