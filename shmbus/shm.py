@@ -609,6 +609,9 @@ class ShmBus(BaseBus):
         """Every queue group on the bus (members in every process), by queue
         name and pattern: what each member delivered, what the group dropped.
         Raises :class:`RuntimeError` if the bus is closed."""
+        return self._read_groups(None)
+
+    def _read_groups(self, only: tuple[str, str] | None) -> list[GroupStatistics]:
         with self._thread_lock:
             if self._state is not _OPEN:
                 self._check_not_ended("read group statistics")
@@ -616,17 +619,14 @@ class ShmBus(BaseBus):
             segment = self._segment
             assert segment is not None
             held = {sub.membership.index for sub in self._members if sub.membership is not None}
-            return groups.group_statistics(segment.mm, segment.words, segment.fd, held)
+            return groups.group_statistics(segment.mm, segment.words, segment.fd, held, only)
 
     def _group_of(self, membership: groups.Membership) -> GroupStatistics | None:
         try:
-            found = self.group_statistics()
+            found = self._read_groups((membership.queue, membership.pattern))
         except RuntimeError:
             return None
-        return next(
-            (g for g in found if (g.queue, g.pattern) == (membership.queue, membership.pattern)),
-            None,
-        )
+        return found[0] if found else None
 
     # ─── fork() and exit ───
 
