@@ -37,7 +37,7 @@ from .errors import (
 )
 from .memory import MemoryBus, NullBus
 from .shm import ShmBus
-from .stats import BusStats
+from .stats import BusStats, GroupStatistics, MemberStatistics
 from .urls import get_bus
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__)
@@ -62,7 +62,9 @@ __all__ = [  # sorted() order, as tests/test_exports.py pins it
     "Event",
     "ForeignFileError",
     "ForkedBusError",
+    "GroupStatistics",
     "IncompatibleSegmentError",
+    "MemberStatistics",
     "MemoryBus",
     "MissingExtraError",
     "NoFreeSlotError",

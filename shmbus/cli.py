@@ -7,7 +7,7 @@ argument checking, its output and its exit codes. Subcommands::
 
     pub      publish events          sub      print events as they arrive
     request  ask and print the reply reply    answer requests (echo or fixed)
-    ls       list the host's buses   stat     per-instance counters of a bus
+    ls       list the host's buses   stat     per-instance and per-group counters
     clean    remove dead buses       metrics  serve figures to Prometheus
     bridge                           written elsewhere, loaded on demand
     demo, bench                      the source checkout's tools (tools/shmbus_tools)
@@ -462,13 +462,15 @@ def _add_ls(add: _Add) -> None:
 def _add_stat(add: _Add) -> None:
     p = add(
         "stat",
-        "show a bus's figures and its instances' counters",
+        "show a bus's figures, its instances' and its queue groups' counters",
         "examples:\n"
         "  shmbus stat orders\n"
         "  shmbus stat orders --watch        # refresh every second until Ctrl-C\n"
         "  shmbus stat orders --watch 5 --json\n\n"
         "Give NAME before --watch (--watch takes an optional number).\n"
-        "LAG is how far (bytes) an instance's reader is behind the writers.",
+        "LAG is how far (bytes) an instance's reader is behind the writers.\n"
+        "A queue group's dropped events are those assigned to a member that lost\n"
+        "them, or left or died before its consumer took them.",
     )
     p.add_argument(
         "name",
@@ -998,6 +1000,18 @@ def _print_stat(info: BusInfo, rate: float | None, as_json: bool, *, clear: bool
             f"{_size(ring.capacity)}, {ring.published} events, fill {ring.fill * 100:.1f}%"
             + (f" ({ring.problem})" if ring.problem else "")
         )
+    for group in info.groups:
+        live = sum(1 for member in group.members if member.alive)
+        _out(
+            f"  group {group.queue} on {group.pattern}: {live} live member(s), "
+            f"delivered {group.delivered}, dropped {group.dropped}"
+        )
+        for member in group.members:
+            _out(
+                f"    member pid {member.pid:<8} slot {member.slot:<3} "
+                f"{'alive' if member.alive else 'dead':<5}  assigned {member.assigned}, "
+                f"delivered {member.delivered}, dropped {member.dropped}"
+            )
     if not info.instances:
         _out("no instances")
         return

@@ -64,6 +64,7 @@ from typing import Final, Protocol, Self
 
 from .contract import Event, Subscription, TopicMatcher
 from .errors import SubscriptionClosedError
+from .stats import GroupStatistics
 
 __all__ = ["BlockingSubscription", "Pump", "QueueSubscription", "SubscriptionStatistics"]
 
@@ -86,6 +87,9 @@ class SubscriptionStatistics:
     #: The queue group the subscription is a member of, or None. A member's
     #: ``delivered`` and ``dropped`` are its share of the group's events.
     queue: str | None = None
+    #: That group's statistics, every member's in every process, where the
+    #: transport keeps them (None otherwise).
+    group: GroupStatistics | None = None
 
 
 class QueueSubscription(Subscription):

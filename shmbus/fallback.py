@@ -543,6 +543,7 @@ class FallbackBus(BaseBus):
                 lapped=shm_stats.lapped,
                 publish_errors=nats_stats.publish_errors + shm_stats.publish_errors,
                 subscriptions=len(live),
+                overcommitted=nats_stats.overcommitted + shm_stats.overcommitted,
             )
 
 

@@ -17,6 +17,9 @@ Invariants
   created (exposed as its ``_created`` time, so a recreated bus reads as a
   counter reset), per instance since it connected. Only live instances are
   exported, labelled ``bus``, ``slot`` and ``pid``.
+* Queue groups are labelled ``bus``, ``queue`` and ``pattern``: the group's
+  delivered and dropped events since the bus was created (departed members
+  included), and each current member's, also labelled ``slot`` and ``pid``.
 * A bus that cannot be read is exported as ``shmbus_bus_readable{bus} 0``
   instead of failing the scrape.
 """
@@ -47,6 +50,8 @@ log = logging.getLogger("shmbus.metrics")
 
 _BUS = ["bus"]
 _INSTANCE = ["bus", "slot", "pid"]
+_GROUP = ["bus", "queue", "pattern"]
+_MEMBER = [*_GROUP, "slot", "pid"]
 
 
 class BusCollector(Collector):
@@ -135,6 +140,35 @@ class BusCollector(Collector):
         i_subs = GaugeMetricFamily(
             "shmbus_instance_subscriptions", "Subscriptions open in the instance", labels=_INSTANCE
         )
+        g_members = GaugeMetricFamily(
+            "shmbus_group_members", "Live members of the queue group", labels=_GROUP
+        )
+        g_delivered = CounterMetricFamily(
+            "shmbus_group_delivered",
+            "Events the queue group's members delivered (departed members included)",
+            labels=_GROUP,
+        )
+        g_dropped = CounterMetricFamily(
+            "shmbus_group_dropped",
+            "Events assigned to the group's members and never delivered (lost, or left "
+            "behind by a member that closed or died)",
+            labels=_GROUP,
+        )
+        m_assigned = CounterMetricFamily(
+            "shmbus_group_member_assigned",
+            "Events the publishers assigned to this member",
+            labels=_MEMBER,
+        )
+        m_delivered = CounterMetricFamily(
+            "shmbus_group_member_delivered",
+            "Events this member's consumer took",
+            labels=_MEMBER,
+        )
+        m_dropped = CounterMetricFamily(
+            "shmbus_group_member_dropped",
+            "Events assigned to this member that it lost",
+            labels=_MEMBER,
+        )
         for info in buses:
             bus = [info.name]
             readable.add_metric(bus, 1)
@@ -159,6 +193,18 @@ class BusCollector(Collector):
                 i_lapped.add_metric(labels, slot.lapped)
                 i_lag.add_metric(labels, slot.lag_bytes)
                 i_subs.add_metric(labels, slot.subscriptions)
+            for group in info.groups:
+                labels = [info.name, group.queue, group.pattern]
+                g_members.add_metric(labels, sum(1 for m in group.members if m.alive))
+                g_delivered.add_metric(labels, group.delivered)
+                g_dropped.add_metric(labels, group.dropped)
+                for member in group.members:
+                    if not member.alive:
+                        continue
+                    member_labels = [*labels, str(member.slot), str(member.pid)]
+                    m_assigned.add_metric(member_labels, member.assigned)
+                    m_delivered.add_metric(member_labels, member.delivered)
+                    m_dropped.add_metric(member_labels, member.dropped)
         for name in unreadable:
             readable.add_metric([name], 0)
         yield from (
@@ -178,6 +224,12 @@ class BusCollector(Collector):
             i_lapped,
             i_lag,
             i_subs,
+            g_members,
+            g_delivered,
+            g_dropped,
+            m_assigned,
+            m_delivered,
+            m_dropped,
         )
 
 

@@ -17,6 +17,12 @@ Guarantees
 * A blocking subscription (``subscribe_sync()``) has the same semantics and
   needs no event loop: it has a reader of its own (its own slot and doorbell,
   :mod:`shmbus._core.sync_reader`), stepped by the thread that consumes it.
+* A subscription made with ``queue=NAME`` is a member of the queue group of
+  every subscription with that pattern and name, in any process: each
+  matching event goes to exactly one member, chosen by its publisher among
+  the members with room in their queue (rules in
+  :mod:`shmbus._core.groups`); what a member loses, or leaves undelivered
+  when it closes or dies, is counted as dropped on the group.
 * The event loop never waits for another process: ``connect()`` attaches in
   a worker thread; ``publish()``, ``subscribe()`` and ``close()`` only take
   non-blocking locks.
@@ -40,7 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from ._checks import check_int
-from ._core import directory
+from ._core import directory, groups
 from ._core.layout import (
     DEFAULT_CAPACITY,
     DEFAULT_MAX_EVENT_SIZE,
@@ -70,7 +76,7 @@ from .delivery import BlockingSubscription, QueueSubscription
 from .errors import BusClosedError, ForkedBusError, ShmBusError
 from .inbox import ReplyInbox, check_timeout
 from .lifecycle import LifecycleState
-from .stats import BusStats
+from .stats import BusStats, GroupStatistics
 
 __all__ = ["ShmBus"]
 
@@ -162,9 +168,17 @@ class ShmBus(BaseBus):
         self._ring: directory.OwnRing | None = None
         self._writer: RingWriter | None = None
         self._waker: Waker | None = None
+        self._assigner: groups.Assigner | None = None
         self._reader: BusReader | None = None
         self._published = 0
-        self._retired = {"delivered": 0, "dropped": 0, "corrupt": 0, "lapped": 0}
+        self._retired = {
+            "delivered": 0,
+            "dropped": 0,
+            "corrupt": 0,
+            "lapped": 0,
+            "overcommitted": 0,
+        }
+        self._members: set[groups.MemberSubscription] = set()
         self._topic_keys: dict[str, tuple[bytes, int]] = {}
         self._published_word = 0
         self._subscriptions: set[QueueSubscription | BlockingSubscription] = set()
@@ -236,6 +250,7 @@ class ShmBus(BaseBus):
             _open_instances.add(self)
         try:
             directory.reclaim_dead(segment)
+            groups.settle_dead(segment)
         except (ShmBusError, OSError) as exc:
             log.debug("bus %r: reclaiming dead rings failed: %s", self.name, exc)
 
@@ -263,10 +278,18 @@ class ShmBus(BaseBus):
             segment = self._segment
             assert segment is not None
             try:
-                self._stop_reader()
+                try:
+                    self._leave_groups(segment)
+                finally:
+                    self._stop_reader()
             finally:
                 try:
                     ring, self._ring, self._writer = self._ring, None, None
+                    assigner, self._assigner = self._assigner, None
+                    if assigner is not None:
+                        self._retired["corrupt"] += assigner.corrupt
+                        self._retired["overcommitted"] += assigner.overcommitted
+                        assigner.release()
                     if ring is not None:
                         directory.retire_ring(segment, ring)
                 finally:
@@ -274,6 +297,7 @@ class ShmBus(BaseBus):
                         if self._waker is not None:
                             self._waker.close()
                         directory.reclaim_dead(segment)
+                        groups.settle_dead(segment)
                     finally:
                         try:
                             segment.detach()
@@ -431,7 +455,17 @@ class ShmBus(BaseBus):
             assert segment is not None and waker is not None
             if ShmBus._critical_section_hook is not None:
                 self._arm_test_hook(writer)
-            writer.append(raw_topic, body, checksum)
+            assigner = self._assigner
+            assert assigner is not None
+            block = assigner.assign(raw_topic)
+            if block:
+                before = writer.commit_point
+                try:
+                    writer.append(raw_topic, body, checksum, block)
+                finally:
+                    assigner.finish(writer.commit_point != before)
+            else:
+                writer.append(raw_topic, body, checksum)
             published = self._published = self._published + 1
             segment.words[self._published_word] = published
             # The commit before the loads of the sleep flags (shmbus._core.wakeup).
@@ -450,6 +484,7 @@ class ShmBus(BaseBus):
         assert segment is not None
         ring = directory.install_ring(segment, self.capacity, self.max_event_size)
         self._ring = ring
+        self._assigner = groups.Assigner(segment, ring.entry, ring.words)
         writer = self._writer = RingWriter(
             ring.mm, ring.words, RING_OFFSET, ring.capacity, ring.max_event_size
         )
@@ -484,14 +519,19 @@ class ShmBus(BaseBus):
         instance while any is open: use one instance per event loop. The
         subscription sees every matching event published after this call
         returns. Takes no lock another process could hold.
+
+        With *queue*, the subscription joins the queue group of every
+        subscription on the bus with this pattern and queue name, in any
+        process: each matching event is delivered to one member only (one
+        with room in its queue: ``queue_size`` is how many events a member
+        may hold undelivered). Queue names are non-empty, without
+        whitespace, at most :data:`~shmbus.contract.MAX_QUEUE_NAME_LENGTH`
+        bytes. Raises :class:`~shmbus.errors.NoFreeSlotError` if the bus
+        holds its maximum of members.
         """
         validate_pattern(pattern)
         if queue is not None:
             validate_queue_name(queue)
-            raise NotImplementedError(
-                "queue groups on ShmBus come with their cross-process claim protocol, "
-                "which is not in this version yet; MemoryBus and NatsBus have them"
-            )
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -501,7 +541,13 @@ class ShmBus(BaseBus):
             ) from None
         if self._state is not _OPEN:
             self._ensure_open("subscribe")
-        sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        sub: QueueSubscription
+        if queue is None:
+            sub = QueueSubscription(pattern, maxsize=self.queue_size, on_close=self._forget)
+        else:
+            sub = groups.MemberSubscription(
+                pattern, queue, maxsize=self.queue_size, on_close=self._forget
+            )
         orphans: list[Target] = []
         with self._thread_lock:
             self._check_not_ended("subscribe")
@@ -526,6 +572,8 @@ class ShmBus(BaseBus):
                     segment, loop, self._own_ring_key, low_latency=self.low_latency
                 )
             reader.add(sub)
+            if isinstance(sub, groups.MemberSubscription):
+                self._join(segment, reader, sub)
             self._subscriptions.add(sub)
         for orphan in orphans:
             if isinstance(orphan, QueueSubscription):
@@ -579,9 +627,57 @@ class ShmBus(BaseBus):
             raise
         return sub
 
+
+    def _join(
+        self, segment: Segment, reader: BusReader, sub: groups.MemberSubscription
+    ) -> None:
+        """Make *sub* a member of its group: after reader.add (groups rule J1)."""
+        own = self._own_ring_key()
+        try:
+            membership = groups.join(
+                segment,
+                sub.group_queue,
+                sub.pattern,
+                self.queue_size,
+                held={member.membership.index for member in self._members if member.membership},
+                own_ring=own[0] if own else -1,
+            )
+        except BaseException:
+            reader.remove(sub)
+            if not reader.subscriptions:
+                self._stop_reader()
+            raise
+        sub.bind(membership, segment, lambda: self._group_of(membership))
+        self._members.add(sub)
+
+    def _leave(self, segment: Segment, sub: groups.MemberSubscription) -> None:
+        """*sub*'s membership ends (groups rule M4). The caller holds the thread lock."""
+        self._members.discard(sub)
+        membership = sub.unbind()
+        if membership is not None:
+            own = self._own_ring_key()
+            groups.leave(segment, membership, sub.delivered, own[0] if own else -1)
+
+    def _leave_groups(self, segment: Segment) -> None:
+        """Every membership of this instance ends; each step runs even if one raised."""
+        members = list(self._members)
+        try:
+            for sub in members:
+                self._leave(segment, sub)
+        finally:
+            for sub in members:
+                sub.unbind()
+            self._members.clear()
+
     def _forget(self, sub: QueueSubscription | BlockingSubscription) -> None:
         with self._thread_lock:
             self._subscriptions.discard(sub)
+            if (
+                isinstance(sub, groups.MemberSubscription)
+                and self._state is _OPEN
+                and self._segment is not None
+            ):
+                self._leave(self._segment, sub)
             self._retired["delivered"] += sub.delivered
             if isinstance(sub, BlockingSubscription):
                 self._retired["dropped"] += sub.dropped
@@ -627,11 +723,38 @@ class ShmBus(BaseBus):
                 published=self._published,
                 delivered=retired["delivered"] + sum(sub.delivered for sub in live),
                 dropped=retired["dropped"] + sum(sub.dropped for sub in live),
-                corrupt=retired["corrupt"] + sum(f.corrupt for f in followers),
+                corrupt=retired["corrupt"]
+                + sum(f.corrupt for f in followers)
+                + (self._assigner.corrupt if self._assigner else 0),
                 lapped=retired["lapped"] + sum(f.lapped for f in followers),
                 publish_errors=0,  # an append into one's own ring cannot fail
                 subscriptions=len(live),
+                overcommitted=retired["overcommitted"]
+                + (self._assigner.overcommitted if self._assigner else 0),
             )
+
+    def group_statistics(self) -> list[GroupStatistics]:
+        """Every queue group on the bus (members in every process), by queue
+        name and pattern: what each member delivered, what the group dropped.
+        Raises :class:`RuntimeError` if the bus is closed."""
+        return self._read_groups(None)
+
+    def _read_groups(self, only: tuple[str, str] | None) -> list[GroupStatistics]:
+        with self._thread_lock:
+            if self._state is not _OPEN:
+                self._check_not_ended("read group statistics")
+                return []
+            segment = self._segment
+            assert segment is not None
+            held = {sub.membership.index for sub in self._members if sub.membership is not None}
+            return groups.group_statistics(segment.mm, segment.words, segment.fd, held, only)
+
+    def _group_of(self, membership: groups.Membership) -> GroupStatistics | None:
+        try:
+            found = self._read_groups((membership.queue, membership.pattern))
+        except RuntimeError:
+            return None
+        return found[0] if found else None
 
     # ─── fork() and exit ───
 
@@ -648,6 +771,10 @@ class ShmBus(BaseBus):
             self._ring.close()
             self._ring = None
             self._writer = None
+            self._assigner = None
+        for member in self._members:
+            member.unbind()
+        self._members.clear()
         if self._segment is not None:
             self._segment.abandon()
         if self._waker is not None:

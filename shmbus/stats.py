@@ -1,9 +1,14 @@
-"""Counter snapshots returned by ``bus.stats()``.
+"""Counter snapshots returned by ``bus.stats()``, and the statistics of a
+queue group.
 
 :class:`BusStats` is a frozen record (read ``stats.dropped``) that is also a
 read-only mapping (read ``stats["dropped"]``, ``dict(stats)``), so code that
 expects either shape works. Every field is a count since the bus instance
 connected; transports without a given notion report 0.
+
+:class:`GroupStatistics` describes one queue group (the subscriptions with
+the same pattern and queue name, in every process): what each member
+delivered, and what the group dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 
-__all__ = ["BusStats"]
+__all__ = ["BusStats", "GroupStatistics", "MemberStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,11 @@ class BusStats(Mapping[str, int]):
     publish_errors: int = 0
     #: Subscriptions open now.
     subscriptions: int = 0
+    #: Queue-group events this instance published while every member of the
+    #: group was full: each went to a member with no room in its queue (it
+    #: waits there, or evicts an older one, counted as dropped). A group
+    #: that is too slow for its publishers shows here first.
+    overcommitted: int = 0
 
     def __getitem__(self, key: str) -> int:
         if key not in _FIELD_NAMES:
@@ -50,3 +60,38 @@ class BusStats(Mapping[str, int]):
 
 
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(BusStats))
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatistics:
+    """One member of a queue group, as the bus records it."""
+
+    #: Instance slot and process of the member's bus instance.
+    slot: int
+    pid: int
+    #: Events the group's publishers assigned to this member.
+    assigned: int
+    #: Events its consumer took (``async for``).
+    delivered: int
+    #: Assigned events it lost (its ring reader was lapped, its queue was
+    #: full); for a member whose process died, everything it did not deliver.
+    dropped: int
+    #: False once its process is gone (the member is then settled: its
+    #: undelivered events are counted as dropped on the group).
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatistics:
+    """A queue group: every subscription on the bus with this pattern and
+    queue name, in any process."""
+
+    queue: str
+    pattern: str
+    #: The members now (live, or dead and not yet settled).
+    members: tuple[MemberStatistics, ...]
+    #: Events delivered by the group's members, the departed ones included.
+    delivered: int
+    #: Events assigned to the group's members and never delivered: lost by a
+    #: live member, or left behind by one that closed or died.
+    dropped: int

@@ -407,8 +407,10 @@ def _install_crash_point(point: str, armed: _Armed, at_point: Callable[[], None]
     elif point == "committed":
         append = RingWriter.append
 
-        def append_then_stop(self: RingWriter, topic: bytes, body: bytes, checksum: int) -> int:
-            seq = append(self, topic, body, checksum)
+        def append_then_stop(
+            self: RingWriter, topic: bytes, body: bytes, checksum: int, assignments: bytes = b""
+        ) -> int:
+            seq = append(self, topic, body, checksum, assignments)
             if armed.on:
                 at_point()
             return seq

@@ -193,6 +193,30 @@ async def test_stat_counters_move_as_events_flow(bus_name: str) -> None:
     assert "/s)" in table.stdout  # the sampled publish rate
 
 
+async def test_stat_shows_each_queue_group_and_its_members(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        async with bus.subscribe("jobs.>", queue="workers") as sub:
+            for i in range(4):
+                bus.publish_nowait("jobs.x", {"i": i})
+            for _ in range(4):
+                await anext(aiter(sub))
+            table = run_shmbus("stat", bus_name, "--sample", "0")
+            as_json = run_shmbus("stat", bus_name, "--json", "--sample", "0")
+    finally:
+        await bus.close()
+    assert table.returncode == as_json.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "  group workers on jobs.>: 1 live member(s), delivered 4, dropped 0" in lines
+    (member,) = [line for line in lines if line.startswith("    member ")]
+    assert f"pid {os.getpid()}" in member and "alive" in member
+    assert "assigned 4, delivered 4, dropped 0" in member
+    (group,) = json.loads(as_json.stdout)["groups"]
+    assert (group["queue"], group["pattern"], group["delivered"]) == ("workers", "jobs.>", 4)
+    assert [m["pid"] for m in group["members"]] == [os.getpid()]
+
+
 async def test_stat_watch_prints_a_sample_per_interval_until_interrupted(bus_name: str) -> None:
     bus = ShmBus(bus_name, **SMALL_RING)
     await bus.connect()
@@ -515,10 +539,6 @@ def test_bad_request_reply_and_queue_arguments_exit_2_naming_the_problem(
     assert all(word in err for word in words), err
 
 
-@pytest.mark.xfail(
-    reason="ShmBus queue groups land with their cross-process claim protocol",
-    strict=True,
-)
 def test_sub_queue_members_in_two_processes_share_the_events(bus_name: str) -> None:
     argv = ["sub", "jobs.*", "--queue", "workers", "--json", "--bus", bus_name]
     with started(shmbus_command(*argv)) as first, started(shmbus_command(*argv)) as second:

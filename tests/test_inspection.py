@@ -248,3 +248,24 @@ def test_list_buses_reports_an_unreadable_bus_to_on_error(
     buses = list_buses(on_error=errors.__setitem__)
     assert name not in [info.name for info in buses]
     assert isinstance(errors[name], SegmentCorruptError)
+
+
+async def test_read_bus_reports_each_queue_group_with_its_live_members(bus_name: str) -> None:
+    publisher, worker = await _connected(bus_name), await _connected(bus_name)
+    try:
+        mine = worker.subscribe("jobs.>", queue="workers")
+        publisher.subscribe("jobs.>", queue="workers")
+        publisher.subscribe("jobs.>")  # a plain subscription is no group's
+        for i in range(6):
+            await publisher.publish("jobs.x", {"i": i})
+        for _ in range(3):
+            await anext(mine)
+        (group,) = read_bus(bus_name).groups
+        assert (group.queue, group.pattern) == ("workers", "jobs.>")
+        assert sorted(m.assigned for m in group.members) == [3, 3]  # idle members alternate
+        assert [m.delivered for m in group.members if m.slot == worker._segment.slot] == [3]
+        assert all(m.alive and m.pid == os.getpid() for m in group.members)
+        assert (group.delivered, group.dropped) == (3, 0)
+    finally:
+        await worker.close()
+        await publisher.close()

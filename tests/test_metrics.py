@@ -98,3 +98,26 @@ async def test_collector_reports_an_unreadable_bus_without_failing(bus_name: str
     finally:
         os.unlink(path)
     assert _bus_value(samples, "shmbus_bus_readable", bus_name) == 0
+
+
+async def test_queue_groups_are_exported_with_their_members(bus_name: str) -> None:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    await bus.connect()
+    try:
+        async with bus.subscribe("metrics.>", queue="workers") as sub:
+            await _publish_and_consume(bus, sub, 3)
+            bus.publish_nowait("metrics.test", {"left": "behind"})
+            samples = _parse(prometheus_client.generate_latest(registry()).decode("utf-8"))
+    finally:
+        await bus.close()
+    group = frozenset({("bus", bus_name), ("queue", "workers"), ("pattern", "metrics.>")})
+    assert samples[("shmbus_group_members", group)] == 1
+    assert samples[("shmbus_group_delivered_total", group)] == 3
+    assert samples[("shmbus_group_dropped_total", group)] == 0
+    me = group | {("pid", str(os.getpid()))}
+    (assigned,) = [
+        value
+        for (name, labels), value in samples.items()
+        if name == "shmbus_group_member_assigned_total" and me <= labels
+    ]
+    assert assigned == 4

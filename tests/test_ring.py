@@ -647,3 +647,112 @@ def test_a_snapshot_is_the_position_and_number_after_the_last_committed_record()
     for _ in range(9):  # wraps, with a padding record
         ring.append(b"t", body_for_length(200))
     assert ring.reader().snapshot() == (ring.word(OFF_WRITE_CURSOR), 9)
+
+
+# ─── Group records (assignments between the header and the topic) ───────────
+
+
+def assignments(*named: tuple[int, int, int]) -> bytes:
+    """An assignments block naming (member, generation, ordinal) per group."""
+    return layout.GROUP_HEADER.pack(len(named), 0) + b"".join(
+        layout.ASSIGNMENT.pack(*one) for one in named
+    )
+
+
+def append_group(ring: Ring, topic: bytes, body: bytes, block: bytes) -> int:
+    seq = ring.writer.append(topic, body, content_checksum(topic, body), block)
+    end = ring.word(OFF_WRITE_CURSOR)
+    length = aligned(RECORD_HEADER_SIZE + len(block) + len(topic) + len(body))
+    ring.written[seq] = (end - length, topic, body)
+    return seq
+
+
+def test_a_group_record_round_trips_with_its_assignments():
+    ring = Ring(4096)
+    block = assignments((3, 7, 1), (9, 1, 42))
+    append_group(ring, b"jobs.a", b"payload", block)
+    header = RECORD.unpack_from(ring.mm, ring.record_offset(0))
+    assert header[1] == layout.RECORD_GROUP
+    batch = ring.reader().read(100, select_all)
+    assert batch.records == [(0, b"jobs.a", b"jobs.a", b"payload", True)]
+    assert batch.assignments == {0: block}
+
+
+def test_group_and_plain_records_interleave_in_order_and_only_group_ones_carry_assignments():
+    ring = Ring(1 << 14)
+    for i in range(30):
+        if i % 3:
+            ring.append(b"t", bytes([i]) * 9)
+        else:
+            append_group(ring, b"t", bytes([i]) * 9, assignments((i, 1, i + 1)))
+    batch = ring.reader().read(100, select_all)
+    assert [body[0] for _, _, _, body, _ in batch.records] == list(range(30))
+    assert sorted(batch.assignments) == list(range(0, 30, 3))
+    assert all(ok for *_, ok in batch.records)
+
+
+def test_a_reader_that_keeps_up_gets_every_group_record_across_wraps():
+    ring = Ring(2048)
+    reader = ring.reader()
+    received: list[int] = []
+    for i in range(500):
+        append_group(ring, b"t", bytes(i % 90), assignments((i % 5, 2, i)))
+        batch = reader.read(100, select_all)
+        assert not batch.gaps and not batch.corrupt
+        received.extend(seqs(batch.records))
+        assert all(block[8:] == layout.ASSIGNMENT.pack(seq % 5, 2, seq) for seq, block in
+                   batch.assignments.items())
+    assert received == list(range(500))
+
+
+def test_a_flipped_assignment_byte_fails_the_checksum():
+    """The checksum covers the assignments: a damaged one is never acted on."""
+    ring = Ring(4096)
+    for i in range(3):
+        append_group(ring, b"t", b"body", assignments((1, 1, i + 1)))
+    member_byte = ring.record_offset(1) + RECORD_HEADER_SIZE + layout.GROUP_HEADER.size
+    ring.mm[member_byte] ^= 0x02  # names member 3 instead of 1
+    batch = ring.reader().read(100, select_all)
+    assert [(seq, ok) for seq, _, _, _, ok in batch.records] == [(0, True), (1, False), (2, True)]
+
+
+def test_a_group_record_naming_more_groups_than_a_bus_can_hold_is_corrupt():
+    """Even with a length that agrees: a reader never copies more than the
+    largest assignments block a real publisher writes."""
+    ring = Ring(1 << 14)
+    append_group(ring, b"t", b"ok", assignments((1, 1, 1)))
+    too_many = [(m, 1, 1) for m in range(layout.MAX_ASSIGNMENTS + 1)]
+    append_group(ring, b"t", b"body", assignments(*too_many))
+    batch = ring.reader().read(100, select_all)
+    assert seqs(batch.records) == [0]
+    assert batch.corrupt == 1
+
+
+@pytest.mark.parametrize("count", [0, layout.MAX_ASSIGNMENTS + 1, 0xFFFFFFFF])
+def test_a_group_record_with_an_impossible_assignment_count_is_corrupt(count):
+    ring = Ring(4096)
+    for i in range(3):
+        append_group(ring, b"t", b"body", assignments((1, 1, i + 1)))
+    at = ring.record_offset(2) + RECORD_HEADER_SIZE
+    ring.mm[at : at + 4] = count.to_bytes(4, "little")
+    reader = ring.reader()
+    batch = reader.read(100, select_all)
+    assert seqs(batch.records) == [0, 1]
+    assert batch.corrupt == 1
+    assert reader.cursor == ring.word(OFF_WRITE_CURSOR)
+
+
+def test_a_group_record_whose_assignments_do_not_fit_its_length_is_corrupt():
+    ring = Ring(4096)
+    append_group(ring, b"t", b"body", assignments((1, 1, 1)))
+    at = ring.record_offset(0) + RECORD_HEADER_SIZE
+    ring.mm[at : at + 4] = (2).to_bytes(4, "little")  # says two; the length holds one
+    batch = ring.reader().read(100, select_all)
+    assert batch.records == [] and batch.corrupt == 1
+
+
+def test_a_snapshot_after_a_group_record_starts_after_it():
+    ring = Ring(4096)
+    ring.append(b"t", b"plain")
+    append_group(ring, b"t", b"grouped", assignments((0, 1, 1)))
+    assert ring.reader().snapshot() == (ring.word(OFF_WRITE_CURSOR), 2)

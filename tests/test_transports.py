@@ -922,7 +922,7 @@ async def test_shm_connect_to_a_live_bus_of_the_old_layout_raises_naming_both_ve
             await instance.connect()
         message = str(info.value)
         assert "version 1" in message and f"version {LAYOUT_VERSION}" in message, message
-        assert LAYOUT_VERSION == 2
+        assert LAYOUT_VERSION == 3
         with open(path, "rb") as f:
             assert f.read() == contents
         assert bus_file_paths(bus_name) == [path]

@@ -27,7 +27,9 @@ Install rules (a writer, holding the entry's lock byte):
 3. Fill in the entry, ``R``, store state ``LIVE``: the entry's commit.
 4. Set every slot's *directory flag*. Readers look at their own flag byte at
    every step (one load) and rescan the directory when it is set: finding a
-   new ring costs no file-system call on the hot path.
+   new ring costs no file-system call on the hot path. Also set every slot's
+   *group flag*: publishers then count the ring entries in use again
+   (queue-group rule P1, :mod:`shmbus._core.groups`).
 
 The writer keeps its lock byte until it closes; then it stores ``closed`` in
 its ring and state ``RETIRED``, sets the directory flags, and tries to
@@ -114,6 +116,7 @@ from .layout import (
     MIN_MAX_EVENT_SIZE,
     NO_RECORD,
     OFF_DIRECTORY_FLAGS,
+    OFF_GROUP_FLAGS,
     RING_IDENTITY,
     RING_MAGIC,
     RING_OFFSET,
@@ -195,9 +198,10 @@ class OwnRing(RingMapping):
 
 
 def signal_change(segment: Segment) -> None:
-    """Set every slot's directory flag (install rule 4)."""
+    """Set every slot's directory flag and group flag (install rule 4)."""
     end = OFF_DIRECTORY_FLAGS + MAX_SLOTS
     segment.mm[OFF_DIRECTORY_FLAGS:end] = _ALL_FLAGS
+    segment.mm[OFF_GROUP_FLAGS : OFF_GROUP_FLAGS + MAX_SLOTS] = _ALL_FLAGS
 
 
 # ─── Writers ─────────────────────────────────────────────────────────────────

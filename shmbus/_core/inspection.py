@@ -2,10 +2,11 @@
 
 Owns
 ----
-How a bus's segment, its instance slots and its rings are read from outside
-the bus: the scan of ``/dev/shm`` for segments (:func:`list_buses`), the
-decoding of one bus into a :class:`BusInfo` (:func:`read_bus`), and the rule
-that says whether a bus, an instance or a ring's writer is alive.
+How a bus's segment, its instance slots, its rings and its queue groups are
+read from outside the bus: the scan of ``/dev/shm`` for segments
+(:func:`list_buses`), the decoding of one bus into a :class:`BusInfo`
+(:func:`read_bus`), and the rule that says whether a bus, an instance, a
+ring's writer or a queue-group member is alive.
 
 Invariants
 ----------
@@ -21,8 +22,11 @@ Invariants
   instance is *alive* iff its slot byte (``LOCK_SLOT_BASE + slot``) is held
   by some open file description **and** the process recorded in the slot
   (pid and start time) still runs. A ring's writer is alive iff its entry is
-  LIVE and its ring lock byte is held. Locks die with their holder, so a
-  crashed process is never reported alive.
+  LIVE and its ring lock byte is held. A queue-group member is alive iff
+  its member lock byte is held (its groups are read by
+  :func:`shmbus._core.groups.group_statistics`, which counts a dead,
+  unsettled member's undelivered events as dropped). Locks die with their
+  holder, so a crashed process is never reported alive.
 * What is read is a snapshot taken without any lock: counters can be a few
   events apart from each other, never invented.
 * A segment that no shmbus process could have written (wrong magic, size or
@@ -46,7 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import IncompatibleSegmentError, SegmentCorruptError, SegmentError
-from . import ofd, procs
+from ..stats import GroupStatistics
+from . import groups, ofd, procs
 from .layout import (
     BUS_SEGMENT_SIZE,
     ENTRY_CAPACITY,
@@ -224,6 +229,8 @@ class BusInfo:
     instances: tuple[SlotInfo, ...]
     #: Every ring the directory names.
     rings: tuple[RingInfo, ...] = ()
+    #: Every queue group the member table records, by queue and pattern.
+    groups: tuple[GroupStatistics, ...] = ()
 
     @property
     def live_instances(self) -> tuple[SlotInfo, ...]:
@@ -398,6 +405,7 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
                 for entry in range(MAX_RINGS)
                 if (ring := _read_ring(name, words, fd, entry)) is not None
             )
+            found_groups = tuple(groups.group_statistics(mm, words, fd))
         finally:
             words.release()  # before the mapping closes
     return BusInfo(
@@ -417,6 +425,7 @@ def _read_open_segment(name: str, path: str, fd: int, attempt: int) -> BusInfo |
         live=live,
         instances=instances,
         rings=rings,
+        groups=found_groups,
     )
 
 

@@ -19,15 +19,23 @@ Bus segment ``shmbus.NAME``::
     4608     BELL IDS: one u64 per slot, the id naming the doorbell of that
              slot's blocking reader (0 = none; a blocking reader of a bus
              shared with a group has a wake-up FIFO instead); see below
+    5632     GROUP FLAGS: one byte per slot, 1 = the queue-group member table
+             (or the ring directory) changed since that slot's publisher
+             last read it
     8192     SLOTS: MAX_SLOTS x SLOT_SIZE, one per attached bus instance
     OFF_ENTRIES   RING DIRECTORY: MAX_RINGS x ENTRY_SIZE, one per ring
     OFF_SEEN      SEEN TABLE: MAX_SLOTS x MAX_RINGS words; word (s, e) is the
                   newest generation of entry e that slot s's reader has mapped
+    OFF_CLAIMS    CLAIMS: MAX_RINGS words; word e names the queue-group member
+                  the writer of ring entry e is assigning an event to (0: none)
+    OFF_MEMBERS   MEMBER TABLE: MAX_MEMBERS x MEMBER_SIZE, one per queue-group
+                  member subscription (see shmbus._core.groups)
+    OFF_ASSIGNED  ASSIGNED TABLE: MAX_MEMBERS x MAX_RINGS words; word (m, e)
+                  counts the events the writers of ring entry e assigned to
+                  member m's current generation
 
-The bell ids were added within layout version 2: the bytes were zero and
-read by nobody before, so a process of an older shmbus leaves them zero and
-never rings a bell (a blocking reader's timed wait then stands in for the
-wake-up, as it does for a publisher that dies before ringing).
+Layout version 3 added the bell ids, the group flags, the claims, the
+member table and the assigned table (and group records in the rings).
 
 Doorbell ``/shmbus.NAME:bell.<bell id, 16 hex digits>``: a named POSIX
 semaphore, whose file (``sem.shmbus.NAME:bell.<id>``) the C library lays out:
@@ -37,17 +45,29 @@ Ring file ``shmbus.NAME:ring.<ring id, 16 hex digits>``::
 
     0        RING IDENTITY (written once, by its writer before registering it)
     64       WRITER STATE (written only by the ring's writer)
+    1024     ORDINALS: MAX_MEMBERS words, written only by the ring's writer;
+             word m = (member generation << 40) | the ordinal of the last
+             event of this ring committed for that generation of member m
     4096     RING: ``capacity`` bytes of records
 
 Record (starts 8-byte aligned inside the ring, never wraps)::
 
     0  length    u32  whole record incl. header and alignment padding
-    4  kind      u16  RECORD_EVENT or RECORD_PADDING
+    4  kind      u16  RECORD_EVENT, RECORD_GROUP or RECORD_PADDING
     6  topic_len u16
     8  seq       u64  the ring's sequence number of the event (0 for padding)
     16 body_len  u32  msgpack envelope length
-    20 checksum  u32  crc32(topic + body) xor seq_mix(seq)
+    20 checksum  u32  crc32(topic + body) xor seq_mix(seq); for RECORD_GROUP
+                      crc32(assignments, crc32(topic + body)) xor seq_mix(seq)
     24 topic bytes, then body bytes, then zero padding to 8 bytes
+
+    A RECORD_GROUP record (an event some queue group's member must handle)
+    has its assignments between the header and the topic:
+
+    24 count     u32  assignments, 1..MAX_MEMBERS
+    28 reserved  u32  0
+    32 count x (member u32, member generation u32, ordinal u64), then the
+       topic, body and padding as above
 
 File-lock bytes (Linux open-file-description locks on the bus segment's
 descriptor; the kernel drops them when their holder dies):
@@ -57,7 +77,10 @@ descriptor; the kernel drops them when their holder dies):
 * byte ``LOCK_SLOT_BASE + s`` is held exclusively by the owner of slot ``s``;
 * byte ``LOCK_RING_BASE + e`` is held exclusively by the writer of directory
   entry ``e``'s ring for as long as it may write it, and briefly by whoever
-  installs or reclaims a ring there.
+  installs or reclaims a ring there;
+* byte ``LOCK_MEMBER_BASE + m`` is held exclusively by the instance whose
+  queue-group subscription owns member entry ``m`` for as long as it is a
+  member, and briefly by whoever settles a departed member there.
 """
 
 from __future__ import annotations
@@ -67,10 +90,11 @@ from typing import NamedTuple
 
 # ─── Identity of the bus segment ─────────────────────────────────────────────
 
-MAGIC = int.from_bytes(b"SHMBUS\x00\x02", "little")
-#: Version 2: one ring per publishing instance (version 1 shared one ring
-#: under a writer lock).
-LAYOUT_VERSION = 2
+MAGIC = int.from_bytes(b"SHMBUS\x00\x03", "little")
+#: Version 3: queue groups (member table, claims, assigned counts, group
+#: records). Version 2 had one ring per publishing instance and no groups;
+#: version 1 shared one ring under a writer lock.
+LAYOUT_VERSION = 3
 SEGMENT_READY = 0x52454459  # "READY": written last at initialisation
 
 OFF_MAGIC = 0  # u64
@@ -122,6 +146,7 @@ MAX_RINGS = 128
 OFF_SLEEP_FLAGS = 4096  # MAX_SLOTS bytes
 OFF_DIRECTORY_FLAGS = 4352  # MAX_SLOTS bytes
 OFF_BELL_IDS = 4608  # MAX_SLOTS u64, written by each slot's owner only
+OFF_GROUP_FLAGS = OFF_BELL_IDS + MAX_SLOTS * 8  # 5632: MAX_SLOTS bytes
 OFF_SLOTS = 8192
 SLOT_SIZE = 128
 
@@ -161,7 +186,49 @@ ENTRY_RETIRED = 3  # its writer closed: the ring only drains now
 ENTRY_RECLAIMING = 4  # being removed; readers that still need it have mapped it
 
 OFF_SEEN = OFF_ENTRIES + MAX_RINGS * ENTRY_SIZE
-BUS_SEGMENT_SIZE = OFF_SEEN + MAX_SLOTS * MAX_RINGS * 8
+
+# ─── Queue groups (rules in shmbus._core.groups) ─────────────────────────────
+
+#: Queue-group member subscriptions a bus can hold at once (in all processes).
+MAX_MEMBERS = 128
+#: Longest queue (group) name, in UTF-8 bytes: must equal
+#: contract.MAX_QUEUE_NAME_LENGTH (a test checks).
+MAX_QUEUE_BYTES = 255
+
+# Claim word of ring entry e: written only by the writer of that entry's ring.
+OFF_CLAIMS = OFF_SEEN + MAX_SLOTS * MAX_RINGS * 8
+
+OFF_MEMBERS = OFF_CLAIMS + 4096
+MEMBER_SIZE = 1408
+
+# Fields of a member entry; written only by the holder of the entry's member
+# lock byte (the member's instance, a joiner, or a settler).
+MEMBER_CONTROL = 0  # u64, (generation << 8) | MEMBER_* state: one word, one store
+MEMBER_SLOT = 8  # u64, slot of the member's instance
+MEMBER_PID = 16  # u64
+MEMBER_START = 24  # u64, the member process's start time (ms since the epoch)
+MEMBER_WINDOW = 32  # u64, events the member can hold undelivered (its queue size)
+MEMBER_DELIVERED = 40  # u64, events its consumer took
+MEMBER_DROPPED = 48  # u64, assigned events it lost (live); all it did not deliver (settled)
+MEMBER_PAST_DELIVERED = 56  # u64, delivered by earlier members of the same group here
+MEMBER_PAST_DROPPED = 64  # u64, dropped by earlier members of the same group here
+MEMBER_KEY = 72  # u64, group_key(queue, pattern): checks the two strings
+MEMBER_QUEUE_LEN = 80  # u64
+MEMBER_PATTERN_LEN = 88  # u64
+MEMBER_QUEUE = 128  # MAX_QUEUE_BYTES + 1 bytes
+MEMBER_PATTERN = 384  # MAX_TOPIC_BYTES bytes
+
+MEMBER_FREE = 0  # never used, or given up by a joiner that died
+MEMBER_JOINING = 1  # being filled in; publishers skip it
+MEMBER_LIVE = 2  # takes assignments (dead if its lock byte is free)
+MEMBER_LEAVING = 3  # takes no more; waits to be settled
+MEMBER_SETTLED = 4  # gone; its final counts stay until the entry is reused
+#: Member generations are counted modulo 2**24 (they are packed with an
+#: ordinal in a ring's ORDINALS words and stored as u32 in records).
+MEMBER_GEN_MASK = (1 << 24) - 1
+
+OFF_ASSIGNED = OFF_MEMBERS + MAX_MEMBERS * MEMBER_SIZE
+BUS_SEGMENT_SIZE = OFF_ASSIGNED + MAX_MEMBERS * MAX_RINGS * 8
 
 U64 = struct.Struct("<Q")
 
@@ -197,6 +264,27 @@ def seen_word(slot: int, entry: int) -> int:
     return OFF_SEEN // 8 + slot * MAX_RINGS + entry
 
 
+def claim_word(entry: int) -> int:
+    """Word number of the claim word of ring directory *entry*."""
+    return OFF_CLAIMS // 8 + entry
+
+
+def member_offset(member: int) -> int:
+    """Offset of member entry *member* in the bus segment."""
+    return OFF_MEMBERS + member * MEMBER_SIZE
+
+
+def member_word(member: int, field: int) -> int:
+    """Word number of 8-byte *field* (a ``MEMBER_*`` offset) of member entry *member*."""
+    return (OFF_MEMBERS + member * MEMBER_SIZE + field) // 8
+
+
+def assigned_word(member: int, entry: int) -> int:
+    """Word number of the assigned count of *member* by ring directory *entry*;
+    a member's MAX_RINGS words are consecutive."""
+    return OFF_ASSIGNED // 8 + member * MAX_RINGS + entry
+
+
 # ─── Doorbell files ──────────────────────────────────────────────────────────
 
 #: Bytes of a doorbell's file: ``sizeof(sem_t)`` (glibc and musl, 64-bit).
@@ -205,7 +293,7 @@ BELL_SEM_SIZE = 32
 
 # ─── Ring files ──────────────────────────────────────────────────────────────
 
-RING_MAGIC = int.from_bytes(b"SHMRING\x02", "little")
+RING_MAGIC = int.from_bytes(b"SHMRING\x03", "little")
 
 OFF_RING_MAGIC = 0  # u64
 OFF_RING_LAYOUT_VERSION = 8  # u32
@@ -254,6 +342,14 @@ W_RECLAIM_CORRUPT = OFF_RECLAIM_CORRUPT // 8
 W_CLOSED = OFF_CLOSED // 8
 
 NO_RECORD = 0xFFFFFFFFFFFFFFFF
+
+# Ordinals: written only by the ring's writer (rules in shmbus._core.groups).
+OFF_RING_ORDINALS = 1024  # MAX_MEMBERS words
+W_ORDINALS = OFF_RING_ORDINALS // 8
+#: An ORDINALS word is (generation << ORDINAL_BITS) | ordinal.
+ORDINAL_BITS = 40
+ORDINAL_MASK = (1 << ORDINAL_BITS) - 1
+
 RING_OFFSET = 4096
 
 
@@ -269,12 +365,23 @@ RECORD_HEADER_SIZE = RECORD.size  # 24
 RECORD_ALIGN = 8
 RECORD_EVENT = 1
 RECORD_PADDING = 2
+RECORD_GROUP = 3  # an event with queue-group assignments after the header
+#: Header of a RECORD_GROUP record's assignments: count u32, reserved u32.
+GROUP_HEADER = struct.Struct("<II")
+#: One assignment: member entry u32, member generation u32, ordinal u64.
+ASSIGNMENT = struct.Struct("<IIQ")
+#: Most assignments a record carries (one per group; a group has a member).
+MAX_ASSIGNMENTS = MAX_MEMBERS
+#: Largest assignments block: a record is at most this much longer than its
+#: header, topic and body.
+MAX_ASSIGNMENT_BYTES = GROUP_HEADER.size + MAX_ASSIGNMENTS * ASSIGNMENT.size
 
 # ─── File-lock bytes ─────────────────────────────────────────────────────────
 
 LOCK_ATTACH = 0
 LOCK_SLOT_BASE = 1024
 LOCK_RING_BASE = 2048
+LOCK_MEMBER_BASE = 3072
 
 # ─── Sizes ───────────────────────────────────────────────────────────────────
 
@@ -295,8 +402,9 @@ def aligned(size: int) -> int:
 
 
 def max_record_size(max_event_size: int) -> int:
-    """Largest record an event of at most *max_event_size* bytes can need."""
-    return aligned(RECORD_HEADER_SIZE + MAX_TOPIC_BYTES + max_event_size)
+    """Largest record an event of at most *max_event_size* bytes can need
+    (with assignments for the most groups a record can name)."""
+    return aligned(RECORD_HEADER_SIZE + MAX_ASSIGNMENT_BYTES + MAX_TOPIC_BYTES + max_event_size)
 
 
 def min_capacity(max_event_size: int) -> int:

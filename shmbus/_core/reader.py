@@ -42,6 +42,12 @@ Invariants
 * Every record a subscription should have had but did not get is counted on
   it: sequence gaps (lapped reader, corrupt run) counted whole for every
   subscription open across them, and corrupt records it matched.
+* Queue-group members (:mod:`shmbus._core.groups`) get only the group
+  records assigned to them, and count their losses by their ordinals; the
+  routing decision is made in one place, :meth:`RingFollower._route`, by
+  :class:`~shmbus._core.groups.MemberRouting`. The heartbeat counts assigned
+  records lapped at a ring's tail and, with the dead writers' rings, settles
+  dead members.
 * Low-latency mode (opt-in, asyncio driver): before sleeping, the reader
   keeps polling the rings from the event loop (one poll per loop iteration,
   so other tasks still run) for an adaptive window: twice the recent idle gap
@@ -67,7 +73,7 @@ from typing import Final, Protocol
 
 from ..codec import EnvelopeDecodeError, decode_envelope
 from ..contract import Event, TopicMatcher, validate_topic
-from . import directory
+from . import directory, groups
 from .layout import (
     OFF_SLEEP_FLAGS,
     RING_OFFSET,
@@ -183,6 +189,7 @@ class RingFollower:
         self._order: list[_Followed] = []
         self._first = 0
         self._subs: set[Target] = set()
+        self._members = groups.MemberRouting()
         self._routes: dict[bytes, _Route | None] = {}
         self._slot = segment.slot
         self._flag = OFF_SLEEP_FLAGS + segment.slot
@@ -207,6 +214,7 @@ class RingFollower:
         with self._lock:
             first = not self._subs
             self._subs.add(sub)
+            self._members.add(sub)
             self._routes.clear()
             self._finder.announce(len(self._subs))
             # Know every ring that exists now, so that each gets a start point
@@ -223,6 +231,7 @@ class RingFollower:
         with self._lock:
             if sub in self._subs:
                 self._subs.discard(sub)
+                self._members.remove(sub)
                 self._retired_dropped += sub.dropped
                 self._routes.clear()
                 for followed in self._order:
@@ -298,6 +307,11 @@ class RingFollower:
     def _drop_finished(self) -> None:
         """Let go of rings whose writer is gone and that are drained (rule 5)."""
         own = self._own_ring()
+        if self._members:
+            self._members.heartbeat(
+                (followed.key, followed.mapping.words, followed.ring.caught_up)
+                for followed in self._order
+            )
         finished = []
         for followed in self._order:
             entry, gen = followed.key
@@ -310,12 +324,15 @@ class RingFollower:
         for followed in finished:
             del self._rings[followed.key]
             self._order.remove(followed)
+            self._members.forget(followed.key)
             followed.mapping.close()
         self._beats += 1
         if finished or self._beats % RECLAIM_EVERY == 0:
             # Also now and then: rings of writers that died installing them,
             # or that this reader was never owed, have no reader to finish them.
             directory.reclaim_dead(self._segment, own[0] if own else -1)
+        if self._beats % RECLAIM_EVERY == 0:
+            groups.settle_dead(self._segment, self._members.held(), own[0] if own else -1)
 
     # ─── Reading ───
 
@@ -425,6 +442,9 @@ class RingFollower:
         newest_start = followed.newest_start
         max_size = followed.mapping.max_event_size
         decode = decode_envelope
+        members = self._members
+        assignments = batch.assignments
+        key = followed.key
         outbox: dict[Target, list[Event]] = {}
         # Most batches go to one subscription: remember its list.
         last_sub: Target | None = None
@@ -437,11 +457,17 @@ class RingFollower:
             if not checksum_ok:
                 self._reject(seq, targets, starts)
                 continue
+            if members:
+                # Members take only the group records assigned to them.
+                targets = members.assigned(targets, assignments.get(seq), key)
+                if not targets:
+                    continue
             try:
                 event = decode(topic, body, max_size)
             except EnvelopeDecodeError as exc:
                 log.debug("corrupt record %d: %s", seq, exc)
                 self._reject(seq, targets, starts)
+                members.undecodable(targets)
                 continue
             shared = False
             for sub in targets:

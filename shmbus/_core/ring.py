@@ -39,7 +39,10 @@ fence, see :mod:`shmbus._core.ordering`):
    then ``R``, *before* touching the reclaimed bytes, so a reader that sees new
    bytes also sees the new ``head``.
 3. **Write** an optional padding record up to the wrap point (a record never
-   straddles the end of the ring), then the record: header, topic, body.
+   straddles the end of the ring), then the record: header, topic, body; a
+   *group record* (an event that queue-group members must share, see
+   :mod:`shmbus._core.groups`) has its assignments block between the header
+   and the topic, and its checksum covers the block too.
 4. Store ``next_seq = seq + 1``, then ``R`` (the record and the bound before
    the commit).
 5. **Commit**: store ``last_record``, then ``write_cursor`` past the record.
@@ -60,9 +63,12 @@ they map read-only):
    below it may have been overwritten (the reader was *lapped*): drop them;
    their sequence numbers become a gap, counted. If none was intact, move to
    ``head`` and count the gap at the next record read.
-3. A record whose header does not make sense (length, kind, sizes) is
-   *corrupt*: it is counted and the reader moves to ``write_cursor``, the only
-   other record boundary it can trust; the gap is counted too.
+3. A record whose header does not make sense (length, kind, sizes, a group
+   record's assignment count outside ``1..MAX_ASSIGNMENTS``) is *corrupt*: it
+   is counted and the reader moves to ``write_cursor``, the only other record
+   boundary it can trust; the gap is counted too. What the assignments *say*
+   is checked by whoever acts on them (:mod:`shmbus._core.groups`), and only
+   for a record whose checksum holds.
 4. Sequence numbers must increase by one; a jump forward is a gap (lap or
    corrupt run), counted as lost events. A number that is not above the last
    one, or not below ``next_seq``, or whose record fails its checksum while
@@ -87,10 +93,14 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .layout import (
+    ASSIGNMENT,
+    GROUP_HEADER,
+    MAX_ASSIGNMENTS,
     MAX_TOPIC_BYTES,
     NO_RECORD,
     RECORD,
     RECORD_EVENT,
+    RECORD_GROUP,
     RECORD_HEADER_SIZE,
     RECORD_PADDING,
     W_HEAD,
@@ -109,6 +119,7 @@ __all__ = [
     "RingBatch",
     "RingReader",
     "RingWriter",
+    "assignments_length",
     "content_checksum",
     "event_at",
 ]
@@ -120,6 +131,10 @@ Route = TypeVar("Route")
 #: ``expected_seq`` of a reader that adopts the next record's number as is.
 UNKNOWN_SEQ = -1
 
+_EVENT_KINDS = (RECORD_EVENT, RECORD_GROUP)
+#: Bytes a group record needs before its assignments can be read.
+_GROUP_MINIMUM = RECORD_HEADER_SIZE + GROUP_HEADER.size
+
 
 def event_at(
     mm: mmap.mmap, ring_offset: int, capacity: int, position: int
@@ -130,9 +145,25 @@ def event_at(
     if capacity - offset < RECORD_HEADER_SIZE:
         return None
     length, kind, _, seq, _, _ = RECORD.unpack_from(mm, ring_offset + offset)
-    if kind != RECORD_EVENT or not 0 < length <= capacity - offset:
+    if kind not in _EVENT_KINDS or not 0 < length <= capacity - offset:
         return None
     return length, seq
+
+
+def assignments_length(
+    mm: mmap.mmap | memoryview, record_offset: int, kind: int, room: int
+) -> int:
+    """Bytes of assignments between a record's header and its topic: 0 for an
+    event record, the size of the block for a group record, -1 if the record
+    cannot be one (the count is out of bounds, or the block does not fit)."""
+    if kind == RECORD_EVENT:
+        return 0
+    if kind != RECORD_GROUP or room < _GROUP_MINIMUM:
+        return -1
+    count: int = GROUP_HEADER.unpack_from(mm, record_offset + RECORD_HEADER_SIZE)[0]
+    if not 0 < count <= MAX_ASSIGNMENTS:
+        return -1
+    return GROUP_HEADER.size + count * ASSIGNMENT.size
 
 
 def content_checksum(topic: bytes, body: bytes) -> int:
@@ -176,11 +207,17 @@ class RingWriter:
         """Sequence number the next record will carry (= records committed)."""
         return self._next_seq
 
-    def append(self, topic: bytes, body: bytes, checksum: int) -> int:
+    @property
+    def commit_point(self) -> int:
+        """The ``write_cursor`` word as it is now: it moves iff an append commits."""
+        return int(self._words[W_WRITE_CURSOR])
+
+    def append(self, topic: bytes, body: bytes, checksum: int, assignments: bytes = b"") -> int:
         """Write one event record and commit it; return its sequence number.
 
         *checksum* is :func:`content_checksum` of *topic* and *body*, computed
-        by the caller beforehand.
+        by the caller beforehand. *assignments* (a group-header and its
+        assignments, see :mod:`shmbus._core.groups`) makes it a group record.
         """
         mm = self._mm
         words = self._words
@@ -198,7 +235,11 @@ class RingWriter:
             words[W_RECLAIM_CORRUPT] += 1
         topic_len = len(topic)
         body_len = len(body)
-        length = aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+        extra = len(assignments)
+        kind = RECORD_GROUP if extra else RECORD_EVENT
+        if extra:
+            checksum = zlib.crc32(assignments, checksum)
+        length = aligned(RECORD_HEADER_SIZE + extra + topic_len + body_len)
         offset = position % capacity
         room = capacity - offset
         pad = room if length > room else 0
@@ -215,10 +256,11 @@ class RingWriter:
             position += pad
             offset = 0
         start = base + offset
-        RECORD.pack_into(
-            mm, start, length, RECORD_EVENT, topic_len, seq, body_len, checksum ^ seq_mix(seq)
-        )
+        RECORD.pack_into(mm, start, length, kind, topic_len, seq, body_len, checksum ^ seq_mix(seq))
         start += RECORD_HEADER_SIZE
+        if extra:
+            mm[start : start + extra] = assignments
+            start += extra
         mm[start : start + topic_len] = topic
         start += topic_len
         mm[start : start + body_len] = body
@@ -259,9 +301,10 @@ class RingWriter:
                 head += room
                 continue
             length, kind, topic_len, _seq, body_len, _ = RECORD.unpack_from(mm, self._base + offset)
+            extra = assignments_length(mm, self._base + offset, kind, room)
             sane = (kind == RECORD_PADDING and length == room) or (
-                kind == RECORD_EVENT
-                and length == aligned(RECORD_HEADER_SIZE + topic_len + body_len)
+                extra >= 0
+                and length == aligned(RECORD_HEADER_SIZE + extra + topic_len + body_len)
                 and length <= room
             )
             if not sane:
@@ -288,6 +331,9 @@ class RingBatch(Generic[Route]):
 
     #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
     records: list[tuple[int, Route, bytes, bytes, bool]] = field(default_factory=list)
+    #: The assignments block of each wanted group record, by sequence number
+    #: (covered by the record's checksum).
+    assignments: dict[int, bytes] = field(default_factory=dict)
     #: Ranges of lost sequence numbers, ``[first, end)``: laps, corrupt runs.
     gaps: list[tuple[int, int]] = field(default_factory=list)
     #: Records rejected because their header was unreadable.
@@ -335,6 +381,10 @@ class RingReader(Generic[Route]):
     def pending(self) -> bool:
         """True if committed records lie beyond the cursor."""
         return bool(self._words[W_WRITE_CURSOR] != self.cursor)
+
+    def caught_up(self) -> bool:
+        """True if the cursor is at ``write_cursor`` (loaded now)."""
+        return bool(self._words[W_WRITE_CURSOR] == self.cursor)
 
     def backlog(self) -> int:
         """Committed bytes not read yet (0 if the words make no sense)."""
@@ -418,12 +468,15 @@ class RingReader(Generic[Route]):
                 position += room
                 continue
             length, kind, topic_len, seq, body_len, checksum = unpack_record(mm, base + offset)
-            if kind == RECORD_PADDING and length == room:
-                position += room
-                continue
+            extra = 0
+            if kind != RECORD_EVENT:
+                if kind == RECORD_PADDING and length == room:
+                    position += room
+                    continue
+                extra = assignments_length(mm, base + offset, kind, room)
             if (
-                kind != RECORD_EVENT
-                or length != (RECORD_HEADER_SIZE + 7 + topic_len + body_len) & ~7
+                extra < 0
+                or length != (RECORD_HEADER_SIZE + 7 + extra + topic_len + body_len) & ~7
                 or length > room
                 or not 0 < topic_len <= MAX_TOPIC_BYTES
                 or body_len > max_body
@@ -433,7 +486,7 @@ class RingReader(Generic[Route]):
                 corrupt_at.append(position)
                 position = write_cursor
                 break
-            topic_start = base + offset + RECORD_HEADER_SIZE
+            topic_start = base + offset + RECORD_HEADER_SIZE + extra
             body_start = topic_start + topic_len
             topic = mm[topic_start:body_start]
             if seq != expected:
@@ -443,11 +496,10 @@ class RingReader(Generic[Route]):
                 # own event then shows up as a gap at the next good record.
                 body = mm[body_start : body_start + body_len]
                 mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
-                if (
-                    seq < expected
-                    or seq >= next_seq_bound
-                    or crc32(body, crc32(topic)) ^ mix != checksum
-                ):
+                content = crc32(body, crc32(topic))
+                if extra:
+                    content = crc32(mm[topic_start - extra : topic_start], content)
+                if seq < expected or seq >= next_seq_bound or content ^ mix != checksum:
                     if words[W_HEAD] > position:
                         break  # overwritten under us: handled below
                     corrupt_at.append(position)
@@ -464,9 +516,12 @@ class RingReader(Generic[Route]):
                 body = mm[body_start : body_start + body_len]
                 # seq_mix(seq), inlined: this loop runs once per record.
                 mix = ((seq * 0x9E3779B1) ^ (seq >> 32)) & 0xFFFFFFFF
-                records.append(
-                    (seq, route, topic, body, crc32(body, crc32(topic)) ^ mix == checksum)
-                )
+                content = crc32(body, crc32(topic))
+                if extra:
+                    block = mm[topic_start - extra : topic_start]
+                    batch.assignments[seq] = block
+                    content = crc32(block, content)
+                records.append((seq, route, topic, body, content ^ mix == checksum))
             position += length
         acquire_fence()  # rule 2: the copies before the second load of head
         head = words[W_HEAD]
@@ -499,6 +554,9 @@ class RingReader(Generic[Route]):
         first_seq = marks[keep][1]
         salvaged: RingBatch[Route] = RingBatch(lapped=True)
         salvaged.records = [record for record in batch.records if record[0] >= first_seq]
+        salvaged.assignments = {
+            seq: block for seq, block in batch.assignments.items() if seq >= first_seq
+        }
         if first_seq > self.expected_seq and self.expected_seq != UNKNOWN_SEQ:
             salvaged.gaps.append((self.expected_seq, first_seq))
         salvaged.gaps.extend(gap for gap in batch.gaps if gap[0] > first_seq)
