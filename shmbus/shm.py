@@ -466,8 +466,6 @@ class ShmBus(BaseBus):
                     assigner.finish(writer.commit_point != before)
             else:
                 writer.append(raw_topic, body, checksum)
-            published = self._published = self._published + 1
-            segment.words[self._published_word] = published
             # The commit before the loads of the sleep flags (shmbus._core.wakeup).
             full_fence()
             mm = segment.mm
@@ -476,6 +474,10 @@ class ShmBus(BaseBus):
                 mm[flag] = 0
                 waker.wake(flag - OFF_SLEEP_FLAGS)
                 flag = mm.find(_AWAKE, flag + 1, _SLEEP_FLAGS_END)
+            # A counter, not part of the protocol: after the wake-ups, which
+            # are on the subscribers' latency path.
+            published = self._published = self._published + 1
+            segment.words[self._published_word] = published
 
     def _open_ring(self) -> RingWriter:
         """First publish: create this instance's ring (the caller holds the

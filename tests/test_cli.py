@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from awaiting import wait_until as async_wait_until
 from cli_support import (
     DEADLINE,
     LineReader,
@@ -175,6 +176,10 @@ async def test_stat_counters_move_as_events_flow(bus_name: str) -> None:
                 bus.publish_nowait("m.x", {"i": i})
             for _ in range(20):
                 await anext(aiter(sub))
+            # The reader writes its slot's counters once its consumers ran.
+            await async_wait_until(
+                lambda: read_bus(bus_name).instances[0].delivered == 20, what="the counters"
+            )
             after = run_shmbus("stat", bus_name, "--json", "--sample", "0")
             table = run_shmbus("stat", bus_name)
     finally:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from awaiting import wait_until
 from cli_support import crashed_bus
 from conftest import SMALL_RING
 
@@ -149,6 +150,10 @@ async def test_reader_slot_shows_delivered_events_and_no_lag_once_caught_up(
                 bus.publish_nowait("a.b", {"i": i})
             for _ in range(5):
                 await anext(aiter(sub))
+            # The reader writes its slot's counters once its consumers ran.
+            await wait_until(
+                lambda: read_bus(bus_name).instances[0].delivered == 5, what="the counters"
+            )
             info = read_bus(bus_name)
     finally:
         await bus.close()

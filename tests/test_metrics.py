@@ -8,11 +8,13 @@ import signal
 import urllib.request
 
 import prometheus_client
+from awaiting import wait_until
 from cli_support import DEADLINE, LineReader, shmbus_command, started
 from conftest import SMALL_RING
 from prometheus_client.parser import text_string_to_metric_families
 
 from shmbus import QueueSubscription, ShmBus
+from shmbus._core.inspection import read_bus
 from shmbus._core.layout import BUS_SEGMENT_SIZE, ring_file_size
 from shmbus.metrics import registry
 
@@ -51,6 +53,16 @@ async def _publish_and_consume(bus: ShmBus, sub: QueueSubscription, count: int) 
         bus.publish_nowait("metrics.test", {"i": i})
     for _ in range(count):
         await anext(sub)
+    # The reader writes its slot's counters (what a scrape reads) once its
+    # consumers ran.
+    await wait_until(
+        lambda: all(
+            s.delivered == sub.delivered
+            for s in read_bus(bus.name).instances
+            if s.pid == os.getpid()
+        ),
+        what="the slot's counters",
+    )
 
 
 async def test_metrics_endpoint_counters_move_between_scrapes(bus_name: str) -> None:

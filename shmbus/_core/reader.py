@@ -654,15 +654,17 @@ class BusReader:
         self._scheduled = False
         if self._stopped:
             return
-        routed = self.follower.step()
-        if self._pending():
-            self._schedule()
-            return
+        routed = self.follower.step(counters=False)
         if routed:
-            # Let the consumers just woken run first: going idle (a read()
-            # of the FIFO, a fence, a timer) is not on their latency path.
+            # Let the consumers just woken run first: the slot's counters, the
+            # next look at the rings and going idle (a read() of the FIFO, a
+            # fence, a timer) are not on their latency path.
             self.loop.call_soon(self._go_idle)
             self._scheduled = True
+            return
+        self.follower.write_counters()
+        if self._pending():
+            self._schedule()
             return
         self._go_idle()
 
@@ -670,6 +672,7 @@ class BusReader:
         self._scheduled = False
         if self._stopped:
             return
+        self.follower.write_counters()
         if self._pending():
             self._step()
         elif self._spin_until is not None:

@@ -61,8 +61,14 @@ they map read-only):
    overwritten and never moves back, so a record that starts at or above its
    final value was not touched while it was copied: keep those. The records
    below it may have been overwritten (the reader was *lapped*): drop them;
-   their sequence numbers become a gap, counted. If none was intact, move to
-   ``head`` and count the gap at the next record read.
+   their sequence numbers become a gap, counted. If none was intact, the
+   writer is overrunning the reader: move to ``last_record`` (the newest
+   record, if it is committed, i.e. below ``write_cursor``, and at or above
+   ``head``; else to ``head``) and count the gap at the next record read.
+   Moving to ``head``, the next record the writer reclaims, would be lapped
+   again at once; the newest record is a whole ring ahead of the writer.
+   A reader may stop copying early when ``head`` has already passed the
+   record it is about to copy (a hint: rule 2's check after the copy decides).
 3. A record whose header does not make sense (length, kind, sizes, a group
    record's assignment count outside ``1..MAX_ASSIGNMENTS``) is *corrupt*: it
    is counted and the reader moves to ``write_cursor``, the only other record
@@ -512,6 +518,10 @@ class RingReader(Generic[Route]):
             count += 1
             route = select(topic)
             if route is not None:
+                if words[W_HEAD] > position:
+                    # Being overwritten already: copying and checking it
+                    # would be wasted work (rule 2 handles the lap).
+                    break
                 budget -= body_len
                 body = mm[body_start : body_start + body_len]
                 # seq_mix(seq), inlined: this loop runs once per record.
@@ -547,9 +557,13 @@ class RingReader(Generic[Route]):
         """Lapped while copying (reader rule 2): keep what is provably intact."""
         keep = next((index for index, (start, _) in enumerate(marks) if start >= head), None)
         if keep is None:
-            # Nothing provably intact: start again at the oldest intact
-            # record; the gap is counted at the next record read.
-            self.cursor = head
+            # Nothing provably intact (rule 2): resume at the newest
+            # committed record; the gap is counted at the next record read.
+            words = self._words
+            last = int(words[W_LAST_RECORD])
+            acquire_fence()
+            committed = int(words[W_WRITE_CURSOR])
+            self.cursor = last if last != NO_RECORD and head <= last < committed else head
             return RingBatch(lapped=True)
         first_seq = marks[keep][1]
         salvaged: RingBatch[Route] = RingBatch(lapped=True)
