@@ -41,7 +41,6 @@ import grp
 import logging
 import os
 import threading
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -59,7 +58,7 @@ from ._core.layout import (
 )
 from ._core.ordering import full_fence
 from ._core.reader import BusReader, RingKey, Target
-from ._core.ring import RingWriter
+from ._core.ring import RingWriter, crc32
 from ._core.segment import Segment, SegmentOptions, check_geometry
 from ._core.sync_reader import SyncReader
 from ._core.wakeup import Waker
@@ -443,7 +442,7 @@ class ShmBus(BaseBus):
         """Append one encoded envelope to this instance's ring and wake
         sleeping readers."""
         raw_topic, topic_crc = topic_key
-        checksum = zlib.crc32(body, topic_crc)
+        checksum = crc32(body, topic_crc)
         with self._thread_lock:
             if self._state is not _OPEN:
                 self._check_not_ended("publish")
@@ -508,7 +507,7 @@ class ShmBus(BaseBus):
         raw = topic.encode("utf-8")
         if len(self._topic_keys) >= _TOPIC_CACHE_LIMIT:
             self._topic_keys.clear()
-        key = self._topic_keys[topic] = (raw, zlib.crc32(raw))
+        key = self._topic_keys[topic] = (raw, crc32(raw))
         return key
 
     # ─── Subscribing ───
