@@ -6,6 +6,10 @@ process (minimum, because on a shared machine noise only ever adds), with the
 bench workload: topic ``decky.<id>.traffic``, a 9-field payload stamped with
 ``time.monotonic_ns()``. Prints a markdown report; ``--out FILE`` writes it.
 A cProfile of each whole path follows the table, to show nothing is missing.
+
+Then (the default; ``--stages`` alone, ``--no-stages`` without) the latency
+of one event across two processes, stage by stage, beside a bare semaphore
+and a FIFO wake-up measured in the same run (:mod:`shmbus_tools.stages`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from shmbus import ShmBus
 from shmbus._core.ordering import full_fence
 from shmbus.codec import decode_envelope, encode_envelope
 from shmbus.contract import Event, TopicMatcher, new_event_id, validate_topic
+from shmbus_tools import stages
 
 PAYLOAD = {f"field{i}": i * 1000 for i in range(8)}
 TOPIC = "decky.12.traffic"
@@ -186,13 +191,37 @@ machine is shared, so compare pieces with each other, not with other runs.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the markdown report to this file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--stages", action="store_true", help="only the per-stage latency across two processes"
+    )
+    which.add_argument("--no-stages", action="store_true", help="only the per-event costs")
+    parser.add_argument("--events", type=int, default=4000, help="paced events per stage row")
+    parser.add_argument("--warmup", type=int, default=500, help="events dropped at the start")
+    parser.add_argument("--bus-name", help="bus name prefix of the stage rows")
     args = parser.parse_args()
-    text = report(*asyncio.run(measure()))
+    if args.events < 2 or not 0 <= args.warmup < args.events:
+        parser.error(
+            f"need --events >= 2 and 0 <= --warmup < --events, got {args.events}, {args.warmup}"
+        )
+    text = ""
+    leftovers: list[str] = []
+    if not args.no_stages:
+        # First: the children are forked from a parent that has held no bus.
+        result = stages.measure(args.events, args.warmup, args.bus_name)
+        text = stages.report(result)
+        leftovers = result.leftovers
+        if leftovers:
+            sys.stderr.write(f"files left in /dev/shm: {result.leftovers}\n")
+    if not args.stages:
+        text = report(*asyncio.run(measure())) + ("\n" + text if text else "")
+    else:
+        text = "# Where the time goes\n\n" + text
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
     sys.stdout.write(text)
-    return 0
+    return 1 if leftovers else 0
 
 
 if __name__ == "__main__":
