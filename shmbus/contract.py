@@ -240,16 +240,16 @@ _VALID_TOPICS: dict[str, None] = {}
 _VALID_TOPICS_LIMIT = 4096
 
 
-def _check_length(kind: str, text: str) -> None:
+def _check_length(kind: str, text: str, limit: int = MAX_TOPIC_LENGTH) -> None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise ValueError(
             f"{kind} {text!r} is not valid Unicode text: {exc.reason} at index {exc.start}"
         ) from None
-    if size > MAX_TOPIC_LENGTH:
+    if size > limit:
         raise ValueError(
-            f"{kind} {text[:40]!r}... is {size} bytes long; the limit is {MAX_TOPIC_LENGTH} bytes"
+            f"{kind} {text[:40]!r}... is {size} bytes long; the limit is {limit} bytes"
         )
 
 
@@ -409,17 +409,7 @@ def validate_queue_name(queue: object) -> str:
         raise TypeError(f"queue must be a str or None, not {type(queue).__name__} ({queue!r})")
     if not queue:
         raise ValueError("queue name must not be empty")
-    try:
-        size = len(queue.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"queue name {queue!r} is not valid Unicode text: {exc.reason} at index {exc.start}"
-        ) from None
-    if size > MAX_QUEUE_NAME_LENGTH:
-        raise ValueError(
-            f"queue name {queue[:40]!r}... is {size} bytes long; "
-            f"the limit is {MAX_QUEUE_NAME_LENGTH} bytes"
-        )
+    _check_length("queue name", queue, MAX_QUEUE_NAME_LENGTH)
     if _TOPIC_SHAPE.fullmatch(queue) is None:
         problem = _topic_problem(queue).removeprefix("topic ")
         raise ValueError(f"queue name {problem.replace('; wildcards belong in patterns', '')}")

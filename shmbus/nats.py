@@ -566,17 +566,7 @@ class NatsBus(BaseBus):
             raise TransportUnavailableError(
                 f"the request on {topic!r} failed: {_describe(exc)}"
             ) from exc
-        try:
-            return decode_envelope(
-                msg.subject,
-                msg.data,
-                max(self._max_payload, len(msg.data)),
-                reply_to=msg.reply or None,
-            )
-        except EnvelopeDecodeError as exc:
-            with self._lock:
-                self._corrupt += 1
-            raise exc
+        return self._decode(msg)
 
     def publish_nowait(
         self,
@@ -839,17 +829,25 @@ class NatsBus(BaseBus):
         if route.retired:
             await _unsubscribe(nats_sub)
 
-    async def _on_message(self, qsub: QueueSubscription, msg: Msg) -> None:
+    def _decode(self, msg: Msg) -> Event:
+        """The event *msg* carries; an undecodable one is counted as corrupt
+        and raises :class:`~shmbus.codec.EnvelopeDecodeError`."""
         try:
-            event = decode_envelope(
+            return decode_envelope(
                 msg.subject,
                 msg.data,
                 max(self._max_payload, len(msg.data)),
                 reply_to=msg.reply or None,
             )
-        except EnvelopeDecodeError as exc:
+        except EnvelopeDecodeError:
             with self._lock:
                 self._corrupt += 1
+            raise
+
+    async def _on_message(self, qsub: QueueSubscription, msg: Msg) -> None:
+        try:
+            event = self._decode(msg)
+        except EnvelopeDecodeError as exc:
             log.debug("dropping undecodable message on %r: %s", msg.subject, exc)
             return
         qsub.deliver((event,))
