@@ -79,23 +79,6 @@ async def within(awaitable: Awaitable[T], timeout: float = ARRIVAL) -> T:
     return await asyncio.wait_for(awaitable, timeout)
 
 
-async def take(sub: Subscription, count: int, timeout: float = ARRIVAL) -> list[Event]:
-    """The next *count* events of *sub*."""
-    events: list[Event] = []
-
-    async def collect() -> None:
-        async for event in sub:
-            events.append(event)
-            if len(events) == count:
-                return
-
-    try:
-        await asyncio.wait_for(collect(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"got {len(events)} of {count} events within {timeout} s") from None
-    return events
-
-
 def responder(
     bus: BaseBus,
     sub: Subscription,

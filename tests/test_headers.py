@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from every_transport import ready, take
+from awaiting import take
+from every_transport import ready
 
 from shmbus import BaseBus, Event
 from shmbus.contract import EMPTY_HEADERS, MAX_HEADERS_SIZE, validate_headers

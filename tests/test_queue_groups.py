@@ -13,12 +13,8 @@ import asyncio
 from collections import Counter
 
 import pytest
-from every_transport import (
-    kind_of,
-    ready,
-    take,
-    within,
-)
+from awaiting import take
+from every_transport import kind_of, ready, within
 
 from shmbus import BaseBus, MemoryBus, NullBus, QueueSubscription
 from shmbus.contract import MAX_QUEUE_NAME_LENGTH

@@ -9,13 +9,8 @@ import asyncio
 from typing import Any
 
 import pytest
-from every_transport import (
-    kind_of,
-    ready,
-    responder,
-    take,
-    within,
-)
+from awaiting import take
+from every_transport import kind_of, ready, responder, within
 
 from shmbus import (
     BaseBus,
