@@ -44,6 +44,18 @@ def session_leftovers() -> list[str]:
     return sorted(entry for entry in os.listdir("/dev/shm") if SESSION_TAG + "-" in entry)
 
 
+@pytest.fixture(scope="module")
+def no_resource_tracker_left() -> Iterator[None]:
+    """For the modules that start child processes (``pytestmark =
+    pytest.mark.usefixtures("no_resource_tracker_left")``): stop
+    multiprocessing's resource tracker once their tests are done, so that no
+    process stays behind."""
+    yield
+    from shmbus_tools.children import stop_resource_tracker
+
+    stop_resource_tracker()
+
+
 @pytest.fixture
 def bus_name(request: pytest.FixtureRequest) -> str:
     label = request.node.name.split("[")[0].removeprefix("test_")[:40]

@@ -38,7 +38,7 @@ import access_agents
 import pytest
 from access_agents import SQUAT_BYTES
 from conftest import SMALL_RING, new_bus_name
-from shmbus_tools.children import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running
 
 from shmbus import ShmBus
 from shmbus._core.layout import LOCK_ATTACH, OFF_SLEEP_FLAGS
@@ -53,9 +53,12 @@ from shmbus._core.shmfiles import (
 )
 from shmbus.errors import ForeignFileError
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: the tests run children as other users"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: the tests run children as other users"
+    ),
+    pytest.mark.usefixtures("no_resource_tracker_left"),
+]
 
 FINISH = 60.0
 SECRET = {"card": "4929 0000 1111 2222", "pin": "0451"}
@@ -92,12 +95,6 @@ def _victim(nobody: pwd.struct_passwd) -> tuple[int, int]:
 
 NOBODY = _nobody() if os.geteuid() == 0 else None
 VICTIM = _victim(NOBODY) if NOBODY is not None else (0, 0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import agents
 import blocking_agents
 import pytest
 from conftest import SMALL_RING
-from shmbus_tools.children import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running
 
 from shmbus import ShmBus
 from shmbus._core.inspection import read_bus
@@ -30,10 +30,7 @@ from shmbus._core.shmfiles import bus_file_paths
 FINISH = 60.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture

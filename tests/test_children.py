@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from shmbus_tools.children import (
@@ -18,7 +17,6 @@ from shmbus_tools.children import (
     ChildFailed,
     running,
     stop_all,
-    stop_resource_tracker,
     wait_all,
 )
 
@@ -26,10 +24,7 @@ from shmbus_tools.children import (
 FINISH = 30.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 # ─── Child-side behaviours ───

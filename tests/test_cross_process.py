@@ -18,13 +18,13 @@ import asyncio
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import agents
 import pytest
 from conftest import SMALL_RING
-from shmbus_tools.children import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running
 
 from shmbus import ShmBus
 from shmbus._core.inspection import read_bus
@@ -41,10 +41,7 @@ FINISH = 60.0
 # ─── Helpers ────────────────────────────────────────────────────────────────
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture

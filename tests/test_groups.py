@@ -19,7 +19,7 @@ import random
 import signal
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import agents
 import fault_agents
 import group_agents
 import pytest
-from shmbus_tools.children import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running
 
 from shmbus import ShmBus
 from shmbus._core.layout import (
@@ -55,10 +55,7 @@ PUBLISHER = {"capacity": 32 << 20, "max_event_size": 64 * 1024}
 WINDOW = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture

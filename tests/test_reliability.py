@@ -51,7 +51,7 @@ import pytest
 from conftest import SMALL_RING, new_bus_name
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from shmbus_tools.children import Agent, ChildFailed, running, stop_resource_tracker
+from shmbus_tools.children import Agent, ChildFailed, running
 
 import shmbus._core.reader
 from shmbus import ShmBus
@@ -84,10 +84,7 @@ SUBSCRIBER = {**ROOMY, **BIG_QUEUE}
 QUIET = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import request_agents
 from conftest import SMALL_RING
-from shmbus_tools.children import Agent, running, stop_resource_tracker
+from shmbus_tools.children import Agent, running
 
 from shmbus import NoRespondersError, RequestTimeoutError, ShmBus
 
@@ -27,10 +27,7 @@ FINISH = 60.0
 ANSWERED = 60.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_resource_tracker_left() -> Iterator[None]:
-    yield
-    stop_resource_tracker()
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture
