@@ -424,8 +424,17 @@ class NatsBus(BaseBus):
         if self._drainer is not None:
             self._drainer.cancel()
         self._wake_sent_waiters(everyone=True)
-        with contextlib.suppress(Exception):
+        try:
             await nc.close()
+        except asyncio.CancelledError:
+            # nats-py cancels its own reader and flusher while closing, and
+            # the stream's close waiter can come back cancelled with them: a
+            # cancellation that is not ours must not escape close().
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:  # the connection is going away either way
+            log.debug("closing the NATS connection failed", exc_info=True)
         self._notify(False)
 
     def _check_not_closed(self, action: str) -> None:
