@@ -47,7 +47,10 @@ Rules of the blocking inbox
 * **One blocking subscription per instance**, ``subscribe_sync(<prefix>.*)``,
   opened by the first blocking request before it publishes and kept until
   the bus closes (an ended one, e.g. at interpreter exit, is replaced by the
-  next request). Requests never subscribe on their own.
+  next request). Requests never subscribe on their own. Between blocking
+  requests nobody reads it: on a shm bus its reader catches up at the next
+  request, and a publisher ring that wrapped meanwhile is counted as lapped
+  (and its records as dropped on the inbox) like any unread subscription.
 * **Matching.** A table, under one lock, maps each waiting token to its
   waiter. A reply whose token waits is put in that waiter, which leaves the
   table, and its thread is woken; a reply with an unknown token (late,
