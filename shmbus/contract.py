@@ -41,6 +41,9 @@ Contract
   A request nobody answers raises :class:`~shmbus.errors.RequestTimeoutError`
   (:class:`~shmbus.errors.NoRespondersError` at once where the transport
   knows that nobody listens), both :class:`TimeoutError`.
+  :meth:`BaseBus.request_sync` and :meth:`BaseBus.reply_nowait` are their
+  forms for code without an event loop (``request_sync`` where the
+  transport has blocking subscriptions).
 * ``subscribe(pattern, queue="name")`` joins a queue group: each matching
   event goes to one member of the group (the subscriptions with the same
   pattern and queue name) instead of to all of them; plain subscriptions
@@ -533,8 +536,8 @@ class BaseBus(abc.ABC):
     """The publish/subscribe transport contract.
 
     ``connect()`` and ``close()`` may be awaited any number of times.
-    ``publish()``, ``publish_nowait()``, ``subscribe()`` and ``request()`` on
-    a closed bus raise :class:`RuntimeError`. ``async with bus:`` connects
+    ``publish()``, ``publish_nowait()``, ``subscribe()``, ``request()`` and
+    ``request_sync()`` on a closed bus raise :class:`RuntimeError`. ``async with bus:`` connects
     and closes. Every transport of this package implements all of it:
     :class:`ShmBus <shmbus.shm.ShmBus>`, :class:`MemoryBus
     <shmbus.memory.MemoryBus>`, :class:`NullBus <shmbus.memory.NullBus>`,
@@ -641,6 +644,53 @@ class BaseBus(abc.ABC):
         """
         reply_to = _reply_topic_of(request)
         await self.publish(reply_to, payload, event_type=event_type, headers=headers)
+
+    def reply_nowait(
+        self,
+        request: Event,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """:meth:`reply` without awaiting, from any thread (with or without an
+        event loop), as :meth:`publish_nowait` publishes: the answer of a
+        worker consuming a blocking subscription.
+
+        Raises :class:`ValueError` if *request* has no ``reply_to``, and what
+        :meth:`publish_nowait` raises.
+        """
+        reply_to = _reply_topic_of(request)
+        self.publish_nowait(reply_to, payload, event_type=event_type, headers=headers)
+
+    def request_sync(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """:meth:`request` for code without an event loop: publish a request
+        on *topic* and block this thread until the first reply, which it
+        returns.
+
+        Usable from any thread that runs no event loop, from any number of
+        threads at once (each gets its own reply). The replies come through
+        a blocking inbox of this bus instance (one blocking subscription,
+        opened by the first call and kept until the bus closes). Raises what
+        :meth:`request` raises, and :class:`RuntimeError` if an event loop
+        runs in this thread (use ``await bus.request(...)`` there).
+
+        A transport whose client needs an event loop raises
+        :class:`NotImplementedError` naming the alternative.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no blocking requests: its client runs on asyncio. "
+            "Use 'await bus.request(topic, payload)' on an event loop (asyncio.run() in a "
+            "thread of its own), or use ShmBus or MemoryBus"
+        )
 
     @abc.abstractmethod
     def stats(self) -> BusStats:

@@ -22,8 +22,9 @@ Requests (MemoryBus)
 --------------------
 The bus knows every subscription, so a request whose topic no subscription
 matches raises :class:`~shmbus.errors.NoRespondersError` at once; replies
-come back through a :class:`~shmbus.inbox.ReplyInbox`. NullBus answers
-every request with :class:`~shmbus.errors.NoRespondersError`: nobody ever
+come back through a :class:`~shmbus.inbox.ReplyInbox` (to ``request_sync()``,
+a :class:`~shmbus.inbox.BlockingReplyInbox`). NullBus answers every request,
+blocking or not, with :class:`~shmbus.errors.NoRespondersError`: nobody ever
 listens there.
 """
 
@@ -46,7 +47,7 @@ from .contract import (
 )
 from .delivery import BlockingSubscription, QueueSubscription
 from .errors import NoRespondersError
-from .inbox import ReplyInbox, check_timeout
+from .inbox import BlockingReplyInbox, ReplyInbox, check_timeout, refuse_on_event_loop
 from .stats import BusStats
 
 __all__ = ["MemoryBus", "NullBus"]
@@ -133,6 +134,7 @@ class MemoryBus(_LocalBus):
         self._retired_delivered = 0
         self._retired_dropped = 0
         self._inbox = ReplyInbox(self.subscribe, "MemoryBus")
+        self._sync_inbox = BlockingReplyInbox(self.subscribe_sync, "MemoryBus")
 
     def publish_nowait(
         self,
@@ -207,6 +209,32 @@ class MemoryBus(_LocalBus):
 
         return await self._inbox.request(topic, timeout, send)
 
+    def request_sync(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """:meth:`request` for code without an event loop (see
+        :meth:`BaseBus.request_sync <shmbus.contract.BaseBus.request_sync>`),
+        from any number of threads; raises
+        :class:`~shmbus.errors.NoRespondersError` at once if no subscription
+        matches *topic*."""
+        self._check_open("request")
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+
+        def send(reply_to: str) -> None:
+            data = encode_envelope(
+                topic, payload, event_type, self.max_event_size, headers=headers, reply_to=reply_to
+            )
+            self._route(topic, data, request=True)
+
+        return self._sync_inbox.request(topic, timeout, send)
+
     def subscribe_sync(self, pattern: str) -> BlockingSubscription:
         """A blocking subscription (see :meth:`BaseBus.subscribe_sync`): events
         published after this call returns, from any thread, are handed to it
@@ -238,6 +266,7 @@ class MemoryBus(_LocalBus):
         self._closed = True
         with self._lock:
             subs = list(self._subscriptions)
+        self._sync_inbox.close()
         for sub in subs:
             sub.close_from_transport()
 
@@ -304,6 +333,24 @@ class NullBus(_LocalBus):
         self._check_open("request")
         validate_topic(topic)
         check_timeout(timeout)
+        encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
+        raise NoRespondersError(f"nobody answers requests on a NullBus (topic {topic!r})")
+
+    def request_sync(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """As :meth:`request`, without an event loop: check the request as a
+        publish would, then raise :class:`~shmbus.errors.NoRespondersError`."""
+        self._check_open("request")
+        validate_topic(topic)
+        check_timeout(timeout)
+        refuse_on_event_loop("NullBus")
         encode_envelope(topic, payload, event_type, self.max_event_size, headers=headers)
         raise NoRespondersError(f"nobody answers requests on a NullBus (topic {topic!r})")
 

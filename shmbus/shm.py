@@ -73,7 +73,7 @@ from .contract import (
 )
 from .delivery import BlockingSubscription, QueueSubscription
 from .errors import BusClosedError, ForkedBusError, ShmBusError
-from .inbox import ReplyInbox, check_timeout
+from .inbox import BlockingReplyInbox, ReplyInbox, check_timeout, refuse_on_event_loop
 from .lifecycle import LifecycleState
 from .stats import BusStats, GroupStatistics
 
@@ -183,6 +183,7 @@ class ShmBus(BaseBus):
         self._subscriptions: set[QueueSubscription | BlockingSubscription] = set()
         self._sync_readers: dict[BlockingSubscription, SyncReader] = {}
         self._inbox = ReplyInbox(self.subscribe, f"ShmBus {name!r}")
+        self._sync_inbox = BlockingReplyInbox(self.subscribe_sync, f"ShmBus {name!r}")
 
     @classmethod
     def for_existing(cls, name: str, **options: Any) -> ShmBus:
@@ -304,8 +305,11 @@ class ShmBus(BaseBus):
                             self._segment = None
                             self._state = _CLOSED
                             _open_instances.discard(self)
-        for sub in subscriptions:
-            sub.close_from_transport()
+        try:
+            self._sync_inbox.close()
+        finally:
+            for sub in subscriptions:
+                sub.close_from_transport()
 
     def _check_not_ended(self, action: str) -> None:
         if self._state is _CLOSED:
@@ -437,6 +441,45 @@ class ShmBus(BaseBus):
             )
 
         return await self._inbox.request(topic, timeout, send)
+
+    def request_sync(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float = 1.0,
+        event_type: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """:meth:`request` for code without an event loop, from any number of
+        threads at once (see :meth:`BaseBus.request_sync
+        <shmbus.contract.BaseBus.request_sync>`).
+
+        The replies come through this instance's blocking inbox, one
+        blocking subscription (a slot of the bus) opened by the first call;
+        the waiting threads take turns reading it (:mod:`shmbus.inbox`).
+        Connects the bus first if needed, as :meth:`connect_sync` does. A
+        request nobody answers raises
+        :class:`~shmbus.errors.RequestTimeoutError` after *timeout* seconds.
+        """
+        validate_topic(topic)
+        timeout = check_timeout(timeout)
+        refuse_on_event_loop(f"ShmBus {self.name!r}")
+        if self._state is not _OPEN:
+            self._ensure_open("request")
+
+        def send(reply_to: str) -> None:
+            self.republish(
+                Event(
+                    topic,
+                    payload,
+                    event_type,
+                    headers=EMPTY_HEADERS if headers is None else headers,
+                    reply_to=reply_to,
+                )
+            )
+
+        return self._sync_inbox.request(topic, timeout, send)
 
     def _commit(self, topic_key: tuple[bytes, int], body: bytes) -> None:
         """Append one encoded envelope to this instance's ring and wake

@@ -3,13 +3,17 @@
 
 Each function takes the pipe to the parent first, connects its own
 :class:`~shmbus.ShmBus`, says ``"ready"`` once its subscription exists (or,
-for a requester, once it is connected), and ends with a report dict.
+for a requester, once it is connected), and ends with a report dict. The
+``blocking_*`` agents (tests/test_request_sync_processes.py) run no event
+loop at all: they use ``subscribe_sync``, ``reply_nowait`` and
+``request_sync`` from plain threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections import Counter
 from typing import Any
 
@@ -121,3 +125,107 @@ def requester(
             }
 
     conn.send(asyncio.run(main()))
+
+
+def blocking_responder(
+    conn: BlockingLink,
+    bus_name: str,
+    pattern: str,
+    *,
+    hold: bool = False,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """:func:`responder` without an event loop: answer each request on
+    *pattern* with ``{"n": its n, "pid": our pid}`` (``reply_nowait``) from a
+    blocking subscription until the parent says ``"stop"``; then report
+    ``{"answered": count}``. With *hold*, tell the parent ``("holding",
+    payload)`` for each request instead of answering it."""
+    bus = ShmBus(bus_name, **(bus_kwargs or {}))
+    bus.connect_sync()
+    answered = 0
+    try:
+        sub = bus.subscribe_sync(pattern)
+        conn.send("ready")
+
+        def until_stop() -> None:
+            while conn.recv() not in ("stop", "eof"):
+                pass
+            sub.close()
+
+        watcher = threading.Thread(target=until_stop, daemon=True)
+        watcher.start()
+        for request in sub:
+            if hold:
+                conn.send(("holding", request.payload))
+                continue
+            bus.reply_nowait(request, {"n": request.payload["n"], "pid": os.getpid()})
+            answered += 1
+        watcher.join()
+    finally:
+        bus.close_sync()
+    conn.send({"answered": answered})
+
+
+def blocking_requester(
+    conn: BlockingLink,
+    bus_name: str,
+    topic: str,
+    count: int,
+    *,
+    threads: int,
+    timeout: float,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """:func:`requester` without an event loop: after ``"go"``, send *count*
+    requests ``{"n": i}`` with ``request_sync`` from *threads* threads at once
+    and report as :func:`requester` does."""
+    bus = ShmBus(bus_name, **(bus_kwargs or {}))
+    bus.connect_sync()
+    try:
+        conn.send("ready")
+        while conn.recv() != "go":
+            pass
+        numbers = iter(range(count))
+        lock = threading.Lock()
+        ok = 0
+        mismatched: list[tuple[int, Any]] = []
+        errors: Counter[str] = Counter()
+        by: Counter[int] = Counter()
+
+        def ask() -> None:
+            nonlocal ok
+            while True:
+                with lock:
+                    n = next(numbers, None)
+                if n is None:
+                    return
+                try:
+                    reply = bus.request_sync(topic, {"n": n}, timeout=timeout)
+                except Exception as exc:
+                    with lock:
+                        errors[type(exc).__name__] += 1
+                    continue
+                with lock:
+                    if reply.payload.get("n") == n:
+                        ok += 1
+                        by[reply.payload["pid"]] += 1
+                    else:
+                        mismatched.append((n, reply.payload))
+
+        workers = [threading.Thread(target=ask) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        report = {
+            "ok": ok,
+            "mismatched": mismatched,
+            "errors": dict(errors),
+            "by": dict(by),
+            "waiting": bus._sync_inbox.waiting,
+            "late": bus._sync_inbox.late,
+            "subscriptions": bus.stats().subscriptions,
+        }
+    finally:
+        bus.close_sync()
+    conn.send(report)

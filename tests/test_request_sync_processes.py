@@ -1,0 +1,200 @@
+"""Blocking request/reply (``request_sync``, ``reply_nowait``) on ShmBus
+between real processes: every agent is a spawned interpreter with its own bus
+instance (tests/request_agents.py); the ``blocking_*`` agents and this test
+process run no event loop.
+
+Synchronisation is by handshake ("ready", "go", "holding", "stop"); the
+bounds passed to ``recv()`` and the timeouts of the requests that must
+succeed only turn a hang into a failure. The test process holds the bus too
+(``host``), so that it closes last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import request_agents
+from conftest import SMALL_RING
+from shmbus_tools.children import Agent, running
+
+from shmbus import Event, NoRespondersError, RequestTimeoutError, ShmBus
+
+#: Generous bound for an agent to finish its part (the box is shared).
+FINISH = 60.0
+#: Timeout of requests that must be answered: never reached unless broken.
+ANSWERED = 60.0
+
+
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
+
+
+@pytest.fixture
+def host(bus_name: str) -> Iterator[ShmBus]:
+    bus = ShmBus(bus_name, **SMALL_RING)
+    bus.connect_sync()
+    try:
+        yield bus
+    finally:
+        bus.close_sync()
+
+
+class InThread:
+    """Run *work* in a thread of its own; :meth:`result` joins it and returns
+    what it returned, or raises what it raised."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self._outcome: list[Any] = []
+        self._error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._outcome.append(work())
+            except BaseException as exc:  # handed to the test's thread
+                self._error.append(exc)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self) -> Any:
+        self.thread.join(FINISH)
+        assert not self.thread.is_alive(), "the thread is still blocked"
+        if self._error:
+            raise self._error[0]
+        return self._outcome[0]
+
+
+def asyncio_responder(bus_name: str, *, hold: bool = False) -> Agent:
+    return Agent(request_agents.responder, bus_name, "svc.>", hold=hold, bus_kwargs=SMALL_RING)
+
+
+def blocking_responder(bus_name: str, *, hold: bool = False) -> Agent:
+    return Agent(
+        request_agents.blocking_responder, bus_name, "svc.>", hold=hold, bus_kwargs=SMALL_RING
+    )
+
+
+def blocking_requester(bus_name: str, count: int, threads: int) -> Agent:
+    return Agent(
+        request_agents.blocking_requester,
+        bus_name,
+        "svc.echo",
+        count,
+        threads=threads,
+        timeout=ANSWERED,
+        bus_kwargs=SMALL_RING,
+    )
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "blocking"])
+def test_many_threads_of_a_process_without_event_loop_each_get_their_own_reply(
+    host: ShmBus, bus_name: str, kind: str
+) -> None:
+    """A requester process with no event loop sends 300 requests from 20
+    threads at once to a responder process (on asyncio, or itself blocking
+    with reply_nowait); every thread gets the reply to its own request."""
+    make = asyncio_responder if kind == "asyncio" else blocking_responder
+    responder = make(bus_name)
+    requester = blocking_requester(bus_name, 300, threads=20)
+    with running(responder, requester):
+        responder.expect("ready")
+        requester.expect("ready")
+        requester.send("go")
+        report = requester.recv(FINISH)
+        responder.send("stop")
+        answered = responder.recv(FINISH)["answered"]
+    assert report["ok"] == 300, report
+    assert report["mismatched"] == [] and report["errors"] == {}
+    assert report["by"] == {responder.pid: 300}
+    assert report["waiting"] == 0 and report["late"] == 0
+    assert report["subscriptions"] == 1  # its one blocking reply inbox
+    assert answered == 300
+
+
+def test_two_blocking_requester_processes_each_get_only_their_own_replies(
+    host: ShmBus, bus_name: str
+) -> None:
+    responder = asyncio_responder(bus_name)
+    requesters = [blocking_requester(bus_name, 150, threads=8) for _ in range(2)]
+    with running(responder, *requesters):
+        responder.expect("ready")
+        for requester in requesters:
+            requester.expect("ready")
+        for requester in requesters:
+            requester.send("go")
+        reports = [requester.recv(FINISH) for requester in requesters]
+        responder.send("stop")
+        answered = responder.recv(FINISH)["answered"]
+    for report in reports:
+        assert (report["ok"], report["mismatched"], report["errors"]) == (150, [], {}), report
+        assert report["late"] == 0  # no reply of the other requester was taken
+    assert answered == 300
+
+
+def test_a_blocking_request_nobody_answers_raises_request_timeout_error(
+    host: ShmBus, bus_name: str
+) -> None:
+    """Another process listens, but not on this topic: ShmBus cannot know,
+    so the request waits for its timeout."""
+    other = Agent(request_agents.blocking_responder, bus_name, "other.>", bus_kwargs=SMALL_RING)
+    with running(other):
+        other.expect("ready")
+        with pytest.raises(RequestTimeoutError) as info:
+            host.request_sync("svc.unanswered", {"n": 1}, timeout=0.3)
+        other.send("stop")
+        assert other.recv(FINISH) == {"answered": 0}
+    assert isinstance(info.value, TimeoutError)
+    assert not isinstance(info.value, NoRespondersError)
+    assert "'svc.unanswered'" in str(info.value) and "within 0.3 s" in str(info.value)
+    assert host._sync_inbox.waiting == 0
+
+
+def test_a_responder_killed_mid_request_makes_the_blocking_request_time_out_and_leaks_nothing(
+    host: ShmBus, bus_name: str
+) -> None:
+    doomed = blocking_responder(bus_name, hold=True)
+    with running(doomed):
+        doomed.expect("ready")
+        pending = InThread(lambda: host.request_sync("svc.work", {"n": 1}, timeout=1.0))
+        assert doomed.recv(FINISH) == ("holding", {"n": 1})
+        os.kill(doomed.pid, signal.SIGKILL)
+        with pytest.raises(RequestTimeoutError) as info:
+            pending.result()
+    assert "'svc.work'" in str(info.value)
+    assert host._sync_inbox.waiting == 0 and host._sync_inbox._pumper is None
+    # The bus still answers: a new responder process gets the next request.
+    successor = blocking_responder(bus_name)
+    with running(successor):
+        successor.expect("ready")
+        reply: Event = host.request_sync("svc.work", {"n": 2}, timeout=ANSWERED)
+        successor.send("stop")
+        successor.recv(FINISH)
+    assert reply.payload == {"n": 2, "pid": successor.pid}
+    assert host.stats().subscriptions == 1  # the blocking inbox only, as before
+
+
+def test_a_stopped_responders_late_reply_is_dropped_and_counted_and_the_next_gets_its_own(
+    host: ShmBus, bus_name: str
+) -> None:
+    """SIGSTOP the responder before it answers: the request times out; after
+    SIGCONT its late answer comes; the next request reads it first, drops
+    and counts it, and returns its own reply."""
+    responder = blocking_responder(bus_name)
+    with running(responder):
+        responder.expect("ready")
+        warm = host.request_sync("svc.echo", {"n": 0}, timeout=ANSWERED)
+        os.kill(responder.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeoutError):
+                host.request_sync("svc.echo", {"n": 1}, timeout=0.5)
+        finally:
+            os.kill(responder.pid, signal.SIGCONT)
+        reply = host.request_sync("svc.echo", {"n": 2}, timeout=ANSWERED)
+        responder.send("stop")
+        assert responder.recv(FINISH) == {"answered": 3}
+    assert (warm.payload["n"], reply.payload["n"]) == (0, 2)
+    assert host._sync_inbox.late == 1 and host._sync_inbox.waiting == 0
