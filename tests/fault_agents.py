@@ -479,8 +479,16 @@ class Alarm(Exception):
     """What the SIGALRM handler of :func:`alarmed_worker` raises."""
 
 
+#: Whether the SIGALRM handler raises now: set by :func:`_attempt` around
+#: its call, cleared by the handler when it raises (so it raises once per
+#: arming) and by :func:`_attempt` when the call is over.
+_armed = [False]
+
+
 def _raise_alarm(_signum: int, _frame: Any) -> None:
-    raise Alarm
+    if _armed[0]:
+        _armed[0] = False
+        raise Alarm
 
 
 _ALARM = {signal.SIGALRM}
@@ -490,10 +498,14 @@ def _attempt(call: Callable[..., object], *args: Any) -> bool:
     """Run ``call(*args)`` with SIGALRM unblocked; True if it returned, False
     if an :class:`Alarm` interrupted it (or landed right after it returned).
 
-    SIGALRM is blocked everywhere else, so that the handler's exception can
-    only land inside *call* or in this function's own frame."""
+    SIGALRM is blocked everywhere else, and the handler raises only while
+    this function is armed and at most once per arming, so the exception can
+    only land inside *call* or in this function's own frame: an Alarm that
+    interrupts the re-blocking itself cannot leave a later one free to land
+    in the caller's code."""
     done = False
     try:
+        _armed[0] = True
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _ALARM)
             call(*args)
@@ -504,6 +516,7 @@ def _attempt(call: Callable[..., object], *args: Any) -> bool:
             # handler at the next check of the interpreter, which may come
             # after this function returned; a call makes that check here.
             _handle_pending_signals()
+            _armed[0] = False
     except Alarm:
         pass
     return done
