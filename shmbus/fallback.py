@@ -17,9 +17,9 @@ travel whichever transport is up, and arrive once.
 Queue groups are passed on to both transports, and each picks one member of
 the group for its copy of an event. A member that leaves gets nothing this
 bus publishes after its ``aclose()`` on either (NatsBus sends its UNSUB
-ahead of later PUBs). An event that travels on both (sent on
-both during an overlap, or re-sent on shm after NATS went down) may be
-picked by a different member on each:
+ahead of later PUBs). An event that travels on both (sent on both during an
+overlap, or re-sent on shm after NATS went down) may be picked by a
+different member on each:
 
 * The members of one group on one FallbackBus (same pattern, queue name and
   event loop) share one memory of delivered ids, so of them only the member
@@ -127,8 +127,8 @@ class FallbackBus(BaseBus):
     * Not guaranteed: one member per event for a queue group whose members
       are on several FallbackBus instances, for the events sent on both
       transports (see the module docstring); order across a switch (a
-      re-sent event can arrive
-      after newer ones; per transport, per publisher order is kept);
+      re-sent event can arrive after newer ones; per transport, per
+      publisher order is kept);
       delivery to other hosts of events published while NATS was down (they
       only went to this host's shm bus) or of events lost in NATS in the
       instant before the failure; no loss when a failure takes longer than
