@@ -12,9 +12,23 @@ answers (the usual shm → NATS switch, with its overlap).
 
 Requests go through a :class:`~shmbus.inbox.ReplyInbox` whose subscription is
 a FallbackBus subscription like any other: the request and its reply each
-travel whichever transport is up, and arrive once. Queue groups are passed
-on to both transports: each picks one member of the group; an event sent on
-both during an overlap may reach one member through each.
+travel whichever transport is up, and arrive once.
+
+Queue groups are passed on to both transports, and each picks one member of
+the group for its copy of an event. A member that leaves gets nothing this
+bus publishes after its ``aclose()`` on either (NatsBus sends its UNSUB
+ahead of later PUBs). An event that travels on both (sent on both during an
+overlap, or re-sent on shm after NATS went down) may be picked by a
+different member on each:
+
+* The members of one group on one FallbackBus (same pattern, queue name and
+  event loop) share one memory of delivered ids, so of them only the member
+  that the first copy reaches delivers it.
+* Members on different FallbackBus instances (other processes) can each
+  deliver it: the shm bus and the NATS server choose independently, and
+  nothing tells one member what another received. Telling members to ignore
+  shm copies while they are on NATS would lose the event in the very case the
+  overlap is for (members whose SUB the server does not have yet).
 """
 
 from __future__ import annotations
@@ -52,18 +66,30 @@ __all__ = ["FallbackBus"]
 
 log = logging.getLogger("shmbus.fallback")
 
+#: A queue group as seen by one FallbackBus: pattern, queue name, and the
+#: event loop its members' feeds run on.
+_GroupKey = tuple[str, str, asyncio.AbstractEventLoop]
+
+
 class _Merged:
     """One subscription handed out, fed by one subscription per transport."""
 
-    __slots__ = ("out", "inner", "pumps", "seen", "duplicates")
+    __slots__ = ("out", "inner", "pumps", "seen", "group", "duplicates")
 
     def __init__(
-        self, out: QueueSubscription, inner: list[QueueSubscription], seen: RecentIds
+        self,
+        out: QueueSubscription,
+        inner: list[QueueSubscription],
+        seen: RecentIds,
+        group: _GroupKey | None,
     ) -> None:
         self.out = out
         self.inner = inner
         self.pumps: list[asyncio.Task[None]] = []
+        #: Ids delivered: this subscription's own, or, for a queue group
+        #: member, those of every member of its group on this bus.
         self.seen = seen
+        self.group = group
         self.duplicates = 0
 
 
@@ -80,7 +106,8 @@ class FallbackBus(BaseBus):
     * **Each event at most once per subscription**, whichever transports
       carried it: a subscription listens on both and drops an event whose id
       it has already delivered. The ids are remembered in a bounded set of
-      ``dedupe_size`` per subscription.
+      ``dedupe_size`` per subscription (per queue group for its members on
+      this bus: an event goes to one of them).
     * **No loss for subscribers on this host across a switch**, provided
       they run a FallbackBus with the same configuration:
 
@@ -97,8 +124,11 @@ class FallbackBus(BaseBus):
       about ``overlap`` seconds of the original, so the guarantee holds while
       fewer than ``dedupe_size`` events reach one subscription in such a
       window.
-    * Not guaranteed: order across a switch (a re-sent event can arrive
-      after newer ones; per transport, per publisher order is kept);
+    * Not guaranteed: one member per event for a queue group whose members
+      are on several FallbackBus instances, for the events sent on both
+      transports (see the module docstring); order across a switch (a
+      re-sent event can arrive after newer ones; per transport, per
+      publisher order is kept);
       delivery to other hosts of events published while NATS was down (they
       only went to this host's shm bus) or of events lost in NATS in the
       instant before the failure; no loss when a failure takes longer than
@@ -125,7 +155,8 @@ class FallbackBus(BaseBus):
         ``2 * reconnect_time_wait + 2`` of the NATS bus, which covers a
         subscriber whose client retries one ``reconnect_time_wait`` later.
     dedupe_size:
-        Ids remembered per subscription (and events kept for re-sending).
+        Ids remembered per subscription or queue group (and events kept for
+        re-sending).
     retry_interval:
         Seconds between connection attempts while NATS has never been
         reached; default the NATS bus's ``reconnect_time_wait`` (at least
@@ -165,6 +196,8 @@ class FallbackBus(BaseBus):
         # (monotonic time, event) of the events handed to NATS lately.
         self._recent: collections.deque[tuple[float, Event]] = collections.deque(maxlen=dedupe_size)
         self._merged: dict[QueueSubscription, _Merged] = {}
+        # Each queue group's shared ids and its number of members here.
+        self._group_seen: dict[_GroupKey, tuple[RecentIds, int]] = {}
         self._retry: asyncio.Task[None] | None = None
         self._published = 0
         self._via_nats = 0
@@ -471,9 +504,18 @@ class FallbackBus(BaseBus):
             shm_sub.close_from_transport()
             raise
         inner = [shm_sub, nats_sub]
-        entry = _Merged(out, inner, RecentIds(self.dedupe_size))
-        entry.pumps = [loop.create_task(self._pump(entry, source)) for source in inner]
+        group: _GroupKey | None = None if queue is None else (pattern, queue, loop)
         with self._lock:
+            if group is None:
+                seen = RecentIds(self.dedupe_size)
+            else:
+                # One filter for the group's members on this bus: an event
+                # sent on both transports (overlap, re-send) can be given to
+                # one member by each, and only the first copy may be kept.
+                seen, members = self._group_seen.get(group) or (RecentIds(self.dedupe_size), 0)
+                self._group_seen[group] = (seen, members + 1)
+            entry = _Merged(out, inner, seen, group)
+            entry.pumps = [loop.create_task(self._pump(entry, source)) for source in inner]
             self._merged[out] = entry
         if self._is_closed():  # closed meanwhile, by another thread
             out.close_from_transport()
@@ -497,6 +539,10 @@ class FallbackBus(BaseBus):
             self._retired_delivered += out.delivered
             self._retired_dropped += out.dropped + _inner_dropped(entry)
             self._duplicates += entry.duplicates
+            if entry.group is not None:
+                seen, members = self._group_seen.pop(entry.group)
+                if members > 1:
+                    self._group_seen[entry.group] = (seen, members - 1)
         for source in entry.inner:
             source.close_from_transport()
         for pump in entry.pumps:

@@ -23,9 +23,13 @@ Guarantees
 * Per publishing instance, events reach the server in publish order, whether
   they were published with ``publish()`` or ``publish_nowait()``; a
   subscription opened on an instance sees every matching event that
-  instance publishes afterwards. Subscribers on *other* connections see
-  events published after their SUB reached the server: ``await
-  bus.flush()`` after subscribing makes sure it has.
+  instance publishes afterwards. Likewise a subscription's UNSUB goes out
+  before anything the instance publishes after ``aclose()`` returned, so a
+  queue group's later events from that instance go to the members that
+  stay. Subscribers on *other* connections see events published after
+  their SUB reached the server (``await bus.flush()`` after subscribing
+  makes sure it has); a member leaving is known to publishers on other
+  connections once its UNSUB did (``flush()`` after ``aclose()``).
 * Headers travel in the envelope, as on every transport, not as NATS message
   headers: the envelope is what the bridge and the fallback bus relay byte
   for byte, so one copy of the headers can never disagree with another, and
@@ -227,6 +231,7 @@ class NatsBus(BaseBus):
         self._loop_thread: int | None = None
         self._max_payload = 1_048_576
         self._routes: dict[QueueSubscription, _Route] = {}
+        # SUBs and UNSUBs on their way to the client: PUBs made after them wait.
         self._pending_subs: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[Msg]] = set()
@@ -877,7 +882,13 @@ class NatsBus(BaseBus):
     def _stop_route(self, route: _Route) -> None:
         """On the bus loop: drop the NATS subscription of a retired route."""
         if route.nats_sub is not None and self._state is LifecycleState.OPEN:
-            self._spawn(_unsubscribe(route.nats_sub))
+            assert self._loop is not None
+            # In flight like a SUB, so that PUBs made after the close go out
+            # after the UNSUB: otherwise the server can still hand a queue
+            # group's events to the member that left, which drops them.
+            task = self._loop.create_task(_unsubscribe(route.nats_sub))
+            self._pending_subs.add(task)
+            task.add_done_callback(self._pending_subs.discard)
         # A subscribe still in flight unsubscribes itself when it finishes.
 
     # ─── Accounting ───

@@ -73,3 +73,36 @@ def group_worker(
         conn.send(report)
 
     asyncio.run(main())
+
+
+def overlap_publisher(
+    conn: BlockingLink,
+    nats_url: str,
+    name: str,
+    topic: str,
+    count: int,
+    *,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Publish ``{"n": 0..count-1}`` on *topic* through a FallbackBus whose
+    overlap outlasts the test, so that every event goes to NATS and to shm
+    bus *name*; then send ``{"routes": bus.routes()}``."""
+    from shmbus.fallback import FallbackBus
+    from shmbus.nats import NatsBus
+
+    async def main() -> None:
+        bus = FallbackBus(NatsBus(nats_url), ShmBus(name, **(bus_kwargs or {})), overlap=3600)
+        await bus.connect()
+        try:
+            async with asyncio.timeout(30):  # only turns a hang into a failure
+                while not bus.using_nats:
+                    await asyncio.sleep(0.01)
+            for n in range(count):
+                await bus.publish(topic, {"n": n})
+            await bus.primary.flush()
+            routes = bus.routes()
+        finally:
+            await bus.close()
+        conn.send({"routes": routes})
+
+    asyncio.run(main())

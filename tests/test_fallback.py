@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 from awaiting import take, wait_until
 from conftest import SMALL_RING
+from group_agents import overlap_publisher
+from shmbus_tools.children import Agent, running
 from shmbus_tools.servers import NatsServer, free_port
 
-from shmbus import Event, ShmBus
+from shmbus import Event, ShmBus, Subscription
 from shmbus.fallback import FallbackBus
 from shmbus.nats import NatsBus
 
@@ -21,6 +23,10 @@ from shmbus.nats import NatsBus
 #: subscriber that reconnects a few reconnect_time_waits after the publisher.
 RECONNECT = {"reconnect_time_wait": 0.1, "connect_timeout": 1.0}
 OVERLAP = 1.0
+#: Bound on a child process's run (the box is shared).
+FINISH = 60.0
+
+pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
 
 
 @pytest.fixture
@@ -118,6 +124,41 @@ async def test_event_carried_by_both_transports_is_delivered_once(
     await publisher.publish("twice.last", {"n": 2})
     events = await take(sub, 2)
     assert [e.topic for e in events] == ["twice.sent", "twice.last"]
+
+
+async def test_an_event_sent_on_both_transports_reaches_one_member_of_a_group_on_one_bus(
+    nats_server: NatsServer, make_bus: Callable[[str], FallbackBus], bus_name: str
+) -> None:
+    """A publisher in another process is in its overlap: each event goes to
+    NATS and to shm, and each transport gives its copy to one member of the
+    group, not always the same one. The members on one FallbackBus share one
+    memory of ids, so only the first copy is delivered."""
+    count = 200
+    workers = make_bus(nats_server.url)
+    await workers.connect()
+    await wait_until(lambda: workers.using_nats, what="the workers' bus to reach NATS")
+    members = [workers.subscribe("job.*", queue="pool") for _ in range(2)]
+    await workers.primary.flush()  # both SUBs are on the server
+    got: list[int] = []
+
+    async def consume(sub: Subscription) -> None:
+        async for event in sub:
+            got.append(event.payload["n"])
+
+    consumers = [asyncio.create_task(consume(sub)) for sub in members]
+    publisher = Agent(
+        overlap_publisher, nats_server.url, bus_name, "job.n", count, bus_kwargs=SMALL_RING
+    )
+    with running(publisher):
+        report = await asyncio.to_thread(publisher.recv, FINISH)
+    await wait_until(
+        lambda: len(got) + workers.duplicates == 2 * count, what="both copies of every event"
+    )
+    for task in consumers:
+        task.cancel()
+    assert report["routes"] == {"nats": count, "shm": count}  # every event went both ways
+    assert sorted(got) == list(range(count))  # each to one member, once
+    assert sum(sub.delivered for sub in members) == count
 
 
 async def test_publishes_on_shm_while_nats_is_unreachable_and_switches_when_it_appears(
