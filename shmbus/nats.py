@@ -73,7 +73,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from .errors import MissingExtraError
@@ -233,7 +233,6 @@ class NatsBus(BaseBus):
         self._routes: dict[QueueSubscription, _Route] = {}
         # SUBs and UNSUBs on their way to the client: PUBs made after them wait.
         self._pending_subs: set[asyncio.Task[None]] = set()
-        self._background: set[asyncio.Task[Any]] = set()
         self._requests: set[asyncio.Task[Msg]] = set()
         # Each queued envelope with the subscriptions that were on their way
         # when it was published: it goes out after those, not after later ones
@@ -424,8 +423,8 @@ class NatsBus(BaseBus):
                 await nc.flush(timeout=self.connect_timeout)  # type: ignore[arg-type]
             except Exception as exc:  # the events are lost either way; say so
                 log.warning("could not flush to NATS before closing: %s", _describe(exc))
-        for task in list(self._pending_subs) + list(self._background):
-            task.cancel()
+        for pending in list(self._pending_subs):
+            pending.cancel()
         if self._drainer is not None:
             self._drainer.cancel()
         self._wake_sent_waiters(everyone=True)
@@ -1011,12 +1010,6 @@ class NatsBus(BaseBus):
             return
         with contextlib.suppress(RuntimeError):  # loop closed: nothing left to do
             loop.call_soon_threadsafe(function, *args)
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 #: How long a connect that was given up on may take to unwind, in seconds.
