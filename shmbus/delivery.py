@@ -46,6 +46,13 @@ Blocking subscriptions
   it interrupted does not wait at all).
 * The pump is closed exactly once, by whoever holds it: so a thread sleeping
   in it never has its resources closed under it.
+* Its owner may give up what the pump has not read yet
+  (:meth:`BlockingSubscription.skip_backlog`, for the blocking reply inbox
+  between requests): the calling thread takes the pump as ``get()`` does,
+  only if nobody holds it, and skips nothing otherwise. Nothing skipped is
+  counted (the caller declined it) and the queue is left as it is. Without
+  a pump (the in-process buses deliver straight into the queue) there is no
+  backlog: it does nothing.
 * Blocking subscriptions still open when the interpreter shuts down are
   closed before it waits for its threads, so a thread iterating one ends.
 """
@@ -305,7 +312,7 @@ _RELEASE_WAIT: Final = 5.0
 class Pump(Protocol):
     """What feeds a :class:`BlockingSubscription` from the consuming thread
     (ShmBus's blocking reader). Only the thread holding the pump calls
-    :meth:`step`, :meth:`sleep` and :meth:`close`."""
+    :meth:`step`, :meth:`skip_backlog`, :meth:`sleep` and :meth:`close`."""
 
     def step(self) -> None:
         """Read what is there now, handing it to the subscription's
@@ -314,6 +321,10 @@ class Pump(Protocol):
     def sleep(self, deadline: float | None) -> None:
         """Wait until something may be there, at most until *deadline*
         (``time.monotonic()``; None: no limit); may return early."""
+
+    def skip_backlog(self) -> None:
+        """Move to now: what was published before this call and not read
+        yet is never handed over, nor counted; never waits."""
 
     def interrupt(self) -> None:
         """Make a :meth:`sleep` return now; from any thread, never waits."""
@@ -508,6 +519,34 @@ class BlockingSubscription:
                     self._arrived.wait(wait)
                 finally:
                     self._waiting -= 1
+
+    def skip_backlog(self) -> bool:
+        """Give up the events published before this call that the pump has
+        not read yet: they are never delivered and not counted as dropped
+        (the caller declined them; events already queued stay queued).
+        Events published after it returns are delivered as usual.
+
+        Only if nobody holds the pump (no thread in :meth:`get`); returns
+        whether the backlog was skipped. A subscription without a pump has
+        no backlog (True); a closed one skips nothing (False).
+        """
+        if self._closed:
+            return False
+        if self._pump is None:
+            return True
+        if not self._pump_held.acquire(blocking=False):
+            return False
+        self._pumper = threading.get_ident()
+        try:
+            pump = self._pump
+            if pump is None or self._closed:
+                return False
+            pump.skip_backlog()
+            return True
+        finally:
+            self._pumper = None
+            self._pump_held.release()
+            self._after_pumping()
 
     def get_nowait(self) -> Event:
         """Return an event if one is there now: :meth:`get` with a timeout of 0

@@ -47,10 +47,26 @@ Rules of the blocking inbox
 * **One blocking subscription per instance**, ``subscribe_sync(<prefix>.*)``,
   opened by the first blocking request before it publishes and kept until
   the bus closes (an ended one, e.g. at interpreter exit, is replaced by the
-  next request). Requests never subscribe on their own. Between blocking
-  requests nobody reads it: on a shm bus its reader catches up at the next
-  request, and a publisher ring that wrapped meanwhile is counted as lapped
-  (and its records as dropped on the inbox) like any unread subscription.
+  next request). Requests never subscribe on their own.
+* **Between requests: start from now.** Nobody reads the subscription
+  between blocking requests. So a request that finds no other request of
+  the inbox waiting (the table empty, under its lock) first has the
+  subscription skip its backlog (:meth:`BlockingSubscription.skip_backlog
+  <shmbus.delivery.BlockingSubscription.skip_backlog>`; on a shm bus every
+  followed ring's cursor moves to its newest committed record), counting
+  nothing, then enters the table and publishes. This is safe: with the
+  table empty nobody holds the pump, and no wanted reply can be in flight
+  (every wanted reply answers a request in the table); the request's own
+  reply is committed after the request, so after the skip. What is skipped
+  is other topics' events the inbox never wanted (a busy bus would have
+  wrapped the rings meanwhile: without the skip those would be counted as
+  lapped and dropped on the inbox, false alarms, and read through) and
+  replies to requests already out of the table, which are late anyway: a
+  late reply still unread at a skip is skipped uncounted; one that comes
+  while a request waits, or was queued already (on an in-process bus,
+  which has no backlog, every one), is counted in
+  :attr:`BlockingReplyInbox.late`. A request that finds others waiting
+  skips nothing (their replies may be there).
 * **Matching.** A table, under one lock, maps each waiting token to its
   waiter. A reply whose token waits is put in that waiter, which leaves the
   table, and its thread is woken; a reply with an unknown token (late,
@@ -305,6 +321,10 @@ class BlockingReplyInbox:
         with self._lock:
             if self._closed:
                 raise _closed_error(topic, self._owner)
+            if not self._waiting:
+                # Nobody else waits: nothing unread can be wanted, and the
+                # reply to this request will come after this point.
+                sub.skip_backlog()
             token = f"{next(self._tokens):x}"
             self._waiting[token] = waiter
         try:

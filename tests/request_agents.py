@@ -229,3 +229,37 @@ def blocking_requester(
     finally:
         bus.close_sync()
     conn.send(report)
+
+
+def blocking_flooder(
+    conn: BlockingLink,
+    bus_name: str,
+    count: int,
+    *,
+    early: bool,
+    bus_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Publish, without an event loop, *count* events on ``noise.*`` (topics
+    nobody listens to) after ``"go"``, then report ``{"published": count,
+    "wraps": how many times our ring wrapped}`` and keep the ring live until
+    ``"stop"``. With *early*, publish one event before saying ``"ready"``,
+    so the ring exists before the parent's first request."""
+    from shmbus._core.layout import W_WRITE_CURSOR
+
+    bus = ShmBus(bus_name, **(bus_kwargs or {}))
+    bus.connect_sync()
+    try:
+        if early:
+            bus.publish_nowait("noise.first", {})
+        conn.send("ready")
+        while conn.recv() != "go":
+            pass
+        for n in range(count):
+            bus.publish_nowait(f"noise.{n % 8}", {"n": n})
+        ring = bus._ring
+        assert ring is not None
+        conn.send({"published": count, "wraps": int(ring.words[W_WRITE_CURSOR]) // ring.capacity})
+        while conn.recv() not in ("stop", "eof"):
+            pass
+    finally:
+        bus.close_sync()

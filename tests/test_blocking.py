@@ -31,7 +31,7 @@ from shmbus import (
     SubscriptionStatistics,
 )
 from shmbus._core.inspection import read_bus
-from shmbus._core.layout import OFF_SLEEP_FLAGS
+from shmbus._core.layout import OFF_SLEEP_FLAGS, W_NEXT_SEQ, W_WRITE_CURSOR, min_capacity
 from shmbus._core.shmfiles import bus_file_paths
 
 #: Bound on any wait that should end at once: turns a hang into a failure.
@@ -611,3 +611,124 @@ def test_the_process_id_of_a_blocking_reader_is_this_process(
     with subscriber.subscribe_sync("p.*"):
         pids = {slot.pid for slot in read_bus(bus_name).live_instances}
     assert pids == {os.getpid()}
+
+
+# ─── Skipping the backlog ───────────────────────────────────────────────────
+
+#: The smallest ring 256-byte events fit in: a few dozen small events wrap it.
+TINY_RING: dict[str, Any] = {"capacity": min_capacity(256), "max_event_size": 256}
+#: Events the flooder publishes: its ring wraps many times over.
+FLOOD = 2000
+
+
+@pytest.fixture
+def flooder(bus_name: str) -> Iterator[ShmBus]:
+    """A third instance of the test's bus, publishing into a tiny ring."""
+    bus = ShmBus(bus_name, **TINY_RING)
+    bus.connect_sync()
+    try:
+        yield bus
+    finally:
+        bus.close_sync()
+
+
+def flood(bus: ShmBus) -> None:
+    """Publish FLOOD events nobody wants; the ring wraps at least 4 times."""
+    for n in range(FLOOD):
+        bus.publish_nowait(f"noise.{n % 8}", {"n": n})
+    ring = bus._ring
+    assert ring is not None
+    assert int(ring.words[W_WRITE_CURSOR]) // ring.capacity >= 4
+
+
+@pytest.mark.parametrize("ring", ["followed", "installed-meanwhile"])
+def test_skipping_the_backlog_moves_the_reader_to_the_newest_record_counting_nothing(
+    shm: tuple[ShmBus, ShmBus], flooder: ShmBus, bus_name: str, ring: str
+) -> None:
+    """A flood wraps a ring the blocking reader follows (or one installed
+    after its subscription) while nobody reads: after skip_backlog() the
+    reader is at the ring's newest record, nothing was counted lost or
+    lapped, and what is published afterwards is delivered."""
+    subscriber, _ = shm
+    if ring == "followed":
+        flooder.publish_nowait("noise.first", {})
+    with subscriber.subscribe_sync("wanted.*") as sub:
+        flood(flooder)
+        assert sub.skip_backlog()
+        follower = subscriber._sync_readers[sub].follower
+        (followed,) = [each for each in follower._order if each.key == flooder._own_ring_key()]
+        words = followed.mapping.words
+        assert followed.ring.cursor == int(words[W_WRITE_CURSOR])
+        assert followed.ring.expected_seq == int(words[W_NEXT_SEQ])
+        assert (follower.lapped, sub.dropped, sub.statistics().queued) == (0, 0, 0)
+        flooder.publish_nowait("wanted.x", {"n": "after"})
+        assert sub.get(FINISH).payload == {"n": "after"}
+        slots = [slot for slot in read_bus(bus_name).live_instances if slot.blocking]
+        stats = subscriber.stats()
+    assert (follower.lapped, sub.dropped, stats.lapped, stats.dropped) == (0, 0, 0, 0)
+    assert [(slot.lapped, slot.dropped) for slot in slots] == [(0, 0)]
+
+
+def test_a_reader_that_did_not_skip_its_backlog_counts_the_wrapped_ring_as_lapped(
+    shm: tuple[ShmBus, ShmBus], flooder: ShmBus
+) -> None:
+    """What skip_backlog() spares: the same flood, read through, is lapped."""
+    subscriber, _ = shm
+    flooder.publish_nowait("noise.first", {})
+    with subscriber.subscribe_sync("wanted.*") as sub:
+        flood(flooder)
+        flooder.publish_nowait("wanted.x", {"n": "after"})
+        assert sub.get(FINISH).payload == {"n": "after"}
+        lapped = subscriber._sync_readers[sub].follower.lapped
+        assert lapped > 0 and sub.dropped == lapped
+
+
+def test_skip_backlog_skips_nothing_while_another_thread_holds_the_pump(
+    shm: tuple[ShmBus, ShmBus],
+) -> None:
+    subscriber, publisher = shm
+    with subscriber.subscribe_sync("held.*") as sub:
+        consumer = InThread(lambda: sub.get(FINISH))
+        wait_until(lambda: sleeping(subscriber, sub), "the consumer holds the pump")
+        assert not sub.skip_backlog()
+        publisher.publish_nowait("held.x", {"n": 1})
+        assert consumer.result().payload == {"n": 1}
+
+
+def test_skip_backlog_on_a_closed_subscription_skips_nothing(
+    shm: tuple[ShmBus, ShmBus],
+) -> None:
+    subscriber, _ = shm
+    sub = subscriber.subscribe_sync("closed.*")
+    sub.close()
+    assert not sub.skip_backlog()
+
+
+@pytest.mark.parametrize("kind", ["memory", "null"])
+def test_an_in_process_blocking_subscription_has_no_backlog_to_skip(kind: str) -> None:
+    """Events are delivered straight into its queue: skip_backlog() leaves
+    them there."""
+    bus = MemoryBus() if kind == "memory" else NullBus()
+    try:
+        sub = bus.subscribe_sync("mem.*")
+        bus.publish_nowait("mem.x", {"n": 1})
+        assert sub.skip_backlog()
+        queued = sub.statistics().queued
+    finally:
+        asyncio.run(bus.close())
+    assert queued == (1 if kind == "memory" else 0)
+
+
+def test_a_follower_with_queue_group_members_refuses_to_skip_its_backlog(
+    shm: tuple[ShmBus, ShmBus],
+) -> None:
+    subscriber, _ = shm
+
+    async def main() -> None:
+        async with subscriber.subscribe("jobs.*", queue="workers"):
+            reader = subscriber._reader
+            assert reader is not None
+            with pytest.raises(RuntimeError, match="queue-group members"):
+                reader.follower.skip_to_newest()
+
+    asyncio.run(main())

@@ -23,11 +23,17 @@ from conftest import SMALL_RING
 from shmbus_tools.children import Agent, running
 
 from shmbus import Event, NoRespondersError, RequestTimeoutError, ShmBus
+from shmbus._core.inspection import read_bus
+from shmbus._core.layout import min_capacity
 
 #: Generous bound for an agent to finish its part (the box is shared).
 FINISH = 60.0
 #: Timeout of requests that must be answered: never reached unless broken.
 ANSWERED = 60.0
+#: The smallest ring 256-byte events fit in: a few dozen small events wrap it.
+TINY_RING: dict[str, Any] = {"capacity": min_capacity(256), "max_event_size": 256}
+#: Events a flooder publishes: its tiny ring wraps many times over.
+FLOOD = 2000
 
 
 pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
@@ -66,6 +72,16 @@ class InThread:
         if self._error:
             raise self._error[0]
         return self._outcome[0]
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll *predicate* until it holds (bounded by FINISH)."""
+    pause = threading.Event()
+    for _ in range(int(FINISH / 0.002)):
+        if predicate():
+            return
+        pause.wait(0.002)
+    raise AssertionError(f"never happened: {what}")
 
 
 def asyncio_responder(bus_name: str, *, hold: bool = False) -> Agent:
@@ -177,12 +193,13 @@ def test_a_responder_killed_mid_request_makes_the_blocking_request_time_out_and_
     assert host.stats().subscriptions == 1  # the blocking inbox only, as before
 
 
-def test_a_stopped_responders_late_reply_is_dropped_and_counted_and_the_next_gets_its_own(
+def test_a_stopped_responders_late_reply_is_dropped_and_counted_by_the_request_then_waiting(
     host: ShmBus, bus_name: str
 ) -> None:
-    """SIGSTOP the responder before it answers: the request times out; after
-    SIGCONT its late answer comes; the next request reads it first, drops
-    and counts it, and returns its own reply."""
+    """SIGSTOP the responder before it answers: the request times out. The
+    next request starts (and skips the inbox's backlog) while the responder
+    is still stopped; after SIGCONT the late answer comes first: that
+    request drops and counts it, and returns its own reply."""
     responder = blocking_responder(bus_name)
     with running(responder):
         responder.expect("ready")
@@ -191,10 +208,55 @@ def test_a_stopped_responders_late_reply_is_dropped_and_counted_and_the_next_get
         try:
             with pytest.raises(RequestTimeoutError):
                 host.request_sync("svc.echo", {"n": 1}, timeout=0.5)
+            pending = InThread(lambda: host.request_sync("svc.echo", {"n": 2}, timeout=ANSWERED))
+            wait_for(lambda: host._sync_inbox.waiting == 1, "the next request waits")
         finally:
             os.kill(responder.pid, signal.SIGCONT)
-        reply = host.request_sync("svc.echo", {"n": 2}, timeout=ANSWERED)
+        reply = pending.result()
         responder.send("stop")
         assert responder.recv(FINISH) == {"answered": 3}
     assert (warm.payload["n"], reply.payload["n"]) == (0, 2)
     assert host._sync_inbox.late == 1 and host._sync_inbox.waiting == 0
+
+
+@pytest.mark.parametrize("ring", ["followed", "installed-meanwhile"])
+def test_a_flood_on_other_topics_between_blocking_requests_counts_nothing_lost_on_the_inbox(
+    host: ShmBus, bus_name: str, ring: str
+) -> None:
+    """A flooding process wraps its tiny ring many times on topics nobody
+    listens to, between two blocking requests of this process (which runs
+    no event loop) to a responder process. Its ring existed before the
+    first request, or was installed after it. Both requests get their
+    replies, and nothing is counted dropped or lapped for the inbox: not on
+    its subscription, not in the bus's statistics, not in its slot's
+    counters (``shmbus stat``)."""
+    responder = blocking_responder(bus_name)
+    flooder = Agent(
+        request_agents.blocking_flooder,
+        bus_name,
+        FLOOD,
+        early=ring == "followed",
+        bus_kwargs=TINY_RING,
+    )
+    with running(responder, flooder):
+        responder.expect("ready")
+        flooder.expect("ready")
+        first = host.request_sync("svc.echo", {"n": 1}, timeout=ANSWERED)
+        flooder.send("go")
+        flooded = flooder.recv(FINISH)
+        second = host.request_sync("svc.echo", {"n": 2}, timeout=ANSWERED)
+        inbox = host._sync_inbox.subscription
+        assert inbox is not None
+        stats = host.stats()
+        reader_slot = host._sync_readers[inbox].slot
+        (slot,) = [each for each in read_bus(bus_name).live_instances if each.slot == reader_slot]
+        flooder.send("stop")
+        responder.send("stop")
+        assert responder.recv(FINISH) == {"answered": 2}
+    assert flooded["published"] == FLOOD and flooded["wraps"] >= 4
+    assert first.payload == {"n": 1, "pid": responder.pid}
+    assert second.payload == {"n": 2, "pid": responder.pid}
+    assert (inbox.dropped, inbox.statistics().dropped) == (0, 0)
+    assert (stats.dropped, stats.lapped) == (0, 0)
+    assert (slot.dropped, slot.lapped) == (0, 0)
+    assert host._sync_inbox.late == 0

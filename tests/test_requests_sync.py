@@ -31,6 +31,7 @@ from shmbus import (
     RequestTimeoutError,
     ShmBus,
 )
+from shmbus._core.layout import W_WRITE_CURSOR, min_capacity
 from shmbus.inbox import MAX_REQUEST_TIMEOUT, BlockingReplyInbox
 
 #: Bound on any wait that should end at once: turns a hang into a failure.
@@ -269,9 +270,38 @@ def test_a_blocking_request_nobody_subscribes_to_raises_no_responders_in_process
         close(bus)
 
 
-def test_a_late_reply_is_dropped_and_counted_and_the_next_request_gets_its_own(
+def test_a_late_reply_that_comes_while_a_request_waits_is_dropped_and_counted(
     answering: Pair,
 ) -> None:
+    """The late reply comes after the next request started (and skipped the
+    inbox's backlog): that request reads it, drops it, counts it, and gets
+    its own."""
+    responder = Responder(answering.responder)
+    try:
+        with pytest.raises(RequestTimeoutError):
+            answering.requester.request_sync("svc.slow", {"hold": 1}, timeout=SHORT)
+        wait_until(lambda: len(responder.held) == 1, "the held request")
+        waiting = InThread(
+            lambda: answering.requester.request_sync("svc.slow", {"hold": 2}, timeout=NEVER)
+        )
+        wait_until(lambda: len(responder.held) == 2, "the second request")
+        answering.responder.reply_nowait(responder.held[0], {"late": True})
+        answering.responder.reply_nowait(responder.held[1], {"for": 2})
+        reply = waiting.result()
+    finally:
+        responder.stop()
+    assert reply.payload == {"for": 2}
+    inbox = sync_inbox(answering.requester)
+    assert (inbox.late, inbox.waiting) == (1, 0)
+
+
+@pytest.mark.parametrize("answering", ["shm", "memory"], indirect=True)
+def test_a_late_reply_that_came_between_requests_is_skipped_on_shm_and_counted_in_process(
+    answering: Pair, request: pytest.FixtureRequest
+) -> None:
+    """On a shm bus the next request starts its inbox from now: the late
+    reply, unread, is skipped and counted nowhere. An in-process bus queued
+    it on arrival: the next request reads it and counts it late."""
     responder = Responder(answering.responder)
     try:
         with pytest.raises(RequestTimeoutError):
@@ -283,7 +313,71 @@ def test_a_late_reply_is_dropped_and_counted_and_the_next_request_gets_its_own(
         responder.stop()
     assert reply.payload == {"echo": {"n": 2}}
     inbox = sync_inbox(answering.requester)
-    assert (inbox.late, inbox.waiting) == (1, 0)
+    assert inbox.subscription is not None
+    late = 0 if request.node.callspec.params["answering"] == "shm" else 1
+    assert (inbox.late, inbox.waiting, inbox.subscription.dropped) == (late, 0, 0)
+
+
+def test_a_request_that_starts_while_another_waits_skips_nothing(
+    answering: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request is held between publishing and reading (its reply
+    already there, unread); a second request starts meanwhile: it must not
+    skip the inbox's backlog, and both get their replies."""
+    inbox = sync_inbox(answering.requester)
+    gate = threading.Event()
+    real_wait = inbox._wait
+
+    def held_wait(token: str, *args: Any) -> Event:
+        if token == "1":
+            assert gate.wait(FINISH)
+        return real_wait(token, *args)
+
+    monkeypatch.setattr(inbox, "_wait", held_wait)
+    responder = Responder(answering.responder)
+    try:
+        first = InThread(
+            lambda: answering.requester.request_sync("svc.echo", {"n": 1}, timeout=FINISH)
+        )
+        wait_until(lambda: responder.answered == 1, "the first reply")
+        second = answering.requester.request_sync("svc.echo", {"n": 2}, timeout=FINISH)
+        gate.set()
+        replies = [first.result(), second]
+    finally:
+        gate.set()
+        responder.stop()
+    assert [reply.payload for reply in replies] == [{"echo": {"n": 1}}, {"echo": {"n": 2}}]
+    assert (inbox.late, inbox.waiting) == (0, 0)
+
+
+def test_a_flood_on_other_topics_between_blocking_requests_counts_nothing_on_the_inbox(
+    bus_name: str,
+) -> None:
+    """A third instance wraps its tiny ring many times between two blocking
+    requests: both get their replies, and neither the inbox subscription nor
+    the bus's statistics count anything lost or lapped."""
+    pair = Pair("shm", bus_name)
+    flooder = ShmBus(bus_name, capacity=min_capacity(256), max_event_size=256)
+    flooder.connect_sync()
+    responder = Responder(pair.responder)
+    try:
+        flooder.publish_nowait("noise.first", {})
+        first = pair.requester.request_sync("svc.echo", {"n": 1}, timeout=NEVER)
+        for n in range(2000):
+            flooder.publish_nowait(f"noise.{n % 8}", {"n": n})
+        ring = flooder._ring
+        assert ring is not None and int(ring.words[W_WRITE_CURSOR]) // ring.capacity >= 4
+        second = pair.requester.request_sync("svc.echo", {"n": 2}, timeout=NEVER)
+        inbox = sync_inbox(pair.requester)
+        assert inbox.subscription is not None
+        dropped = inbox.subscription.dropped
+        stats = pair.requester.stats()
+    finally:
+        responder.stop()
+        flooder.close_sync()
+        pair.close()
+    assert (first.payload, second.payload) == ({"echo": {"n": 1}}, {"echo": {"n": 2}})
+    assert (dropped, stats.dropped, stats.lapped, inbox.late) == (0, 0, 0, 0)
 
 
 def test_closing_the_bus_from_another_thread_fails_every_waiting_request(

@@ -47,7 +47,9 @@ Reader rules (a reader is the one of an instance with subscriptions; slot
 2. **Later scans** (flag set: clear it, ``F``, scan): a generation not seen
    before is followed *from its beginning*, whatever its state: everything in
    a ring installed after the reader's previous scan was published after its
-   subscriptions were made.
+   subscriptions were made. (A reader whose subscriptions give up their
+   backlog scans, then moves every ring it follows to its current end:
+   :meth:`~shmbus._core.reader.RingFollower.skip_to_newest`.)
 3. An entry is read as: state, ``A``, fields, ``A``, state and ``gen`` again;
    if they moved, the flag is set again for a rescan.
 4. After mapping generation ``g`` of entry ``e`` (the mapping outlives the

@@ -42,6 +42,18 @@ Invariants
 * Every record a subscription should have had but did not get is counted on
   it: sequence gaps (lapped reader, corrupt run) counted whole for every
   subscription open across them, and corrupt records it matched.
+* Skipping to now (:meth:`RingFollower.skip_to_newest`) is the one way a
+  cursor moves without reading, and it counts nothing: only the thread that
+  may step the follower calls it, and only for a follower whose every
+  subscription has declined its backlog (the blocking inbox between
+  requests; never a queue-group member, whose assigned records must be
+  counted). It scans the directory first, so a ring installed meanwhile is
+  followed from now too, then puts every followed ring's cursor at the
+  (position, next sequence) pair after its newest committed record (ring
+  reader rule 5), never behind where it was. From then on every record is
+  at or after every subscription's start point, so the start points are
+  dropped: a record committed after the skip is read and routed as usual,
+  and a gap after it is counted as usual.
 * Queue-group members (:mod:`shmbus._core.groups`) get only the group
   records assigned to them, and count their losses by their ordinals; the
   routing decision is made in one place, :meth:`RingFollower._route`, by
@@ -83,9 +95,10 @@ from .layout import (
     SLOT_DROPPED,
     SLOT_LAPPED,
     W_NEXT_SEQ,
+    W_WRITE_CURSOR,
     slot_word,
 )
-from .ordering import full_fence
+from .ordering import acquire_fence, full_fence
 from .ring import UNKNOWN_SEQ, RingBatch, RingReader
 from .segment import Segment
 from .wakeup import WakeChannel
@@ -261,6 +274,51 @@ class RingFollower:
                     followed.mapping.close()
                 self._rings.clear()
                 self._order.clear()
+
+    def skip_to_newest(self) -> None:
+        """Move every followed ring's cursor to its newest committed record,
+        reading nothing and counting nothing: the backlog of every
+        subscription of this follower is given up (see the module's
+        invariants). A ring the directory names that is not followed yet is
+        followed from now too. Called only by the thread that may step the
+        follower. Never raises for what shared memory holds.
+
+        Raises
+        ------
+        RuntimeError
+            A queue-group member routes through this follower: its assigned
+            records may not be skipped uncounted.
+        """
+        if self._closed:
+            return
+        with self._lock:
+            if self._members:
+                raise RuntimeError(
+                    "a follower with queue-group members cannot skip its backlog: "
+                    "their assigned records must be read or counted"
+                )
+            try:
+                self._check_directory()
+            except Exception:
+                log.exception("reader failed to scan the ring directory")
+                self.corrupt += 1
+            for followed in self._order:
+                ring = followed.ring
+                position, seq = ring.snapshot()
+                acquire_fence()  # the commit point after what the snapshot saw
+                committed = int(followed.mapping.words[W_WRITE_CURSOR])
+                if position > committed:
+                    # Caught between the writer's two commit stores (ring
+                    # writer rule 5): that record is not committed yet, so
+                    # start at the commit point and adopt the next number.
+                    position, seq = committed, UNKNOWN_SEQ
+                if position < ring.cursor:
+                    continue  # nothing newer (or a damaged ring): never move back
+                ring.cursor, ring.expected_seq = position, seq
+                # Every record from here on is at or after every start point.
+                followed.starts.clear()
+                followed.newest_start = 0
+            self._write_counters()
 
     # ─── The directory ───
 

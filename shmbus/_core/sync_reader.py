@@ -20,8 +20,10 @@ a reader in another process would make.
 Invariants
 ----------
 * The reader is a :class:`~shmbus.delivery.Pump`: only the thread holding
-  it (inside ``get()``) steps it, puts it to sleep or closes it; any thread
-  may :meth:`SyncReader.interrupt` it.
+  it (inside ``get()`` or ``skip_backlog()``) steps it, moves its cursors to
+  now (:meth:`SyncReader.skip_backlog`, which counts nothing: its one
+  subscription gave up what it has not read), puts it to sleep or closes
+  it; any thread may :meth:`SyncReader.interrupt` it.
 * It is attached like a bus instance (a shared ``LOCK_ATTACH`` and a slot
   byte on a descriptor of its own), so the segment is never reset under it,
   other readers see its slot as live, and whichever of the instance and its
@@ -127,6 +129,14 @@ class SyncReader:
         self._steps += 1
         if not self._steps & _BUSY_BEAT_STEPS and time.monotonic() >= self._next_beat:
             self._beat(time.monotonic())
+
+    def skip_backlog(self) -> None:
+        """Give up what the subscription has not read: every followed ring's
+        cursor moves to its newest committed record, nothing counted
+        (:meth:`~shmbus._core.reader.RingFollower.skip_to_newest`)."""
+        if self._closed:
+            return
+        self.follower.skip_to_newest()
 
     def _beat(self, now: float) -> None:
         self._next_beat = now + HEARTBEAT
