@@ -24,7 +24,7 @@ from shmbus._core.layout import (
     RING_OFFSET,
     aligned,
 )
-from shmbus._core.ring import RingBatch, RingReader, RingWriter, content_checksum
+from shmbus._core.ring import UNKNOWN_SEQ, RingBatch, RingReader, RingWriter, content_checksum
 
 MAX_EVENT = 512
 
@@ -647,6 +647,24 @@ def test_a_snapshot_is_the_position_and_number_after_the_last_committed_record()
     for _ in range(9):  # wraps, with a padding record
         ring.append(b"t", body_for_length(200))
     assert ring.reader().snapshot() == (ring.word(OFF_WRITE_CURSOR), 9)
+
+
+def test_a_snapshot_between_the_writers_two_commit_stores_starts_at_the_commit():
+    """The writer stored last_record for its next record but not yet
+    write_cursor (writer rule 5): the snapshot must not start past
+    write_cursor, and the reader then reads that record once committed."""
+    ring = Ring(4096)
+    ring.append(b"t", b"first")
+    committed = ring.word(OFF_WRITE_CURSOR)
+    ring.append(b"t", b"second")
+    ring.set_word(OFF_WRITE_CURSOR, committed)  # its commit store not done yet
+    reader = ring.reader()
+    reader.cursor, reader.expected_seq = reader.snapshot()
+    assert (reader.cursor, reader.expected_seq) == (committed, UNKNOWN_SEQ)
+    ring.set_word(OFF_WRITE_CURSOR, committed + record_length(b"t", b"second"))
+    batch = reader.read(10, select_all)
+    assert [(seq, body) for seq, _, _, body, _ in batch.records] == [(1, b"second")]
+    assert batch.corrupt == 0 and batch.gaps == []
 
 
 # ─── Group records (assignments between the header and the topic) ───────────

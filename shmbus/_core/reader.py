@@ -95,10 +95,9 @@ from .layout import (
     SLOT_DROPPED,
     SLOT_LAPPED,
     W_NEXT_SEQ,
-    W_WRITE_CURSOR,
     slot_word,
 )
-from .ordering import acquire_fence, full_fence
+from .ordering import full_fence
 from .ring import UNKNOWN_SEQ, RingBatch, RingReader
 from .segment import Segment
 from .wakeup import WakeChannel
@@ -305,13 +304,6 @@ class RingFollower:
             for followed in self._order:
                 ring = followed.ring
                 position, seq = ring.snapshot()
-                acquire_fence()  # the commit point after what the snapshot saw
-                committed = int(followed.mapping.words[W_WRITE_CURSOR])
-                if position > committed:
-                    # Caught between the writer's two commit stores (ring
-                    # writer rule 5): that record is not committed yet, so
-                    # start at the commit point and adopt the next number.
-                    position, seq = committed, UNKNOWN_SEQ
                 if position < ring.cursor:
                     continue  # nothing newer (or a damaged ring): never move back
                 ring.cursor, ring.expected_seq = position, seq

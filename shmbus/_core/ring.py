@@ -84,7 +84,10 @@ they map read-only):
    it jumps, is corrupt, not a gap.
 5. A reader joining a ring starts at the record after ``last_record``
    (:meth:`RingReader.snapshot`): its header gives a position and a
-   sequence number that belong together.
+   sequence number that belong together. If that position is past
+   ``write_cursor`` (the writer is between its two commit stores), or the
+   ring keeps lapping the snapshot, it starts at ``write_cursor`` and
+   adopts the next record's number.
 
 Everything read from the ring is untrusted: every length is checked against
 the ring's bounds and ``max_event_size`` before anything is sliced, so a
@@ -445,7 +448,11 @@ class RingReader(Generic[Route]):
             acquire_fence()
             if int(words[W_HEAD]) <= last:  # not lapped while we looked
                 length, seq = found
-                return last + length, seq + 1
+                if last + length <= int(words[W_WRITE_CURSOR]):
+                    return last + length, seq + 1
+                # Between the writer's two commit stores (writer rule 5): the
+                # record is written, its commit is not; start at the commit.
+                break
         # Lapped under us again and again, or damaged: start at the commit
         # point and take the next record's number as it comes.
         return int(words[W_WRITE_CURSOR]), UNKNOWN_SEQ
