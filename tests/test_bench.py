@@ -638,3 +638,28 @@ def test_report_explains_a_missed_request_reply_target_with_the_runs_one_way_lat
         "One delivery took 180.0 µs at p50 in L1 of this run (twice: 360.0 µs), "
         "60.0 µs of it the wake-up alone (the FIFO row)." in text
     )
+
+
+def test_report_explains_a_missed_queue_group_target_with_the_publishers_ceiling(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("Q1", "", "shm", delivered_per_s=14_000.0, sub_cpu_s_per_million=80.0),
+            _result("Q1", "", "nats", delivered_per_s=10_000.0, sub_cpu_s_per_million=60.0),
+            _result("Q1", "", "zmq", delivered_per_s=25_000.0, sub_cpu_s_per_million=50.0),
+            _result("P1", "publish", "shm", us_per_call=15.0, calls_per_s=60_000.0),
+        ],
+    )
+    assert "Q1 runs 5 processes (a publisher and 4 workers) on 2 CPUs." in text
+    assert (
+        "Three times ZeroMQ's figure is 75,000 events/s, more than the 60,000 `publish()` "
+        "calls/s one shmbus publisher made in P1" in text
+    )
+    assert (
+        "Three times NATS's figure is 30,000 events/s: its publishes alone would take 50% of "
+        "a CPU (P1: 60,000 calls/s), leaving 1.50 CPUs to the workers, 50.0 µs of CPU per "
+        "event." in text
+    )
+    assert "shmbus's workers used 80.0 µs of CPU per event delivered (NATS's 60.0" in text

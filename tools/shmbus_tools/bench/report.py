@@ -866,6 +866,51 @@ def _why_r1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
     return text
 
 
+def _why_q1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """What bounds shmbus's queue-group throughput, in this run's figures."""
+    processes = QUEUE_WORKERS + 1
+    text = (
+        f"Q1 runs {processes} processes (a publisher and {QUEUE_WORKERS} workers) "
+        f"on {cpus} CPUs."
+    )
+    ceiling = _figure(summary, ("P1", "publish", "shm"), "calls_per_s")
+    for peer, label in (("zmq", "ZeroMQ's"), ("nats", "NATS's")):
+        theirs = _figure(summary, ("Q1", "", peer), "delivered_per_s")
+        if theirs is None or ceiling is None:
+            continue
+        needed = 3 * theirs
+        if needed > ceiling:
+            text += (
+                f" Three times {label} figure is {_fmt(needed)} events/s, more than the "
+                f"{_fmt(ceiling)} `publish()` calls/s one shmbus publisher made in P1 alone on "
+                "a CPU with no subscriber: out of reach for one publisher, whatever its workers do."
+            )
+        else:
+            left = cpus - needed / ceiling
+            text += (
+                f" Three times {label} figure is {_fmt(needed)} events/s: its publishes alone "
+                f"would take {needed / ceiling:.0%} of a CPU (P1: {_fmt(ceiling)} calls/s), "
+                f"leaving {left:.2f} CPUs to the workers, {_fmt(left / needed * 1e6, 1)} µs "
+                "of CPU per event."
+            )
+    cpu = {
+        peer: _figure(summary, ("Q1", "", peer), "sub_cpu_s_per_million")
+        for peer in ("shm", "nats", "zmq")
+    }
+    if cpu["shm"] is not None:
+        text += (
+            f" shmbus's workers used {_fmt(cpu['shm'], 1)} µs of CPU per event delivered"
+            + (
+                f" (NATS's {_fmt(cpu['nats'], 1)}, ZeroMQ's {_fmt(cpu['zmq'], 1)})"
+                if cpu["nats"] is not None and cpu["zmq"] is not None
+                else ""
+            )
+            + ": every member's reader walks every record of the group's topics to find the "
+            "ones assigned to it, where a broker or a PUSH socket hands each worker only its own."
+        )
+    return text
+
+
 #: Why a target can be missed: each text is made of the run's own figures.
 _SHORTFALLS: dict[str, Callable[[dict[Key, dict[str, Any]], int], str]] = {
     "T1": _why_t1,
@@ -873,6 +918,7 @@ _SHORTFALLS: dict[str, Callable[[dict[Key, dict[str, Any]], int], str]] = {
     "L1": _why_l1,
     "T2pub": _why_t2_publisher,
     "R1": _why_r1,
+    "Q1": _why_q1,
 }
 
 
@@ -1125,7 +1171,7 @@ def _pattern_targets(
                 f"Q1 queue group delivered/s ≥ 3× {label}",
                 measured,
                 _check(ours, theirs, 3.0, at_most=False),
-                None,
+                "Q1",
             )
         )
     r1 = summary.get(("R1", "", "shm"), {})
