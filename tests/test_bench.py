@@ -4,7 +4,8 @@ Runs every scenario for shmbus and multiprocessing.Queue for a fraction of a
 second in a separate process (the harness forks its children, which a test
 process running threads should not do) and checks that the outputs are
 produced and well formed; then the queue-group and request/reply scenarios
-(Q1, R1) for shmbus, NATS and ZeroMQ. No assertion is about timing or speed.
+(Q1, R1) for shmbus, NATS and ZeroMQ, and the iceoryx2 peer where it is
+installed. No assertion is about timing or speed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 from shmbus_tools.bench.baseline import Baseline
+from shmbus_tools.bench.peers.iceoryx2_peer import IceoryxDriver
 from shmbus_tools.bench.report import write_markdown
 from shmbus_tools.bench.runner import BenchOutcome, RunResult, derive_metrics
 from shmbus_tools.bench.spec import (
@@ -292,6 +294,58 @@ def test_results_md_checks_the_q1_and_r1_targets(
     r1 = rows["| R1 request/reply p50 round trip ≤ 0.5× NATS's"]
     if "nats" not in json.loads((out / "results.json").read_text())["skipped_peers"]:
         assert "→ met |" in r1 or "→ **not met** |" in r1
+
+
+def _have_iceoryx2() -> bool:
+    try:
+        import iceoryx2  # noqa: F401 - the bench extra, not the test one
+    except ImportError:
+        return False
+    return True
+
+
+#: The scenarios the iceoryx2 peer runs (P1, Q1, R1 and Z1 are other peers').
+ICEORYX2_SCENARIOS = ("T1", "T2", "T3", "L1", "S1")
+
+
+@pytest.mark.skipif(not _have_iceoryx2(), reason="iceoryx2 is not installed (the bench extra)")
+def test_iceoryx2_peer_delivers_every_event_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    done = _bench(
+        "--smoke",
+        "--scenarios",
+        ",".join(ICEORYX2_SCENARIOS),
+        "--peers",
+        "ice",
+        "--out",
+        str(tmp_path),
+        "--no-charts",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    document: dict[str, Any] = json.loads((tmp_path / "results.json").read_text())
+    runs = [run for run in document["runs"] if run["peer"] == "ice"]
+    assert sorted({run["scenario"] for run in runs}) == sorted(ICEORYX2_SCENARIOS)
+    for run in runs:
+        assert run["status"] == "ok", run["error"]
+        metrics = run["metrics"]
+        # Lossless, like the queues: every subscriber took its end-of-stream
+        # samples, so it has every event.
+        assert metrics["ends"] == ["complete"], run["scenario"]
+        assert metrics["received"] == metrics["should_receive"] > 0, run["scenario"]
+        if run["scenario"] == "L1":
+            assert 0 < metrics["p50_us"] <= metrics["p99_us"] <= metrics["max_us"]
+    assert "| iceoryx2 | blocking |" in (tmp_path / "results.md").read_text()
+    # The peer's files carry the benchmark's pid, as shmbus's do.
+    pid = done.args[-1]
+    assert not [name for name in os.listdir("/dev/shm") if f"bench-{pid}-" in name]
+
+
+def test_iceoryx2_peer_says_how_to_install_it_when_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "iceoryx2", None)  # import iceoryx2 -> ImportError
+    assert IceoryxDriver.unavailable() == (
+        "Python package iceoryx2 is not installed (pip install 'shmbus[bench]')"
+    )
 
 
 def test_bad_arguments_exit_2() -> None:
@@ -663,3 +717,37 @@ def test_report_explains_a_missed_queue_group_target_with_the_publishers_ceiling
         "event." in text
     )
     assert "shmbus's workers used 80.0 µs of CPU per event delivered (NATS's 60.0" in text
+
+
+def test_report_checks_the_blocking_subscriptions_l1_p50_against_faster_fifo_and_iceoryx2(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("L1", "", "shmsync", p50_us=100.0, p99_us=200.0),
+            _result("L1", "", "ff", p50_us=125.0, p99_us=250.0),
+            _result("L1", "", "ice", p50_us=80.0, p99_us=150.0),
+            _result("L1", "", "sem", p50_us=30.0, p99_us=60.0),
+        ],
+    )
+    assert "| sync L1 p50 ≤ faster-fifo's | 100.0 µs vs 125.0 µs | 0.80× → met |" in text
+    assert "| sync L1 p50 ≤ iceoryx2's | 100.0 µs vs 80.0 µs | 1.25× → **not met** |" in text
+    assert (
+        "the bare semaphore row (that wake-up alone, no ring or envelope) costs 30.0 µs at p50 "
+        "of its 100.0 µs; the other 70.0 µs are the publish, the ring read and the decode." in text
+    )
+
+
+def test_report_leaves_the_iceoryx2_target_unmeasured_when_iceoryx2_did_not_run(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("L1", "", "shmsync", p50_us=100.0, p99_us=200.0),
+            _result("L1", "", "ff", p50_us=125.0, p99_us=250.0),
+        ],
+    )
+    assert "| sync L1 p50 ≤ iceoryx2's | 100.0 µs vs n/a µs | not measured |" in text
+    assert "| sync L1 p50 ≤ faster-fifo's | 100.0 µs vs 125.0 µs | 0.80× → met |" in text

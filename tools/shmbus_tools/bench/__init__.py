@@ -1,5 +1,5 @@
 """A side-by-side benchmark of shmbus against NATS, ZeroMQ, multiprocessing
-queues, faster-fifo and (where installed) Redis.
+queues, faster-fifo, iceoryx2 and (where installed) Redis.
 
 Run it with ``tools/bench`` (which installs the ``bench`` extra), ``python -m
 shmbus_tools.bench`` or ``shmbus bench``; ``--quick`` takes about a minute. It writes

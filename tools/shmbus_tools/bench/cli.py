@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m shmbus_tools.bench",
         description="Benchmark shmbus side by side with NATS, ZeroMQ, multiprocessing.Queue, "
-        "faster-fifo and Redis (where installed).",
+        "faster-fifo, iceoryx2 and Redis (where installed).",
     )
     add_arguments(parser)
     parser.add_argument(

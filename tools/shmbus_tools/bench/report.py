@@ -59,6 +59,7 @@ PEER_ORDER = (
     "zmq",
     "mpq",
     "ff",
+    "ice",
     "redis",
     "shmll",
     "shmuv",
@@ -73,6 +74,7 @@ COLOURS = {
     "zmq": "#2ca02c",
     "mpq": "#9467bd",
     "ff": "#ff7f0e",
+    "ice": "#393b79",
     "redis": "#8c564b",
     "fifo": "#17becf",
     "shmll": "#ff7f0e",
@@ -108,7 +110,8 @@ def _in_order(names: Iterable[str]) -> list[str]:
 def host_facts() -> dict[str, Any]:
     """The machine and the versions of everything measured."""
     versions: dict[str, str] = {}
-    for package in ("shmbus", "msgpack", "pyzmq", "nats-py", "faster-fifo", "redis", "matplotlib"):
+    packages = ("shmbus", "msgpack", "pyzmq", "nats-py", "faster-fifo", "iceoryx2", "redis")
+    for package in (*packages, "matplotlib"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -811,6 +814,21 @@ def _why_l1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
     )
 
 
+def _why_sync_l1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
+    """How much of the blocking subscription's L1 latency is its wake-up."""
+    sync = _figure(summary, ("L1", "", "shmsync"), "p50_us")
+    sem = _figure(summary, ("L1", "", "sem"), "p50_us")
+    text = (
+        "The blocking subscription's consumer sleeps on a POSIX semaphore, its doorbell: "
+        f"the bare semaphore row (that wake-up alone, no ring or envelope) costs {_fmt(sem, 1)} "
+        f"µs at p50 of its {_fmt(sync, 1)} µs"
+    )
+    if sync is not None and sem is not None:
+        rest = _fmt(sync - sem, 1)
+        text += f"; the other {rest} µs are the publish, the ring read and the decode"
+    return text + "."
+
+
 def _why_t2_publisher(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
     """What happened to every publisher as T2's subscribers were added."""
     widest = _widest_fanout(summary)
@@ -916,6 +934,7 @@ _SHORTFALLS: dict[str, Callable[[dict[Key, dict[str, Any]], int], str]] = {
     "T1": _why_t1,
     "P1": _why_p1,
     "L1": _why_l1,
+    "L1sync": _why_sync_l1,
     "T2pub": _why_t2_publisher,
     "R1": _why_r1,
     "Q1": _why_q1,
@@ -988,6 +1007,15 @@ def _targets(summary: dict[Key, dict[str, Any]], cpus: int) -> list[str]:
             f"{_fmt(value, 1)} µs",
             "not measured" if value is None else ("met" if value <= limit else "**not met**"),
             "L1",
+        )
+    sync = _figure(summary, ("L1", "", "shmsync"), "p50_us")
+    for peer, label in (("ff", "faster-fifo"), ("ice", "iceoryx2")):
+        theirs = _figure(summary, ("L1", "", peer), "p50_us")
+        add(
+            f"sync L1 p50 ≤ {label}'s",
+            f"{_fmt(sync, 1)} µs vs {_fmt(theirs, 1)} µs",
+            _check(sync, theirs, 1.0, at_most=True),
+            "L1sync",
         )
     publish = _figure(summary, ("P1", "publish", "shm"), "calls_per_s")
     nats = _figure(summary, ("P1", "publish", "nats"), "calls_per_s")

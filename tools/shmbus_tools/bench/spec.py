@@ -137,6 +137,15 @@ PEERS: Final = {
         "faster_fifo.Queue (16 MiB) per subscriber, `put()` to each, `get_many()`; "
         "the subscriber filters with the shmbus matcher",
     ),
+    "ice": PeerInfo(
+        "iceoryx2",
+        "blocking",
+        "blocking",
+        "iceoryx2 publish-subscribe (`Slice[c_uint8]` samples: topic + envelope) plus an "
+        "event service: `loan_slice_uninit()`/`send()` then `notify()`; the subscriber "
+        "drains `receive()` and sleeps in `Listener.blocking_wait()`, filters with the "
+        "shmbus matcher",
+    ),
     "redis": PeerInfo(
         "Redis",
         "asyncio",
@@ -221,6 +230,8 @@ PEER_ALIASES: Final = {
     "multiprocessing": "mpq",
     "faster-fifo": "ff",
     "faster_fifo": "ff",
+    "iceoryx2": "ice",
+    "iox2": "ice",
 }
 
 

@@ -104,6 +104,7 @@ _MODULES = {
     "zmq": "zmq_peer",
     "mpq": "queue_peers",
     "ff": "queue_peers",
+    "ice": "iceoryx2_peer",
     "redis": "redis_peer",
     "sem": "references",
     "fifo": "references",
