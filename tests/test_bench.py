@@ -751,3 +751,23 @@ def test_report_leaves_the_iceoryx2_target_unmeasured_when_iceoryx2_did_not_run(
     )
     assert "| sync L1 p50 ≤ iceoryx2's | 100.0 µs vs n/a µs | not measured |" in text
     assert "| sync L1 p50 ≤ faster-fifo's | 100.0 µs vs 125.0 µs | 0.80× → met |" in text
+
+
+def test_report_checks_the_large_event_targets_against_faster_fifo(tmp_path: Path) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("S1", "size=65536", "shm", mb_per_s=1500.0, envelope_bytes=65_670),
+            _result("S1", "size=65536", "ff", mb_per_s=1000.0, envelope_bytes=65_670),
+            _result("S1", "size=262144", "shm", mb_per_s=900.0, envelope_bytes=262_278),
+            _result("S1", "size=262144", "ff", mb_per_s=1200.0, envelope_bytes=262_278),
+        ],
+    )
+    assert (
+        "| S1 64 KiB blob: MB/s delivered ≥ faster-fifo's | 1,500.0 vs 1,000.0 | 1.50× → met |"
+        in text
+    )
+    assert (
+        "| S1 256 KiB blob: MB/s delivered ≥ faster-fifo's | 900.0 vs 1,200.0 "
+        "| 0.75× → **not met** |" in text
+    )

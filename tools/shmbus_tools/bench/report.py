@@ -1017,6 +1017,15 @@ def _targets(summary: dict[Key, dict[str, Any]], cpus: int) -> list[str]:
             _check(sync, theirs, 1.0, at_most=True),
             "L1sync",
         )
+    for size, label in ((64 << 10, "64 KiB"), (256 << 10, "256 KiB")):
+        key = f"size={size}"
+        ours = _figure(summary, ("S1", key, "shm"), "mb_per_s")
+        theirs = _figure(summary, ("S1", key, "ff"), "mb_per_s")
+        add(
+            f"S1 {label} blob: MB/s delivered ≥ faster-fifo's",
+            f"{_fmt(ours, 1)} vs {_fmt(theirs, 1)}",
+            _check(ours, theirs, 1.0, at_most=False),
+        )
     publish = _figure(summary, ("P1", "publish", "shm"), "calls_per_s")
     nats = _figure(summary, ("P1", "publish", "nats"), "calls_per_s")
     add(
