@@ -390,7 +390,12 @@ def test_closing_the_bus_from_another_thread_fails_every_waiting_request(
     waiting = [
         InThread(lambda n=n: bus.request_sync(f"svc.w{n}", {}, timeout=NEVER)) for n in range(3)
     ]
-    wait_until(lambda: sync_inbox(bus).waiting == 3, "three waiting requests")
+    # In the table and published: a request still inside its publish when
+    # the bus closes fails there, as a publish on a closed bus does.
+    wait_until(
+        lambda: sync_inbox(bus).waiting == 3 and bus.stats().published == 3,
+        "three requests published and waiting",
+    )
     close(bus)
     for n, each in enumerate(waiting):
         with pytest.raises(BusClosedError) as info:
