@@ -422,6 +422,7 @@ def test_plan_runs_q1_and_r1_for_shmbus_nats_and_zeromq_only() -> None:
         ("Q1", "nats"),
         ("Q1", "zmq"),
         ("R1", "shm"),
+        ("R1", "shmll"),  # the opt-in low-latency mode at both ends
         ("R1", "nats"),
         ("R1", "zmq"),
     ]
@@ -771,3 +772,22 @@ def test_report_checks_the_large_event_targets_against_faster_fifo(tmp_path: Pat
         "| S1 256 KiB blob: MB/s delivered ≥ faster-fifo's | 900.0 vs 1,200.0 "
         "| 0.75× → **not met** |" in text
     )
+
+
+def test_report_checks_request_reply_in_the_low_latency_mode_beside_the_default(
+    tmp_path: Path,
+) -> None:
+    text = _report(
+        tmp_path,
+        [
+            _result("R1", "", "shm", p50_us=400.0, p99_us=600.0),
+            _result("R1", "", "shmll", p50_us=200.0, p99_us=300.0),
+            _result("R1", "", "nats", p50_us=500.0, p99_us=800.0),
+        ],
+    )
+    assert "| shmbus, both ends `low_latency=True` (opt-in mode) | asyncio | 200.0 |" in text
+    assert (
+        "| R1 low-latency mode (opt-in) p50 round trip ≤ 0.5× NATS's | 200.0 µs vs 500.0 µs "
+        "| 0.40× → met |" in text
+    )
+    assert "| R1 request/reply p50 round trip ≤ 0.5× NATS's | 400.0 µs vs 500.0 µs" in text

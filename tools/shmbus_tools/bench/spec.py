@@ -423,7 +423,11 @@ def _shapes(s: Settings, scenario: str, peers: list[str]) -> list[tuple[list[str
             for size in s.sizes
         ]
     if scenario in SCENARIO_PEERS:
-        return _pattern_shapes(s, scenario, [p for p in peers if p in SCENARIO_PEERS[scenario]])
+        chosen = [p for p in peers if p in SCENARIO_PEERS[scenario]]
+        if scenario == "R1" and "shm" in chosen:
+            # Both ends wait for each other's message: the opt-in mode's row.
+            chosen.insert(chosen.index("shm") + 1, "shmll")
+        return _pattern_shapes(s, scenario, chosen)
     if scenario == "P1":
         shapes: list[tuple[list[str], RunSpec]] = []
         for peer in [*(p for p in peers if p1_variants(p)), "loop"]:

@@ -108,12 +108,21 @@ class ShmDriver(Driver):
 
 
 class ShmLowLatencyDriver(ShmDriver):
-    """shmbus with the subscriber's reader in the opt-in low-latency mode."""
+    """shmbus with the readers that wait for events (L1's subscriber, R1's
+    requester and responder) in the opt-in low-latency mode."""
 
     name = "shmll"
 
     def subscriber(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
         asyncio.run(_subscriber(link, spec, str(resources), self.bus_factory(), low_latency=True))
+
+    def requester(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        factory = functools.partial(self.bus_factory(), low_latency=True)
+        asyncio.run(_requester(link, spec, str(resources), factory))
+
+    def responder(self, link: BlockingLink, spec: RunSpec, resources: Any, index: int) -> None:
+        factory = functools.partial(self.bus_factory(), low_latency=True)
+        asyncio.run(_responder(link, spec, str(resources), factory))
 
 
 class ShmUvloopDriver(ShmDriver):
