@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import SMALL_RING
+from threads import InThread, wait_until
 
 from shmbus import (
     BaseBus,
@@ -111,31 +112,6 @@ def tiny_queue(request: pytest.FixtureRequest, bus_name: str) -> Iterator[Pair]:
     yield from pair(request, bus_name, queue_size=4)
 
 
-class InThread:
-    """Run *work* in a thread of its own; :meth:`result` joins it and
-    returns what *work* returned, or raises what it raised."""
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._outcome: list[Any] = []
-        self._error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self._outcome.append(work())
-            except BaseException as exc:  # handed to the test's thread
-                self._error.append(exc)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self) -> Any:
-        self.thread.join(FINISH)
-        assert not self.thread.is_alive(), "the thread is still blocked"
-        if self._error:
-            raise self._error[0]
-        return self._outcome[0]
-
-
 @pytest.fixture
 def no_timers(monkeypatch: pytest.MonkeyPatch) -> None:
     """No wait ends by itself: a blocking reader re-checks and a waiting
@@ -164,15 +140,6 @@ def sleeping(bus: ShmBus, sub: BlockingSubscription) -> bool:
     segment = bus._segment
     assert segment is not None
     return bool(segment.mm[OFF_SLEEP_FLAGS + reader.slot])
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    done = threading.Event()
-    for _ in range(int(FINISH / 0.002)):
-        if predicate():
-            return
-        done.wait(0.002)
-    raise AssertionError(f"never happened: {what}")
 
 
 def next_event(sub: BlockingSubscription) -> Event:

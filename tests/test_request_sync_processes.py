@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import request_agents
 from conftest import SMALL_RING
 from shmbus_tools.children import Agent, running
+from threads import InThread, wait_until
 
 from shmbus import Event, NoRespondersError, RequestTimeoutError, ShmBus
 from shmbus._core.inspection import read_bus
@@ -47,41 +47,6 @@ def host(bus_name: str) -> Iterator[ShmBus]:
         yield bus
     finally:
         bus.close_sync()
-
-
-class InThread:
-    """Run *work* in a thread of its own; :meth:`result` joins it and returns
-    what it returned, or raises what it raised."""
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._outcome: list[Any] = []
-        self._error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self._outcome.append(work())
-            except BaseException as exc:  # handed to the test's thread
-                self._error.append(exc)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self) -> Any:
-        self.thread.join(FINISH)
-        assert not self.thread.is_alive(), "the thread is still blocked"
-        if self._error:
-            raise self._error[0]
-        return self._outcome[0]
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll *predicate* until it holds (bounded by FINISH)."""
-    pause = threading.Event()
-    for _ in range(int(FINISH / 0.002)):
-        if predicate():
-            return
-        pause.wait(0.002)
-    raise AssertionError(f"never happened: {what}")
 
 
 def asyncio_responder(bus_name: str, *, hold: bool = False) -> Agent:
@@ -179,7 +144,7 @@ def test_a_responder_killed_mid_request_makes_the_blocking_request_time_out_and_
         assert doomed.recv(FINISH) == ("holding", {"n": 1})
         os.kill(doomed.pid, signal.SIGKILL)
         with pytest.raises(RequestTimeoutError) as info:
-            pending.result()
+            pending.result(FINISH)
     assert "'svc.work'" in str(info.value)
     assert host._sync_inbox.waiting == 0 and host._sync_inbox._pumper is None
     # The bus still answers: a new responder process gets the next request.
@@ -209,10 +174,10 @@ def test_a_stopped_responders_late_reply_is_dropped_and_counted_by_the_request_t
             with pytest.raises(RequestTimeoutError):
                 host.request_sync("svc.echo", {"n": 1}, timeout=0.5)
             pending = InThread(lambda: host.request_sync("svc.echo", {"n": 2}, timeout=ANSWERED))
-            wait_for(lambda: host._sync_inbox.waiting == 1, "the next request waits")
+            wait_until(lambda: host._sync_inbox.waiting == 1, "the next request waits", FINISH)
         finally:
             os.kill(responder.pid, signal.SIGCONT)
-        reply = pending.result()
+        reply = pending.result(FINISH)
         responder.send("stop")
         assert responder.recv(FINISH) == {"answered": 3}
     assert (warm.payload["n"], reply.payload["n"]) == (0, 2)

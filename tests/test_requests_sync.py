@@ -14,11 +14,12 @@ import asyncio
 import ctypes
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import SMALL_RING
+from threads import InThread, wait_until
 
 from shmbus import (
     BaseBus,
@@ -96,31 +97,6 @@ def any_pair(request: pytest.FixtureRequest, bus_name: str) -> Iterator[Pair]:
         made.close()
 
 
-class InThread:
-    """Run *work* in a thread of its own; :meth:`result` joins it and returns
-    what it returned, or raises what it raised."""
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self._outcome: list[Any] = []
-        self._error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self._outcome.append(work())
-            except BaseException as exc:  # handed to the test's thread
-                self._error.append(exc)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def result(self) -> Any:
-        self.thread.join(FINISH)
-        assert not self.thread.is_alive(), "the thread is still blocked"
-        if self._error:
-            raise self._error[0]
-        return self._outcome[0]
-
-
 class Responder:
     """A thread answering every request on *pattern* from a blocking
     subscription with ``reply_nowait``: ``{"echo": payload}``. Requests whose
@@ -150,15 +126,6 @@ def sync_inbox(bus: BaseBus) -> BlockingReplyInbox:
     inbox = bus._sync_inbox  # type: ignore[attr-defined]
     assert isinstance(inbox, BlockingReplyInbox)
     return inbox
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    done = threading.Event()
-    for _ in range(int(FINISH / 0.002)):
-        if predicate():
-            return
-        done.wait(0.002)
-    raise AssertionError(f"never happened: {what}")
 
 
 def raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
