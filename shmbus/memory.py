@@ -31,7 +31,7 @@ listens there.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._checks import check_int
@@ -200,13 +200,7 @@ class MemoryBus(_LocalBus):
         self._check_open("request")
         validate_topic(topic)
         timeout = check_timeout(timeout)
-
-        def send(reply_to: str) -> None:
-            data = encode_envelope(
-                topic, payload, event_type, self.max_event_size, headers=headers, reply_to=reply_to
-            )
-            self._route(topic, data, request=True)
-
+        send = self._request_sender(topic, payload, event_type, headers)
         return await self._inbox.request(topic, timeout, send)
 
     def request_sync(
@@ -226,6 +220,18 @@ class MemoryBus(_LocalBus):
         self._check_open("request")
         validate_topic(topic)
         timeout = check_timeout(timeout)
+        send = self._request_sender(topic, payload, event_type, headers)
+        return self._sync_inbox.request(topic, timeout, send)
+
+    def _request_sender(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        event_type: str,
+        headers: Mapping[str, str] | None,
+    ) -> Callable[[str], None]:
+        """What an inbox calls to publish the request with its ``reply_to``:
+        routed as a request, so nobody subscribed raises NoRespondersError."""
 
         def send(reply_to: str) -> None:
             data = encode_envelope(
@@ -233,7 +239,7 @@ class MemoryBus(_LocalBus):
             )
             self._route(topic, data, request=True)
 
-        return self._sync_inbox.request(topic, timeout, send)
+        return send
 
     def subscribe_sync(self, pattern: str) -> BlockingSubscription:
         """A blocking subscription (see :meth:`BaseBus.subscribe_sync`): events

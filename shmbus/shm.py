@@ -428,18 +428,7 @@ class ShmBus(BaseBus):
         timeout = check_timeout(timeout)
         if self._state is not _OPEN:
             await self.connect()
-
-        def send(reply_to: str) -> None:
-            self.republish(
-                Event(
-                    topic,
-                    payload,
-                    event_type,
-                    headers=EMPTY_HEADERS if headers is None else headers,
-                    reply_to=reply_to,
-                )
-            )
-
+        send = self._request_sender(topic, payload, event_type, headers)
         return await self._inbox.request(topic, timeout, send)
 
     def request_sync(
@@ -467,6 +456,17 @@ class ShmBus(BaseBus):
         refuse_on_event_loop(f"ShmBus {self.name!r}")
         if self._state is not _OPEN:
             self._ensure_open("request")
+        send = self._request_sender(topic, payload, event_type, headers)
+        return self._sync_inbox.request(topic, timeout, send)
+
+    def _request_sender(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        event_type: str,
+        headers: Mapping[str, str] | None,
+    ) -> Callable[[str], None]:
+        """What an inbox calls to publish the request with its ``reply_to``."""
 
         def send(reply_to: str) -> None:
             self.republish(
@@ -479,7 +479,7 @@ class ShmBus(BaseBus):
                 )
             )
 
-        return self._sync_inbox.request(topic, timeout, send)
+        return send
 
     def _commit(self, topic_key: tuple[bytes, int], body: bytes) -> None:
         """Append one encoded envelope to this instance's ring and wake
