@@ -62,6 +62,18 @@ def bus_name(request: pytest.FixtureRequest) -> str:
     return new_bus_name(label.replace("_", "-"))
 
 
+@pytest.fixture
+def host(bus_name: str) -> Iterator[ShmBus]:
+    """The test process's own instance of the test's bus, closed last, so
+    that what is left in /dev/shm is checked after everyone else is gone."""
+    bus = ShmBus(bus_name, **SMALL_RING)
+    bus.connect_sync()
+    try:
+        yield bus
+    finally:
+        bus.close_sync()
+
+
 @pytest.fixture(scope="session")
 def contract_nats_server() -> Iterator[Any]:
     """One real nats-server (127.0.0.1, random port) for the contract tests."""

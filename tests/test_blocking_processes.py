@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import agents
@@ -31,18 +30,6 @@ FINISH = 60.0
 
 
 pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
-
-
-@pytest.fixture
-def host(bus_name: str) -> Iterator[ShmBus]:
-    """The test process's own instance of the test's bus, closed last, so
-    that what is left in /dev/shm is checked after everyone else is gone."""
-    bus = ShmBus(bus_name, **SMALL_RING)
-    bus.connect_sync()
-    try:
-        yield bus
-    finally:
-        bus.close_sync()
 
 
 def process_state(pid: int) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -37,16 +36,6 @@ FLOOD = 2000
 
 
 pytestmark = pytest.mark.usefixtures("no_resource_tracker_left")
-
-
-@pytest.fixture
-def host(bus_name: str) -> Iterator[ShmBus]:
-    bus = ShmBus(bus_name, **SMALL_RING)
-    bus.connect_sync()
-    try:
-        yield bus
-    finally:
-        bus.close_sync()
 
 
 def asyncio_responder(bus_name: str, *, hold: bool = False) -> Agent:
