@@ -100,7 +100,6 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .layout import (
@@ -350,28 +349,32 @@ class RingWriter:
         return head
 
 
-@dataclass(slots=True)
 class RingBatch(Generic[Route]):
-    """What one :meth:`RingReader.read` call found."""
+    """What one :meth:`RingReader.read` call found.
 
-    #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
-    #: A large body is a view of the reader's arena, valid until its next
-    #: read() call: decode it before reading again.
-    records: list[tuple[int, Route, bytes, bytes | memoryview, bool]] = field(
-        default_factory=list
-    )
-    #: The assignments block of each wanted group record, by sequence number
-    #: (covered by the record's checksum).
-    assignments: dict[int, bytes] = field(default_factory=dict)
-    #: Ranges of lost sequence numbers, ``[first, end)``: laps, corrupt runs.
-    gaps: list[tuple[int, int]] = field(default_factory=list)
-    #: Records rejected because their header was unreadable.
-    corrupt: int = 0
-    #: True if the reader was lapped during this call.
-    lapped: bool = False
-    #: Event records the call went through (wanted or not, kept or lapped):
-    #: what its *limit* counted.
-    examined: int = 0
+    A plain slotted class rather than a dataclass: one is made per read, on
+    the path from a wake-up to the event in hand.
+    """
+
+    __slots__ = ("records", "assignments", "gaps", "corrupt", "lapped", "examined")
+
+    def __init__(self, *, lapped: bool = False) -> None:
+        #: Wanted records in ring order: (seq, route, topic, body, checksum_ok).
+        #: A large body is a view of the reader's arena, valid until its next
+        #: read() call: decode it before reading again.
+        self.records: list[tuple[int, Route, bytes, bytes | memoryview, bool]] = []
+        #: The assignments block of each wanted group record, by sequence
+        #: number (covered by the record's checksum).
+        self.assignments: dict[int, bytes] = {}
+        #: Ranges of lost sequence numbers, ``[first, end)``: laps, corrupt runs.
+        self.gaps: list[tuple[int, int]] = []
+        #: Records rejected because their header was unreadable.
+        self.corrupt = 0
+        #: True if the reader was lapped during this call.
+        self.lapped = lapped
+        #: Event records the call went through (wanted or not, kept or
+        #: lapped): what its *limit* counted.
+        self.examined = 0
 
 
 class RingReader(Generic[Route]):
@@ -474,21 +477,18 @@ class RingReader(Generic[Route]):
         if position == write_cursor:
             return batch
         acquire_fence()  # rule 1: the commit before the records it covers
-        for _attempt in range(3):
-            head: int = words[W_HEAD]
-            position = max(self.cursor, head)
-            if head <= write_cursor and 0 <= write_cursor - position <= capacity:
-                break
-            # The writer moved between the two loads (head is newer than the
-            # write_cursor we read): load both again.
-            write_cursor = words[W_WRITE_CURSOR]
-            acquire_fence()
-        else:
-            # They stay contradictory: the header words are corrupt, not a
-            # record. Resynchronise at the commit point.
-            batch.corrupt += 1
-            self.cursor = write_cursor
-            return batch
+        head: int = words[W_HEAD]
+        if head > position:
+            position = head
+        if not (head <= write_cursor and 0 <= write_cursor - position <= capacity):
+            bounds = self._bounds()
+            if bounds is None:
+                # The words stay contradictory: the header words are corrupt,
+                # not a record. Resynchronise at the commit point.
+                batch.corrupt += 1
+                self.cursor = int(words[W_WRITE_CURSOR])
+                return batch
+            write_cursor, position = bounds
         start_position = position
         # The writer stores next_seq before it commits, so no committed record
         # below write_cursor carries a number at or above this.
@@ -599,6 +599,21 @@ class RingReader(Generic[Route]):
         self.cursor = position
         self.expected_seq = expected
         return batch
+
+    def _bounds(self) -> tuple[int, int] | None:
+        """(write_cursor, start position) from two fresh loads, once the
+        first pair contradicted itself: the writer moved between the loads
+        (head newer than the write_cursor read). None if the words stay
+        contradictory."""
+        words = self._words
+        for _attempt in range(2):
+            write_cursor = int(words[W_WRITE_CURSOR])
+            acquire_fence()
+            head = int(words[W_HEAD])
+            position = max(self.cursor, head)
+            if head <= write_cursor and 0 <= write_cursor - position <= self._capacity:
+                return write_cursor, position
+        return None
 
     def _salvage(
         self,
