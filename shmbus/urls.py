@@ -87,6 +87,7 @@ _SHM_OPTIONS: dict[str, _Parser] = {
     "mode": _to_mode,
     "group": _to_str,
     "low_latency": _to_bool,
+    "spin_for_replies": _to_bool,
 }
 _LOCAL_OPTIONS: dict[str, _Parser] = {"max_event_size": _to_int, "queue_size": _to_int}
 _NATS_URL_OPTIONS: dict[str, _Parser] = {

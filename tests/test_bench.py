@@ -685,13 +685,15 @@ def test_report_explains_a_missed_request_reply_target_with_the_runs_one_way_lat
             _result("R1", "", "nats", p50_us=500.0),
             _result("L1", "", "shm", p50_us=180.0),
             _result("L1", "", "fifo", p50_us=60.0),
+            _result("L1", "", "shmll", p50_us=120.0),
         ],
     )
     assert "| 400.0 µs vs 500.0 µs | 0.80× → **not met** |" in text
     assert "The target asks for 250.0 µs; shmbus took 400.0 µs." in text
     assert (
-        "One delivery took 180.0 µs at p50 in L1 of this run (twice: 360.0 µs), "
-        "60.0 µs of it the wake-up alone (the FIFO row)." in text
+        "In L1 of this run one delivery to a sleeping reader took 180.0 µs at p50 "
+        "(60.0 µs of it the wake-up alone, the FIFO row) and one to a polling reader "
+        "(the low-latency row) 120.0 µs: 300.0 µs for the two." in text
     )
 
 

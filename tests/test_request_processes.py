@@ -179,3 +179,49 @@ async def test_a_request_on_a_topic_no_process_answers_times_out(
         responder.send("stop")
         assert responder.recv(FINISH) == {"answered": 0}
     assert "within 0.3 s" in str(info.value)
+
+
+# ─── Polling for replies ─────────────────────────────────────────────────────
+
+
+async def test_a_reply_from_another_process_is_found_by_polling_while_its_request_waits(
+    host: ShmBus, bus_name: str
+) -> None:
+    """spin_for_replies (the default): the requester's reader polls while a
+    request waits, so a prompt reply is read without a wake-up; once no
+    request waits, the reader holds nothing and sleeps again."""
+    responder = echo_responder(bus_name)
+    with running(responder):
+        responder.expect("ready")
+        async with ShmBus(bus_name, **SMALL_RING) as bus:
+            # One prompt reply is enough; a loaded machine may make a few
+            # slower than the polling window.
+            for n in range(200):
+                reply = await bus.request("svc.echo", {"n": n}, timeout=ANSWERED)
+                assert reply.payload["n"] == n
+                reader = bus._reader
+                assert reader is not None
+                if reader.found_polling:
+                    break
+            assert reader.found_polling >= 1, f"none of {n + 1} replies was found by polling"
+            assert reader.spin_holds == 0
+            await eventually(lambda: reader.sleeping, "the requester's reader to sleep")
+        responder.send("stop")
+        responder.recv(FINISH)
+
+
+async def test_without_spin_for_replies_a_request_waits_for_its_wake_up(
+    host: ShmBus, bus_name: str
+) -> None:
+    responder = echo_responder(bus_name)
+    with running(responder):
+        responder.expect("ready")
+        async with ShmBus(bus_name, spin_for_replies=False, **SMALL_RING) as bus:
+            for n in range(20):
+                reply = await bus.request("svc.echo", {"n": n}, timeout=ANSWERED)
+                assert reply.payload["n"] == n
+            reader = bus._reader
+            assert reader is not None
+            assert (reader.found_polling, reader.spin_holds) == (0, 0)
+        responder.send("stop")
+        assert responder.recv(FINISH) == {"answered": 20}

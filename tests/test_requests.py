@@ -39,6 +39,12 @@ def waiting_requests(bus: BaseBus) -> int:
     return inbox.waiting if inbox is not None else 0
 
 
+def spin_holds(bus: BaseBus) -> int:
+    """Polling holds a ShmBus's reader still has for requests (0 elsewhere)."""
+    reader = getattr(bus, "_reader", None)
+    return reader.spin_holds if reader is not None else 0
+
+
 # ─── The round trip ──────────────────────────────────────────────────────────
 
 
@@ -172,6 +178,7 @@ async def test_a_request_nobody_answers_raises_request_timeout_error(
     assert isinstance(info.value, NoRespondersError) == knows
     assert "'nobody.home'" in str(info.value)
     assert waiting_requests(with_null) == 0
+    assert spin_holds(with_null) == 0
 
 
 async def test_a_silent_subscriber_makes_the_request_time_out_naming_topic_and_timeout(
@@ -184,6 +191,7 @@ async def test_a_silent_subscriber_makes_the_request_time_out_naming_topic_and_t
     assert not isinstance(info.value, NoRespondersError)
     assert "'svc.silent'" in str(info.value) and f"{SHORT:g} s" in str(info.value)
     assert waiting_requests(transport) == 0
+    assert spin_holds(transport) == 0
 
 
 async def test_a_reply_after_the_timeout_is_dropped_and_the_next_request_works(
@@ -214,6 +222,7 @@ async def test_a_cancelled_request_leaves_nothing_waiting(transport: BaseBus) ->
         with pytest.raises(asyncio.CancelledError):
             await pending
         assert waiting_requests(transport) == 0
+        assert spin_holds(transport) == 0
         task = responder(transport, sub, echo)
         reply = await within(transport.request("svc.cancel", {"again": 1}, timeout=NEVER))
         task.cancel()
@@ -278,6 +287,7 @@ async def test_a_bad_request_raises_as_a_publish_would(
     with pytest.raises(error):
         await with_null.request(*arguments, timeout=NEVER)
     assert waiting_requests(with_null) == 0
+    assert spin_holds(with_null) == 0
 
 
 async def test_bad_request_headers_are_refused(with_null: BaseBus) -> None:

@@ -25,6 +25,13 @@ def test_shm_url_takes_low_latency_as_a_boolean() -> None:
     assert isinstance(off, ShmBus) and off.low_latency is False
 
 
+def test_shm_url_takes_spin_for_replies_as_a_boolean_on_by_default() -> None:
+    default = get_bus("shm://orders")
+    off = get_bus("shm://orders?spin_for_replies=false")
+    assert isinstance(default, ShmBus) and default.spin_for_replies is True
+    assert isinstance(off, ShmBus) and off.spin_for_replies is False
+
+
 def test_shm_url_refuses_the_removed_lock_timeout_option() -> None:
     """Publishing takes no cross-process lock any more: lock_timeout is an
     unknown option, refused naming it."""

@@ -60,11 +60,17 @@ Invariants
   :class:`~shmbus._core.groups.MemberRouting`. The heartbeat counts assigned
   records lapped at a ring's tail and, with the dead writers' rings, settles
   dead members.
-* Low-latency mode (opt-in, asyncio driver): before sleeping, the reader
-  keeps polling the rings from the event loop (one poll per loop iteration,
-  so other tasks still run) for an adaptive window: twice the recent idle gap
-  between records, between ``SPIN_MIN`` and ``SPIN_MAX``, and only
-  ``SPIN_MIN`` when gaps are longer than ``SPIN_MAX``.
+* Polling before sleep (asyncio driver): the reader keeps polling the
+  rings from the event loop (one poll per loop iteration, so other tasks
+  still run) for an adaptive window before it sleeps: twice the recent idle
+  gap between records, between ``SPIN_MIN`` and ``SPIN_MAX``, and only
+  ``SPIN_MIN`` when gaps are longer than ``SPIN_MAX``. Always in the opt-in
+  low-latency mode; otherwise only while a *spin hold* is taken
+  (:meth:`BusReader.hold_spin`: a request of the instance awaits its
+  reply). Taking a hold while the reader sleeps starts a window at once, so
+  a reply that comes within it is found by a poll rather than by the
+  wake-up. Holds only ever shorten a sleep; a window always ends, after
+  which the reader sleeps as usual even if a hold is still taken.
 * Sleep: only when no ring holds anything unread, by the protocol in
   :mod:`shmbus._core.wakeup` (:meth:`RingFollower.announce_sleep`). Two timers
   insure against a lost wake-up (a publisher killed between its commit and
@@ -602,7 +608,13 @@ class BusReader:
         self._channel = WakeChannel(segment)
         self._scheduled = False
         self._stopped = False
-        self._spin_until: float | None = 0.0 if low_latency else None
+        self._low_latency = low_latency
+        #: Spin holds taken (requests awaiting replies): poll while idle.
+        self._spin_holds = 0
+        self._spin_until = 0.0
+        #: Records found by a poll rather than by a wake-up (for tests and
+        #: ``statistics()``-style inspection).
+        self.found_polling = 0
         self._asleep = False
         self._idle_since = 0.0
         self._idle_gap = SPIN_MAX
@@ -656,6 +668,35 @@ class BusReader:
         self._stopped = True
         self._channel.close(unlink=False)
 
+    @property
+    def sleeping(self) -> bool:
+        """True while the reader sleeps (its sleep flag announced, no poll
+        or step queued)."""
+        return self._asleep and not self._scheduled
+
+    @property
+    def spin_holds(self) -> int:
+        """Holds taken by :meth:`hold_spin` and not given back yet."""
+        return self._spin_holds
+
+    def hold_spin(self) -> None:
+        """Poll rather than sleep while idle until :meth:`release_spin` (see
+        the module's invariants); on the home loop. A sleeping reader starts
+        a polling window now."""
+        self._spin_holds += 1
+        if self._asleep and not self._scheduled and not self._stopped:
+            self._asleep = False
+            self.follower.clear_sleep_flag()
+            if self._recheck is not None:
+                self._recheck.cancel()
+                self._recheck = None
+            self._spin_or_sleep()
+
+    def release_spin(self) -> None:
+        """Give back a hold taken by :meth:`hold_spin`; on the home loop."""
+        if self._spin_holds > 0:
+            self._spin_holds -= 1
+
     # ─── Scheduling ───
 
     def _schedule(self) -> None:
@@ -677,7 +718,7 @@ class BusReader:
         if self._scheduled or not self._asleep:
             return
         self._asleep = False
-        if self._spin_until is not None:
+        if self._low_latency or self._spin_holds:
             self._idle_gap += (time.perf_counter() - self._idle_since - self._idle_gap) / 8
         if self._recheck is not None:
             self._recheck.cancel()
@@ -725,7 +766,7 @@ class BusReader:
         self.follower.write_counters()
         if self._pending():
             self._step()
-        elif self._spin_until is not None:
+        elif self._low_latency or self._spin_holds:
             self._spin_or_sleep()
         else:
             self._sleep()
@@ -739,7 +780,7 @@ class BusReader:
             if self._idle_gap > SPIN_MAX:
                 window = SPIN_MIN
             self._spin_until = now + window
-        if now < (self._spin_until or 0.0):
+        if now < self._spin_until:
             self.loop.call_soon(self._spin_poll)
             self._scheduled = True
         else:
@@ -752,6 +793,7 @@ class BusReader:
         if self._pending():
             gap = time.perf_counter() - self._idle_since
             self._idle_gap += (gap - self._idle_gap) / 8
+            self.found_polling += 1
             self._step()
         else:
             self._spin_or_sleep()

@@ -866,19 +866,25 @@ def _why_r1(summary: dict[Key, dict[str, Any]], cpus: int) -> str:
     ours = _figure(summary, ("R1", "", "shm"), "p50_us")
     nats = _figure(summary, ("R1", "", "nats"), "p50_us")
     text = (
-        "A shmbus round trip is two deliveries, each to a reader asleep since the last "
-        "request: the request wakes the responder's reader, the reply the requester's, whose "
-        "inbox hands it to the waiting request. The target asks for "
+        "A shmbus round trip is two deliveries: the request to the responder's reader, "
+        "asleep since the last request, and the reply to the requester's reader, which polls "
+        "while a request waits (spin_for_replies, the default), whose inbox hands it to the "
+        "waiting request. Only the first costs a wake-up. The target asks for "
         f"{_fmt(nats * 0.5 if nats else None, 1)} µs; shmbus took {_fmt(ours, 1)} µs."
     )
     one_way = _figure(summary, ("L1", "", "shm"), "p50_us")
+    polled = _figure(summary, ("L1", "", "shmll"), "p50_us")
     fifo = _figure(summary, ("L1", "", "fifo"), "p50_us")
     if one_way is not None:
-        text += (
-            f" One delivery took {_fmt(one_way, 1)} µs at p50 in L1 of this run (twice: "
-            f"{_fmt(2 * one_way, 1)} µs)"
-            + (f", {_fmt(fifo, 1)} µs of it the wake-up alone (the FIFO row)." if fifo else ".")
-        )
+        text += f" In L1 of this run one delivery to a sleeping reader took {_fmt(one_way, 1)} µs"
+        if fifo is not None:
+            text += f" at p50 ({_fmt(fifo, 1)} µs of it the wake-up alone, the FIFO row)"
+        if polled is not None:
+            text += (
+                f" and one to a polling reader (the low-latency row) {_fmt(polled, 1)} µs: "
+                f"{_fmt(one_way + polled, 1)} µs for the two"
+            )
+        text += "."
     else:
         text += " (L1 did not run: no one-way figure of this run to compare with.)"
     return text
