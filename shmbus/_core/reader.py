@@ -410,13 +410,16 @@ class RingFollower:
         with self._lock:
             routed = self.routed
             try:
-                self._check_directory()
+                if self._finder.changed():
+                    self._scan(first=False)
             except Exception:
                 log.exception("reader failed to scan the ring directory")
                 self.corrupt += 1
             order = self._order
             count = len(order)
-            if count:
+            if count == 1:
+                self._read_ring(order[0], BATCH)
+            elif count:
                 self._first = (self._first + 1) % count
                 budget = BATCH
                 for index in range(count):
@@ -436,7 +439,7 @@ class RingFollower:
         try:
             batch = ring.read(limit, self._select)
             self._route(batch, followed)
-            return max(1, batch.examined)
+            return batch.examined or 1
         except Exception:  # never let bad shared memory kill the driver
             log.exception("reader failed on a batch; resynchronising at the write cursor")
             self.corrupt += 1
@@ -486,19 +489,22 @@ class RingFollower:
 
     def _route(self, batch: RingBatch[_Route], followed: _Followed) -> None:
         starts = followed.starts
-        for first, end in batch.gaps:
-            self.lapped += end - first
-            for sub in self._subs:
-                missed = end - max(first, starts.get(sub, 0))
-                if missed > 0:
-                    sub.count_lost(missed)
-        self.corrupt += batch.corrupt
+        if batch.gaps:
+            for first, end in batch.gaps:
+                self.lapped += end - first
+                for sub in self._subs:
+                    missed = end - max(first, starts.get(sub, 0))
+                    if missed > 0:
+                        sub.count_lost(missed)
+        if batch.corrupt:
+            self.corrupt += batch.corrupt
         if not batch.records:
             return
         newest_start = followed.newest_start
         max_size = followed.mapping.max_event_size
         decode = decode_envelope
-        members = self._members
+        # None unless a member routes here: one test per batch, not per record.
+        members = self._members if self._members else None
         assignments = batch.assignments
         key = followed.key
         outbox: dict[Target, list[Event]] = {}
@@ -513,7 +519,7 @@ class RingFollower:
             if not checksum_ok:
                 self._reject(seq, targets, starts)
                 continue
-            if members:
+            if members is not None:
                 # Members take only the group records assigned to them.
                 targets = members.assigned(targets, assignments.get(seq), key)
                 if not targets:
@@ -523,7 +529,8 @@ class RingFollower:
             except EnvelopeDecodeError as exc:
                 log.debug("corrupt record %d: %s", seq, exc)
                 self._reject(seq, targets, starts)
-                members.undecodable(targets)
+                if members is not None:
+                    members.undecodable(targets)
                 continue
             shared = False
             for sub in targets:
