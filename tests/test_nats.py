@@ -445,7 +445,18 @@ async def test_a_plain_nats_client_can_answer_a_request_through_the_reply_subjec
 
         await raw.subscribe("svc.raw", cb=answer)
         await raw.flush()
-        reply = await asyncio.wait_for(bus.request("svc.raw", {}, timeout=30), 30)
+        # Once in a full run under load the server answered the first request
+        # "no responders" although the other connection's SUB had been flushed;
+        # what is tested here is the reply path, so ask again then (a broken
+        # reply path still fails: the request times out).
+        for _attempt in range(50):
+            try:
+                reply = await asyncio.wait_for(bus.request("svc.raw", {}, timeout=30), 30)
+                break
+            except NoRespondersError:
+                await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("NATS kept answering 'no responders' to a subscribed subject")
     finally:
         await raw.close()
     assert reply.payload == {"from": "nats-py"}
