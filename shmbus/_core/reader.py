@@ -619,8 +619,7 @@ class BusReader:
         #: Spin holds taken (requests awaiting replies): poll while idle.
         self._spin_holds = 0
         self._spin_until = 0.0
-        #: Records found by a poll rather than by a wake-up (for tests and
-        #: ``statistics()``-style inspection).
+        #: Times a poll, not a wake-up, found records to read.
         self.found_polling = 0
         self._asleep = False
         self._idle_since = 0.0
