@@ -187,27 +187,46 @@ async def test_a_request_on_a_topic_no_process_answers_times_out(
 async def test_a_reply_from_another_process_is_found_by_polling_while_its_request_waits(
     host: ShmBus, bus_name: str
 ) -> None:
-    """spin_for_replies (the default): the requester's reader polls while a
-    request waits, so a prompt reply is read without a wake-up; once no
-    request waits, the reader holds nothing and sleeps again."""
+    """spin_for_replies (the default): a request made while the requester's
+    reader sleeps starts a polling window, so a prompt reply from another
+    process is read by a poll, not by a wake-up; once no request waits, the
+    reader holds nothing and sleeps again."""
     responder = echo_responder(bus_name)
     with running(responder):
         responder.expect("ready")
         async with ShmBus(bus_name, **SMALL_RING) as bus:
+            await bus.request("svc.echo", {"n": -1}, timeout=ANSWERED)
+            reader = bus._reader
+            assert reader is not None
             # One prompt reply is enough; a loaded machine may make a few
             # slower than the polling window.
-            for n in range(200):
+            for n in range(50):
+                await eventually(lambda: reader.sleeping, "the requester's reader to sleep")
+                polled = reader.found_polling
                 reply = await bus.request("svc.echo", {"n": n}, timeout=ANSWERED)
                 assert reply.payload["n"] == n
-                reader = bus._reader
-                assert reader is not None
-                if reader.found_polling:
+                if reader.found_polling > polled:
                     break
-            assert reader.found_polling >= 1, f"none of {n + 1} replies was found by polling"
+            else:
+                raise AssertionError("no reply of 50 was found by polling")
             assert reader.spin_holds == 0
             await eventually(lambda: reader.sleeping, "the requester's reader to sleep")
         responder.send("stop")
         responder.recv(FINISH)
+
+
+async def test_polling_for_a_reply_counts_no_other_record_as_found(
+    host: ShmBus, bus_name: str
+) -> None:
+    """The requester's reader also follows its own ring, where each request
+    lands while it polls; reading that record is not finding a reply."""
+    async with ShmBus(bus_name, **SMALL_RING) as bus:
+        for _ in range(5):
+            with pytest.raises(RequestTimeoutError):
+                await bus.request("nobody.home", {}, timeout=0.05)
+        reader = bus._reader
+        assert reader is not None
+        assert (reader.found_polling, reader.spin_holds) == (0, 0)
 
 
 async def test_without_spin_for_replies_a_request_waits_for_its_wake_up(

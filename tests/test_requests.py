@@ -9,7 +9,8 @@ import asyncio
 from typing import Any
 
 import pytest
-from awaiting import take
+from awaiting import take, wait_until
+from conftest import SMALL_RING
 from every_transport import kind_of, ready, responder, within
 
 from shmbus import (
@@ -18,6 +19,7 @@ from shmbus import (
     Event,
     NoRespondersError,
     RequestTimeoutError,
+    ShmBus,
     ShmBusError,
 )
 from shmbus.inbox import INBOX_PREFIX, MAX_REQUEST_TIMEOUT
@@ -308,3 +310,23 @@ async def test_replying_to_something_that_is_not_an_event_raises_type_error(
 ) -> None:
     with pytest.raises(TypeError, match="request must be an Event, not dict"):
         await with_null.reply({"reply_to": "x"}, {})  # type: ignore[arg-type]
+
+
+# ─── Polling for replies (ShmBus) ────────────────────────────────────────────
+
+
+async def test_a_spin_hold_turns_a_sleeping_reader_to_polling_and_its_release_ends_it(
+    bus_name: str,
+) -> None:
+    async with ShmBus(bus_name, **SMALL_RING) as bus, bus.subscribe("svc.>"):
+        reader = bus._reader
+        assert reader is not None
+        await wait_until(lambda: reader.sleeping, what="the reader to sleep")
+        reader.hold_spin()
+        assert not reader.sleeping  # its sleep flag is down and a poll is queued
+        reader.release_spin()
+        # The window (up to 2 ms) ends at the next poll, not when it runs out.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert reader.sleeping
+        assert reader.spin_holds == 0

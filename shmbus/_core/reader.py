@@ -70,7 +70,8 @@ Invariants
   reply). Taking a hold while the reader sleeps starts a window at once, so
   a reply that comes within it is found by a poll rather than by the
   wake-up. Holds only ever shorten a sleep; a window always ends, after
-  which the reader sleeps as usual even if a hold is still taken.
+  which the reader sleeps as usual even if a hold is still taken, and it
+  ends early once the last hold is given back (outside low-latency mode).
 * Sleep: only when no ring holds anything unread, by the protocol in
   :mod:`shmbus._core.wakeup` (:meth:`RingFollower.announce_sleep`). Two timers
   insure against a lost wake-up (a publisher killed between its commit and
@@ -619,7 +620,8 @@ class BusReader:
         #: Spin holds taken (requests awaiting replies): poll while idle.
         self._spin_holds = 0
         self._spin_until = 0.0
-        #: Times a poll, not a wake-up, found records to read.
+        #: Polls (not wake-ups) that found events for this reader's
+        #: subscriptions.
         self.found_polling = 0
         self._asleep = False
         self._idle_since = 0.0
@@ -786,7 +788,9 @@ class BusReader:
             if self._idle_gap > SPIN_MAX:
                 window = SPIN_MIN
             self._spin_until = now + window
-        if now < self._spin_until:
+        # A window ends early once the last hold is given back: polling is
+        # only for the low-latency mode and for requests still waiting.
+        if now < self._spin_until and (self._low_latency or self._spin_holds):
             self.loop.call_soon(self._spin_poll)
             self._scheduled = True
         else:
@@ -799,8 +803,10 @@ class BusReader:
         if self._pending():
             gap = time.perf_counter() - self._idle_since
             self._idle_gap += (gap - self._idle_gap) / 8
-            self.found_polling += 1
+            routed = self.follower.routed
             self._step()
+            if self.follower.routed != routed:
+                self.found_polling += 1
         else:
             self._spin_or_sleep()
 
