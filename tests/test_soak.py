@@ -2,8 +2,8 @@
 publisher processes (one ring each), three subscriber processes with
 different patterns (one deliberately slow), events of random sizes up to
 max_event_size; meanwhile a publisher is SIGKILLed and replaced about every
-3 s (every other time in the middle of a record), a publisher is SIGSTOPped
-for 0.2-2 s about every 2 s, and so is a subscriber. The soak runs once for
+2 s (every other time in the middle of a record), a publisher is SIGSTOPped
+for 0.2-2 s about every 1.5 s, and so is a subscriber. The soak runs once for
 the module; each test checks one property of its books, and the first tests
 check that the faults really happened."""
 
@@ -29,9 +29,11 @@ def soak() -> Iterator[SoakTally]:
     try:
         config = SoakConfig(
             name=new_bus_name("soak"),
-            seconds=12.0,
-            kill_every_s=3.0,
-            stop_every_s=2.0,
+            # Periods are drawn from 0.5-1.5x these: even the longest draws
+            # give two kills (one mid-record) and two stops of each kind.
+            seconds=8.0,
+            kill_every_s=2.0,
+            stop_every_s=1.5,
             stop_subscribers=True,
         )
         print(f"soak seed {config.seed}")
