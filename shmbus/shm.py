@@ -438,16 +438,14 @@ class ShmBus(BaseBus):
         if self._state is not _OPEN:
             await self.connect()
         request_sender = self._request_sender(topic, payload, event_type, headers)
-        if not self.spin_for_replies:
-            return await self._inbox.request(topic, timeout, request_sender)
-        # The hold is taken just before the request is published, when the
-        # inbox's subscription (and so the reader) exists, and given back
-        # however the request ends.
+        # With spin_for_replies, a hold is taken just before the request is
+        # published, when the inbox's subscription (and so the reader)
+        # exists, and given back however the request ends.
         held: list[BusReader] = []
 
         def send(reply_to: str) -> None:
             reader = self._reader
-            if reader is not None and not held:
+            if self.spin_for_replies and reader is not None and not held:
                 reader.hold_spin()
                 held.append(reader)
             request_sender(reply_to)
